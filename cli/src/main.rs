@@ -1,0 +1,70 @@
+//! The `ferry` command: parses arguments, runs one command, prints human or `--json`
+//! output. Errors print as one line on stderr and exit with status 2 (`disk compare`
+//! exits 1 when the images differ, like `qemu-img compare`).
+
+mod disk;
+mod units;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "ferry",
+    version,
+    about = "Live migration and clustered storage for KVM"
+)]
+struct Cli {
+    /// I/O engine: uring, pread or auto (default; also FERRY_IO_ENGINE).
+    #[arg(long, global = true, value_name = "ENGINE")]
+    engine: Option<String>,
+
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Create, inspect, convert and compare disk images (raw, qcow2).
+    #[command(subcommand)]
+    Disk(disk::DiskCommand),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("FERRY_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .init();
+    if let Some(e) = &cli.engine {
+        // Read once by the process-wide engine, before any I/O starts.
+        std::env::set_var("FERRY_IO_ENGINE", e);
+    }
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("ferry: cannot start the runtime: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let result = rt.block_on(async {
+        match cli.command {
+            Command::Disk(cmd) => disk::run(cmd).await,
+        }
+    });
+    match result {
+        Ok(code) => ExitCode::from(code),
+        Err(e) => {
+            eprintln!("ferry: {e:#}");
+            ExitCode::from(2)
+        }
+    }
+}

@@ -1,0 +1,157 @@
+//! A fixed pool of page-aligned I/O buffers, one contiguous allocation per engine.
+//!
+//! Ownership of a buffer moves pool → caller → engine thread (while the kernel uses it) →
+//! caller → pool, always inside one [`IoBuf`] value, so the kernel can only ever see a
+//! buffer no Rust reference points to. A buffer returns to the pool when its `IoBuf` is
+//! dropped, which happens only after the engine saw the request complete: a caller that
+//! gives up on a request (a dropped future) never frees memory the kernel still writes.
+//! Waiting for a free buffer is async (a semaphore), which bounds the engine's memory.
+
+use std::alloc::Layout;
+use std::ptr::NonNull;
+use std::sync::{Arc, Mutex};
+
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+
+/// Alignment of every buffer: a page, enough for `O_DIRECT` on any device.
+pub const BUF_ALIGN: usize = 4096;
+
+/// The pool's memory and its free list.
+#[derive(Debug)]
+pub struct BufPool {
+    base: NonNull<u8>,
+    layout: Layout,
+    buf_size: usize,
+    count: usize,
+    free: Mutex<Vec<usize>>,
+    sem: Arc<Semaphore>,
+}
+
+// SAFETY: the pool hands out disjoint regions of its allocation, each to exactly one `IoBuf`
+// at a time (guarded by the free list's mutex); the pointer itself is never dereferenced by
+// the pool, so sharing it between threads is sound.
+unsafe impl Send for BufPool {}
+// SAFETY: see `Send`; all shared mutable state is behind the mutex and the semaphore.
+unsafe impl Sync for BufPool {}
+
+impl BufPool {
+    /// Allocates `count` buffers of `buf_size` bytes (a multiple of [`BUF_ALIGN`]).
+    pub fn new(buf_size: usize, count: usize) -> Arc<Self> {
+        assert!(buf_size > 0 && buf_size.is_multiple_of(BUF_ALIGN) && count > 0);
+        let layout = Layout::from_size_align(buf_size * count, BUF_ALIGN).expect("pool layout");
+        // SAFETY: the layout has a non-zero size.
+        let ptr = unsafe { std::alloc::alloc_zeroed(layout) };
+        let base = NonNull::new(ptr).unwrap_or_else(|| std::alloc::handle_alloc_error(layout));
+        Arc::new(BufPool {
+            base,
+            layout,
+            buf_size,
+            count,
+            free: Mutex::new((0..count).rev().collect()),
+            sem: Arc::new(Semaphore::new(count)),
+        })
+    }
+
+    /// Size of each buffer.
+    pub fn buf_size(&self) -> usize {
+        self.buf_size
+    }
+
+    /// The buffers as iovecs, for `io_uring_register_buffers`.
+    pub fn iovecs(&self) -> Vec<libc::iovec> {
+        (0..self.count)
+            .map(|i| libc::iovec {
+                iov_base: self.buf_ptr(i).cast(),
+                iov_len: self.buf_size,
+            })
+            .collect()
+    }
+
+    fn buf_ptr(&self, idx: usize) -> *mut u8 {
+        debug_assert!(idx < self.count);
+        // SAFETY: idx < count, so the offset stays inside the allocation.
+        unsafe { self.base.as_ptr().add(idx * self.buf_size) }
+    }
+
+    /// Waits for a free buffer.
+    pub async fn get(self: &Arc<Self>) -> IoBuf {
+        let permit = Arc::clone(&self.sem)
+            .acquire_owned()
+            .await
+            .expect("buffer pool semaphore is never closed");
+        let idx = self
+            .free
+            .lock()
+            .expect("free list lock")
+            .pop()
+            .expect("a permit guarantees a free buffer");
+        IoBuf {
+            pool: Arc::clone(self),
+            idx,
+            _permit: permit,
+        }
+    }
+}
+
+impl Drop for BufPool {
+    fn drop(&mut self) {
+        // SAFETY: allocated in `new` with this layout; every IoBuf holds an Arc to the pool,
+        // so none is alive here.
+        unsafe { std::alloc::dealloc(self.base.as_ptr(), self.layout) }
+    }
+}
+
+/// One buffer of a [`BufPool`], owned by whoever holds this value.
+#[derive(Debug)]
+pub struct IoBuf {
+    pool: Arc<BufPool>,
+    idx: usize,
+    _permit: OwnedSemaphorePermit,
+}
+
+impl IoBuf {
+    /// Index inside the pool (the registered-buffer index for io_uring).
+    pub fn index(&self) -> usize {
+        self.idx
+    }
+
+    /// Capacity in bytes.
+    pub fn capacity(&self) -> usize {
+        self.pool.buf_size
+    }
+
+    /// Raw pointer for the kernel; valid while `self` lives.
+    pub fn as_mut_ptr(&mut self) -> *mut u8 {
+        self.pool.buf_ptr(self.idx)
+    }
+
+    /// The pool this buffer belongs to.
+    pub fn pool(&self) -> &Arc<BufPool> {
+        &self.pool
+    }
+
+    /// The whole buffer.
+    pub fn as_slice(&self) -> &[u8] {
+        // SAFETY: this IoBuf is the only owner of region `idx`; while the kernel uses it
+        // the IoBuf sits inside an engine request and no reference to it is handed out.
+        unsafe { std::slice::from_raw_parts(self.pool.buf_ptr(self.idx), self.pool.buf_size) }
+    }
+
+    /// The whole buffer, mutably.
+    pub fn as_mut_slice(&mut self) -> &mut [u8] {
+        // SAFETY: as in `as_slice`, and `&mut self` makes the access unique.
+        unsafe { std::slice::from_raw_parts_mut(self.pool.buf_ptr(self.idx), self.pool.buf_size) }
+    }
+}
+
+impl Drop for IoBuf {
+    fn drop(&mut self) {
+        // The permit is released after this body runs (fields drop after `drop`), so the
+        // index is back on the free list before a waiter can take the permit.
+        self.pool
+            .free
+            .lock()
+            .expect("free list lock")
+            .push(self.idx);
+    }
+}

@@ -1,0 +1,482 @@
+//! [`DirectFile`]: byte-granular async I/O on a regular file or block device opened with
+//! `O_DIRECT`, executed by an [`Engine`].
+//!
+//! This is where alignment is handled. Requests are widened to the device's direct-I/O
+//! alignment and split into engine-buffer-sized chunks that run concurrently. A write
+//! that does not cover whole aligned blocks reads the partial head and tail blocks first
+//! (read-modify-write) while holding an exclusive [`RangeLock`] on its aligned span, so an
+//! overlapping write can never be undone by a stale block; aligned writes hold the span
+//! shared. The lock guard travels with each engine request and is released only after the
+//! kernel completed it.
+//!
+//! The file length is not a virtual disk size: writes past the end extend a regular file
+//! (the qcow2 driver relies on that); [`crate::raw::RawImage`] bounds requests itself.
+
+use std::fs::OpenOptions;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use futures::stream::{self, StreamExt, TryStreamExt};
+
+use crate::engine::{Engine, OpKind, BUF_SIZE};
+use crate::rangelock::{RangeGuard, RangeLock};
+use crate::{sys, Error, Result};
+
+/// How many chunk requests one call keeps in flight at most.
+const CHUNKS_IN_FLIGHT: usize = 16;
+
+/// A file or block device doing direct I/O through an engine.
+#[derive(Debug)]
+pub struct DirectFile {
+    path: PathBuf,
+    fd: Arc<OwnedFd>,
+    engine: Engine,
+    align: u64,
+    physical: u32,
+    blockdev: bool,
+    direct: bool,
+    writable: bool,
+    len: AtomicU64,
+    locks: Arc<RangeLock>,
+}
+
+/// How to open a [`DirectFile`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OpenMode {
+    /// Existing object, read-only.
+    ReadOnly,
+    /// Existing object, read-write.
+    ReadWrite,
+    /// New regular file; fails if it exists.
+    CreateNew,
+    /// Regular file, created or truncated to zero.
+    CreateTruncate,
+}
+
+impl DirectFile {
+    /// Opens `path` with `O_DIRECT` (falling back to buffered I/O on file systems that
+    /// refuse it, such as tmpfs).
+    pub fn open(path: &Path, mode: OpenMode, engine: Engine) -> Result<Self> {
+        let mut direct = true;
+        let opened = match open_options(mode, true).open(path) {
+            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+                // The file system refuses O_DIRECT (tmpfs). A create may already have made
+                // the file, so the retry must not insist on creating it.
+                direct = false;
+                let retry = if mode == OpenMode::CreateNew {
+                    OpenMode::ReadWrite
+                } else {
+                    mode
+                };
+                open_options(retry, false).open(path)
+            }
+            r => r,
+        };
+        let file = opened.map_err(|e| match (mode, e.kind()) {
+            (OpenMode::CreateNew, std::io::ErrorKind::AlreadyExists) => Error::Exists {
+                object: path.to_path_buf(),
+            },
+            _ => Error::open(path, "open", e),
+        })?;
+        if !direct {
+            tracing::debug!("{}: O_DIRECT refused, using buffered I/O", path.display());
+        }
+        let meta = file.metadata().map_err(|e| Error::open(path, "stat", e))?;
+        let fd: OwnedFd = file.into();
+        let blockdev = meta.file_type().is_block_device();
+        let (len, align, physical) = if blockdev {
+            let size = sys::blkdev_size(fd.as_fd()).map_err(|e| Error::open(path, "size", e))?;
+            let (l, p) =
+                sys::blkdev_sector_sizes(fd.as_fd()).map_err(|e| Error::open(path, "probe", e))?;
+            (size, l.max(512) as u64, p.max(l))
+        } else if meta.file_type().is_file() {
+            let align = sys::dio_offset_align(fd.as_fd()).unwrap_or(512).max(512);
+            (meta.len(), align as u64, 4096)
+        } else {
+            return Err(Error::invalid(
+                path,
+                "is neither a regular file nor a block device",
+            ));
+        };
+        Ok(DirectFile {
+            path: path.to_path_buf(),
+            fd: Arc::new(fd),
+            engine,
+            align,
+            physical,
+            blockdev,
+            direct,
+            writable: mode != OpenMode::ReadOnly,
+            len: AtomicU64::new(len),
+            locks: Arc::default(),
+        })
+    }
+
+    /// The path this was opened with.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The engine executing this file's I/O.
+    pub fn engine(&self) -> &Engine {
+        &self.engine
+    }
+
+    /// Current length (file size, or device size).
+    pub fn len(&self) -> u64 {
+        self.len.load(Ordering::Acquire)
+    }
+
+    /// Whether the length is zero.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Whether this is a block device.
+    pub fn is_blockdev(&self) -> bool {
+        self.blockdev
+    }
+
+    /// Whether opened for writing.
+    pub fn writable(&self) -> bool {
+        self.writable
+    }
+
+    /// Whether I/O bypasses the page cache.
+    pub fn is_direct(&self) -> bool {
+        self.direct
+    }
+
+    /// Direct-I/O alignment (the logical block size).
+    pub fn align(&self) -> u32 {
+        self.align as u32
+    }
+
+    /// Physical block size.
+    pub fn physical_block_size(&self) -> u32 {
+        self.physical
+    }
+
+    /// The descriptor, for metadata calls (seek data/hole, stat).
+    pub fn fd(&self) -> BorrowedFd<'_> {
+        self.fd.as_fd()
+    }
+
+    /// Bytes allocated on the host (device size for block devices).
+    pub fn allocated_bytes(&self) -> Result<u64> {
+        if self.blockdev {
+            return Ok(self.len());
+        }
+        let file = std::fs::File::from(
+            self.fd
+                .as_fd()
+                .try_clone_to_owned()
+                .map_err(|e| Error::open(&self.path, "stat", e))?,
+        );
+        let meta = file
+            .metadata()
+            .map_err(|e| Error::open(&self.path, "stat", e))?;
+        Ok(meta.blocks() * 512)
+    }
+
+    /// Sets the length of a regular file.
+    pub fn set_len(&self, len: u64) -> Result<()> {
+        let file = std::fs::File::from(
+            self.fd
+                .as_fd()
+                .try_clone_to_owned()
+                .map_err(|e| Error::io(&self.path, "resize", len, e))?,
+        );
+        file.set_len(len)
+            .map_err(|e| Error::io(&self.path, "resize", len, e))?;
+        self.len.store(len, Ordering::Release);
+        Ok(())
+    }
+
+    fn align_down(&self, v: u64) -> u64 {
+        v & !(self.align - 1)
+    }
+
+    fn align_up(&self, v: u64) -> u64 {
+        (v + self.align - 1) & !(self.align - 1)
+    }
+
+    /// Reads `dst.len()` bytes at `offset`; bytes past the end of a file read as zeros.
+    pub async fn read_at(&self, offset: u64, dst: &mut [u8]) -> Result<()> {
+        if dst.is_empty() {
+            return Ok(());
+        }
+        let end = offset + dst.len() as u64;
+        let (astart, aend) = (self.align_down(offset), self.align_up(end));
+        let mut pieces = Vec::new();
+        let mut rest = dst;
+        let mut cs = astart;
+        while cs < aend {
+            let ce = (cs + BUF_SIZE as u64).min(aend);
+            let lo = cs.max(offset);
+            let hi = ce.min(end);
+            let (mine, tail) = std::mem::take(&mut rest).split_at_mut((hi - lo) as usize);
+            rest = tail;
+            pieces.push((cs, ce, lo, mine));
+            cs = ce;
+        }
+        let reads: Vec<_> = pieces
+            .into_iter()
+            .map(|(cs, ce, lo, mine)| self.read_chunk(cs, ce, lo, mine))
+            .collect();
+        run_bounded(reads).await
+    }
+
+    /// Reads aligned `cs..ce` (at most one buffer) and copies the part from `lo` to `dst`.
+    async fn read_chunk(&self, cs: u64, ce: u64, lo: u64, dst: &mut [u8]) -> Result<()> {
+        let len = (ce - cs) as usize;
+        let buf = self.engine.buffer().await;
+        let done = self
+            .engine
+            .run(&self.fd, cs, OpKind::Read { buf, len }, None)
+            .await;
+        let n = done.res.map_err(|e| Error::io(&self.path, "read", cs, e))?;
+        let mut buf = done.buf.expect("reads return their buffer");
+        let b = buf.as_mut_slice();
+        if n < len {
+            // Short read: end of file. The rest reads as zeros.
+            b[n..len].fill(0);
+        }
+        let from = (lo - cs) as usize;
+        dst.copy_from_slice(&b[from..from + dst.len()]);
+        Ok(())
+    }
+
+    /// Writes `src` at `offset` (durably if `fua`).
+    pub async fn write_at(&self, offset: u64, src: &[u8], fua: bool) -> Result<()> {
+        if src.is_empty() {
+            return Ok(());
+        }
+        self.check_writable(offset)?;
+        let end = offset + src.len() as u64;
+        let (astart, aend) = (self.align_down(offset), self.align_up(end));
+        let aligned = astart == offset && aend == end;
+        let guard = self.locks.lock(astart, aend, !aligned).await;
+        let a = self.align as usize;
+        let mut head = Vec::new();
+        let mut tail = Vec::new();
+        if offset > astart {
+            head = vec![0u8; a];
+            self.read_at(astart, &mut head).await?;
+        }
+        if end < aend {
+            if aend - a as u64 == astart && !head.is_empty() {
+                tail = head.clone();
+            } else {
+                tail = vec![0u8; a];
+                self.read_at(aend - a as u64, &mut tail).await?;
+            }
+        }
+        let (head, tail) = (&head, &tail);
+        let writes: Vec<_> = chunk_ranges(astart, aend)
+            .into_iter()
+            .map(|(cs, ce)| {
+                let guard = Arc::clone(&guard);
+                async move {
+                    let mut buf = self.engine.buffer().await;
+                    let b = buf.as_mut_slice();
+                    if cs < offset {
+                        b[..a].copy_from_slice(head);
+                    }
+                    if ce > end {
+                        let t0 = (aend - a as u64 - cs) as usize;
+                        b[t0..t0 + a].copy_from_slice(tail);
+                    }
+                    let lo = cs.max(offset);
+                    let hi = ce.min(end);
+                    b[(lo - cs) as usize..(hi - cs) as usize]
+                        .copy_from_slice(&src[(lo - offset) as usize..(hi - offset) as usize]);
+                    self.submit_write(cs, buf, (ce - cs) as usize, fua, guard)
+                        .await
+                }
+            })
+            .collect();
+        run_bounded(writes).await?;
+        if !self.blockdev {
+            self.len.fetch_max(aend, Ordering::AcqRel);
+        }
+        Ok(())
+    }
+
+    async fn submit_write(
+        &self,
+        cs: u64,
+        buf: crate::engine::IoBuf,
+        len: usize,
+        fua: bool,
+        guard: Arc<RangeGuard>,
+    ) -> Result<()> {
+        let done = self
+            .engine
+            .run(
+                &self.fd,
+                cs,
+                OpKind::Write {
+                    buf,
+                    len,
+                    dsync: fua,
+                },
+                Some(guard),
+            )
+            .await;
+        let n = done
+            .res
+            .map_err(|e| Error::io(&self.path, "write", cs, e))?;
+        if n != len {
+            return Err(Error::io(
+                &self.path,
+                "write",
+                cs,
+                std::io::Error::new(
+                    std::io::ErrorKind::WriteZero,
+                    format!("short write ({n} of {len} bytes)"),
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Writes real zeros (allocating space) to `offset..offset+len`.
+    pub async fn write_zero_data(&self, offset: u64, len: u64) -> Result<()> {
+        if len == 0 {
+            return Ok(());
+        }
+        self.check_writable(offset)?;
+        let end = offset + len;
+        let (mstart, mend) = (self.align_up(offset), self.align_down(end));
+        if mstart >= mend {
+            return self.write_at(offset, &vec![0u8; len as usize], false).await;
+        }
+        if offset < mstart {
+            self.write_at(offset, &vec![0u8; (mstart - offset) as usize], false)
+                .await?;
+        }
+        if mend < end {
+            self.write_at(mend, &vec![0u8; (end - mend) as usize], false)
+                .await?;
+        }
+        let guard = self.locks.lock(mstart, mend, false).await;
+        let writes: Vec<_> = chunk_ranges(mstart, mend)
+            .into_iter()
+            .map(|(cs, ce)| {
+                let guard = Arc::clone(&guard);
+                async move {
+                    let mut buf = self.engine.buffer().await;
+                    buf.as_mut_slice()[..(ce - cs) as usize].fill(0);
+                    self.submit_write(cs, buf, (ce - cs) as usize, false, guard)
+                        .await
+                }
+            })
+            .collect();
+        run_bounded(writes).await?;
+        if !self.blockdev {
+            self.len.fetch_max(end, Ordering::AcqRel);
+        }
+        Ok(())
+    }
+
+    /// `fallocate(mode)` on `offset..offset+len`, exclusive against overlapping writes.
+    pub async fn fallocate(&self, mode: i32, offset: u64, len: u64) -> Result<()> {
+        if len == 0 {
+            return Ok(());
+        }
+        self.check_writable(offset)?;
+        let guard = self
+            .locks
+            .lock(self.align_down(offset), self.align_up(offset + len), true)
+            .await;
+        let done = self
+            .engine
+            .run(
+                &self.fd,
+                offset,
+                OpKind::Fallocate { mode, len },
+                Some(guard),
+            )
+            .await;
+        done.res
+            .map_err(|e| Error::io(&self.path, "allocate", offset, e))?;
+        if !self.blockdev && mode & libc::FALLOC_FL_KEEP_SIZE == 0 {
+            self.len.fetch_max(offset + len, Ordering::AcqRel);
+        }
+        Ok(())
+    }
+
+    /// Makes completed writes durable (`fdatasync`).
+    pub async fn sync(&self) -> Result<()> {
+        let done = self
+            .engine
+            .run(&self.fd, 0, OpKind::Fsync { datasync: true }, None)
+            .await;
+        done.res
+            .map(|_| ())
+            .map_err(|e| Error::io(&self.path, "flush", 0, e))
+    }
+
+    fn check_writable(&self, offset: u64) -> Result<()> {
+        if self.writable {
+            Ok(())
+        } else {
+            Err(Error::io(
+                &self.path,
+                "write",
+                offset,
+                std::io::Error::from_raw_os_error(libc::EBADF),
+            ))
+        }
+    }
+}
+
+/// Runs already-built futures with at most [`CHUNKS_IN_FLIGHT`] polled at once, stopping
+/// at the first error. (Building them first keeps the combinator free of closures over
+/// borrowed data, which the `Send` bound on trait futures cannot see through.)
+async fn run_bounded<F>(futs: Vec<F>) -> Result<()>
+where
+    F: std::future::Future<Output = Result<()>>,
+{
+    stream::iter(futs)
+        .buffer_unordered(CHUNKS_IN_FLIGHT)
+        .try_collect::<()>()
+        .await
+}
+
+/// Splits `start..end` into engine-buffer-sized pieces.
+fn chunk_ranges(start: u64, end: u64) -> Vec<(u64, u64)> {
+    let mut v = Vec::with_capacity(((end - start) / BUF_SIZE as u64 + 1) as usize);
+    let mut cs = start;
+    while cs < end {
+        let ce = (cs + BUF_SIZE as u64).min(end);
+        v.push((cs, ce));
+        cs = ce;
+    }
+    v
+}
+
+fn open_options(mode: OpenMode, direct: bool) -> OpenOptions {
+    let mut o = OpenOptions::new();
+    o.read(true);
+    match mode {
+        OpenMode::ReadOnly => {}
+        OpenMode::ReadWrite => {
+            o.write(true);
+        }
+        OpenMode::CreateNew => {
+            o.write(true).create_new(true);
+        }
+        OpenMode::CreateTruncate => {
+            o.write(true).create(true).truncate(true);
+        }
+    }
+    if direct {
+        o.custom_flags(libc::O_DIRECT);
+    }
+    o
+}

@@ -1,0 +1,6 @@
+//! `vm-glue` will own everything that talks to QEMU and to other hosts (DESIGN §2): the
+//! QEMU launcher, QMP client and VM spec; the NBD server and client; the host agent and
+//! its control API; relocation orchestration (storage pivot, compute handoff, rollback).
+//!
+//! It is empty until Step 4.
+#![forbid(unsafe_code)]
