@@ -193,12 +193,19 @@ fn detect_provisioning(file: &DirectFile) -> Result<Provisioning> {
     if size == 0 || file.allocated_bytes()? < size {
         return Ok(Provisioning::Thin);
     }
-    // Fully allocated: unwritten (preallocated) extents show up as holes to SEEK_HOLE.
-    let hole = sys::seek_data_hole(file.fd(), 0, false)
+    thick_kind(file)
+}
+
+/// Lazy- or eager-thick: a fully allocated file is lazy while it holds preallocated,
+/// never-written extents. (FIEMAP, not SEEK_HOLE: ext4 reports unwritten extents that
+/// sit in the page cache as data.)
+pub(crate) fn thick_kind(file: &DirectFile) -> Result<Provisioning> {
+    let unwritten = sys::unwritten_bytes(file.fd(), file.len())
         .map_err(|e| Error::io(file.path(), "map", 0, e))?;
-    Ok(match hole {
-        Some(h) if h < size => Provisioning::LazyThick,
-        _ => Provisioning::EagerThick,
+    Ok(if unwritten > 0 {
+        Provisioning::LazyThick
+    } else {
+        Provisioning::EagerThick
     })
 }
 

@@ -186,3 +186,68 @@ pub fn eventfd_drain(fd: BorrowedFd<'_>) {
     // SAFETY: reads at most 8 bytes into a live u64; EAGAIN (already zero) is fine.
     let _ = unsafe { libc::read(fd.as_raw_fd(), (&mut v as *mut u64).cast(), 8) };
 }
+
+// FS_IOC_FIEMAP = _IOWR('f', 11, struct fiemap), a 32-byte header.
+const FS_IOC_FIEMAP: libc::c_ulong = 0xC020_660B;
+const FIEMAP_EXTENT_LAST: u32 = 0x1;
+const FIEMAP_EXTENT_UNWRITTEN: u32 = 0x800;
+const FIEMAP_BATCH: usize = 128;
+
+#[repr(C)]
+#[derive(Clone, Copy, Default)]
+struct FiemapExtent {
+    logical: u64,
+    physical: u64,
+    length: u64,
+    _reserved64: [u64; 2],
+    flags: u32,
+    _reserved: [u32; 3],
+}
+
+#[repr(C)]
+struct Fiemap {
+    start: u64,
+    length: u64,
+    flags: u32,
+    mapped_extents: u32,
+    extent_count: u32,
+    _reserved: u32,
+    extents: [FiemapExtent; FIEMAP_BATCH],
+}
+
+/// Bytes of a regular file held in allocated-but-unwritten extents (preallocated space
+/// that reads as zeros), from `FS_IOC_FIEMAP`.
+pub fn unwritten_bytes(fd: BorrowedFd<'_>, len: u64) -> io::Result<u64> {
+    let mut total = 0;
+    let mut pos = 0;
+    while pos < len {
+        let mut fm = Fiemap {
+            start: pos,
+            length: len - pos,
+            flags: 0,
+            mapped_extents: 0,
+            extent_count: FIEMAP_BATCH as u32,
+            _reserved: 0,
+            extents: [FiemapExtent::default(); FIEMAP_BATCH],
+        };
+        // SAFETY: `fm` is a live fiemap header followed by room for `extent_count` extents,
+        // exactly what FS_IOC_FIEMAP reads and fills.
+        cvt(unsafe { libc::ioctl(fd.as_raw_fd(), FS_IOC_FIEMAP, &mut fm as *mut Fiemap) })?;
+        let n = (fm.mapped_extents as usize).min(FIEMAP_BATCH);
+        if n == 0 {
+            break;
+        }
+        let mut last = false;
+        for e in &fm.extents[..n] {
+            if e.flags & FIEMAP_EXTENT_UNWRITTEN != 0 {
+                total += e.length;
+            }
+            pos = e.logical + e.length;
+            last |= e.flags & FIEMAP_EXTENT_LAST != 0;
+        }
+        if last {
+            break;
+        }
+    }
+    Ok(total)
+}

@@ -300,9 +300,9 @@ mod tests {
 
     #[test]
     fn minimal_header_parses() {
-        let b = minimal_v3(1 << 30);
+        let b = minimal_v3(1 << 29);
         let h = parse(&b, b.len() as u64).unwrap();
-        assert_eq!(h.size, 1 << 30);
+        assert_eq!(h.size, 1 << 29);
         assert_eq!(h.cluster_size(), 65536);
     }
 

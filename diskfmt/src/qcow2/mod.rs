@@ -30,7 +30,7 @@ use crate::blockdev::{
 };
 use crate::engine::Engine;
 use crate::file::{DirectFile, OpenMode};
-use crate::{sys, Error, Result};
+use crate::{Error, Result};
 use storage::EngineStorage;
 
 pub use header::Header;
@@ -274,12 +274,7 @@ fn detect_provisioning(file: &DirectFile, size: u64) -> Result<Provisioning> {
     if file.allocated_bytes()? < size {
         return Ok(Provisioning::Thin);
     }
-    let hole = sys::seek_data_hole(file.fd(), 0, false)
-        .map_err(|e| Error::io(file.path(), "map", 0, e))?;
-    Ok(match hole {
-        Some(h) if h < file.len() => Provisioning::LazyThick,
-        _ => Provisioning::EagerThick,
-    })
+    crate::raw::thick_kind(file)
 }
 
 /// The image thread: opens the image, then serves requests until the handle is dropped.
