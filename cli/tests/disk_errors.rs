@@ -25,6 +25,9 @@ fn fails(args: &[&str], names: &str) -> String {
     err
 }
 
+/// A way to damage a copy of a good image.
+type Damage = Box<dyn Fn(&Path)>;
+
 fn patch(path: &Path, offset: u64, bytes: &[u8]) {
     let mut f = std::fs::OpenOptions::new().write(true).open(path).unwrap();
     f.seek(SeekFrom::Start(offset)).unwrap();
@@ -88,7 +91,7 @@ fn damaged_qcow2_headers_are_named() {
     let dir = tempfile::tempdir().unwrap();
     let good = dir.path().join("good.qcow2");
     qemu_img(&["create", "-q", "-f", "qcow2", &s(&good), "64M"]);
-    let cases: Vec<(&str, Box<dyn Fn(&Path)>, &str)> = vec![
+    let cases: Vec<(&str, Damage, &str)> = vec![
         (
             "truncated-header",
             Box::new(|p: &Path| {

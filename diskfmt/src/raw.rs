@@ -43,7 +43,7 @@ impl RawImage {
         overwrite: bool,
         engine: Engine,
     ) -> Result<RawImage> {
-        if size % 512 != 0 {
+        if !size.is_multiple_of(512) {
             return Err(Error::invalid(
                 path,
                 format!("size {size} is not a multiple of 512 bytes"),
@@ -116,7 +116,7 @@ impl RawImage {
             return Err(Error::invalid(self.file.path(), "is open read-only"));
         }
         let align = self.file.align() as u64;
-        if self.size % align != 0 && offset + len > self.size / align * align {
+        if !self.size.is_multiple_of(align) && offset + len > self.size / align * align {
             return Err(Error::invalid(
                 self.file.path(),
                 format!(

@@ -183,7 +183,7 @@ pub fn parse(bytes: &[u8], file_len: u64) -> Result<Header, HeaderError> {
 
     // Tables must be cluster-aligned and inside the file.
     let inside = |what: &str, off: u64, len: u64| -> Result<(), HeaderError> {
-        if off % cs != 0 {
+        if !off.is_multiple_of(cs) {
             return Err(corrupt(format!(
                 "{what} offset {off:#x} is not cluster-aligned"
             )));

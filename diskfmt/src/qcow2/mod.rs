@@ -106,7 +106,7 @@ impl Qcow2Image {
         overwrite: bool,
         engine: Engine,
     ) -> Result<Qcow2Image> {
-        if size % 512 != 0 {
+        if !size.is_multiple_of(512) {
             return Err(Error::invalid(
                 path,
                 format!("size {size} is not a multiple of 512 bytes"),
