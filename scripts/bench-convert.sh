@@ -34,7 +34,7 @@ fi
 
 now() { date +%s.%N; }
 drop() { sync; echo 3 > /proc/sys/vm/drop_caches 2>/dev/null || true; }
-alloc() { stat -c '%b' "$1" | awk '{print $1 * 512}'; }
+alloc() { echo $(( $(stat -c '%b' "$1") * 512 )); }
 median() { sort -g | awk '{a[NR]=$1} END {print (NR % 2) ? a[(NR+1)/2] : (a[NR/2] + a[NR/2+1]) / 2}'; }
 
 # case name | source | ferry args | qemu-img args

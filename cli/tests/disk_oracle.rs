@@ -288,3 +288,24 @@ fn convert_writes_onto_a_loop_device() {
     assert_eq!(qemu_compare(&src, dev.path()), 0);
     assert_eq!(hash(dev.path()), hash(&src));
 }
+
+#[test]
+fn odd_sized_raw_files_read_as_whole_sectors() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("odd.raw");
+    std::fs::write(&p, ferry_tests::pattern(7, 1_000_001)).unwrap();
+    let qinfo: serde_json::Value =
+        serde_json::from_str(&qemu_img(&["info", "--output=json", "-f", "raw", &s(&p)])).unwrap();
+    let ours: serde_json::Value =
+        serde_json::from_str(&ferry_ok(&["disk", "info", "--json", &s(&p)])).unwrap();
+    assert_eq!(ours["virtual_size"], qinfo["virtual-size"]);
+    for fmt in ["qcow2", "raw"] {
+        let q = dir.path().join(format!("copy.{fmt}"));
+        ferry_ok(&["disk", "convert", &s(&p), &s(&q), "--format", fmt]);
+        assert_eq!(qemu_compare(&p, &q), 0, "{fmt}");
+        assert_eq!(hash(&q), hash(&p), "{fmt}");
+        ferry_ok(&["disk", "compare", &s(&p), &s(&q)]);
+    }
+    // The file itself was only read: its length is unchanged.
+    assert_eq!(std::fs::metadata(&p).unwrap().len(), 1_000_001);
+}

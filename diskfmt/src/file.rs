@@ -233,7 +233,7 @@ impl DirectFile {
     /// Reads aligned `cs..ce` (at most one buffer) and copies the part from `lo` to `dst`.
     async fn read_chunk(&self, cs: u64, ce: u64, lo: u64, dst: &mut [u8]) -> Result<()> {
         let len = (ce - cs) as usize;
-        let buf = self.engine.buffer().await;
+        let buf = self.engine.buffer(len).await;
         let done = self
             .engine
             .run(&self.fd, cs, OpKind::Read { buf, len }, None)
@@ -281,7 +281,7 @@ impl DirectFile {
             .map(|(cs, ce)| {
                 let guard = Arc::clone(&guard);
                 async move {
-                    let mut buf = self.engine.buffer().await;
+                    let mut buf = self.engine.buffer((ce - cs) as usize).await;
                     let b = buf.as_mut_slice();
                     if cs < offset {
                         b[..a].copy_from_slice(head);
@@ -369,7 +369,7 @@ impl DirectFile {
             .map(|(cs, ce)| {
                 let guard = Arc::clone(&guard);
                 async move {
-                    let mut buf = self.engine.buffer().await;
+                    let mut buf = self.engine.buffer((ce - cs) as usize).await;
                     buf.as_mut_slice()[..(ce - cs) as usize].fill(0);
                     self.submit_write(cs, buf, (ce - cs) as usize, false, guard)
                         .await

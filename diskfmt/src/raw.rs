@@ -91,7 +91,9 @@ impl RawImage {
             OpenMode::ReadOnly
         };
         let file = DirectFile::open(path, mode, engine)?;
-        let size = file.len();
+        // A guest sees whole sectors: a file whose length is not a multiple of 512 shows
+        // a virtual size rounded up, the tail reading as zeros (as QEMU shows it).
+        let size = file.len().div_ceil(512) * 512;
         let provisioning = detect_provisioning(&file)?;
         Ok(RawImage {
             file,
@@ -115,14 +117,19 @@ impl RawImage {
         if !self.file.writable() {
             return Err(Error::invalid(self.file.path(), "is open read-only"));
         }
+        // Writing the partial last block of a file whose length is not a multiple of the
+        // direct-I/O alignment would grow the file: refuse it.
         let align = self.file.align() as u64;
-        if !self.size.is_multiple_of(align) && offset + len > self.size / align * align {
+        let flen = self.file.len();
+        if !self.file.is_blockdev()
+            && !flen.is_multiple_of(align)
+            && offset + len > flen / align * align
+        {
             return Err(Error::invalid(
                 self.file.path(),
                 format!(
-                    "cannot write the last partial block: the image size ({} bytes) is not a \
-                     multiple of {align}; resize it with `qemu-img resize`",
-                    self.size
+                    "cannot write the last partial block: the file is {flen} bytes, not a \
+                     multiple of {align}; resize it with `qemu-img resize`"
                 ),
             ));
         }
@@ -200,8 +207,15 @@ fn detect_provisioning(file: &DirectFile) -> Result<Provisioning> {
 /// never-written extents. (FIEMAP, not SEEK_HOLE: ext4 reports unwritten extents that
 /// sit in the page cache as data.)
 pub(crate) fn thick_kind(file: &DirectFile) -> Result<Provisioning> {
-    let unwritten = sys::unwritten_bytes(file.fd(), file.len())
-        .map_err(|e| Error::io(file.path(), "map", 0, e))?;
+    let unwritten = match sys::unwritten_bytes(file.fd(), file.len()) {
+        Ok(n) => n,
+        // No FIEMAP (tmpfs, some network file systems): unwritten extents, if the file
+        // system has them, show up as holes.
+        Err(_) => match sys::seek_data_hole(file.fd(), 0, false) {
+            Ok(Some(h)) if h < file.len() => 1,
+            _ => 0,
+        },
+    };
     Ok(if unwritten > 0 {
         Provisioning::LazyThick
     } else {

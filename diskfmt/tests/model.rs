@@ -273,3 +273,38 @@ async fn futures_poll_once<F: std::future::Future + Unpin>(mut f: F) -> Option<F
     })
     .await
 }
+
+/// A raw file whose length is not sector-aligned reads as whole sectors (zeros past the
+/// end) and refuses writes into its partial last block rather than growing the file.
+#[test]
+fn odd_length_raw_file_reads_zero_tail_and_refuses_tail_writes() {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("odd.raw");
+    std::fs::write(&path, vec![7u8; 4096 + 100]).unwrap();
+    rt.block_on(async {
+        let img =
+            diskfmt::raw::RawImage::open(&path, true, Engine::new(EngineKind::Uring).unwrap())
+                .unwrap();
+        assert_eq!(img.size(), 4096 + 512);
+        let mut tail = vec![1u8; 512];
+        img.read(4096, &mut tail).await.unwrap();
+        assert!(tail[..100].iter().all(|&b| b == 7) && tail[100..].iter().all(|&b| b == 0));
+        let e = img
+            .write(4096, &[1, 2, 3], WriteFlags::NONE)
+            .await
+            .unwrap_err();
+        assert_eq!(e.kind(), diskfmt::ErrorKind::InvalidInput, "{e}");
+        assert!(e.to_string().contains("odd.raw"), "{e}");
+        img.write(0, &[9u8; 10], WriteFlags::NONE).await.unwrap();
+        let e = img
+            .write(4096 + 512, &[1], WriteFlags::NONE)
+            .await
+            .unwrap_err();
+        assert!(e.to_string().contains("beyond the end"), "{e}");
+    });
+    assert_eq!(std::fs::metadata(&path).unwrap().len(), 4096 + 100);
+}

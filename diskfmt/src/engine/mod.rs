@@ -25,10 +25,12 @@ use std::sync::{Arc, OnceLock};
 
 use tokio::sync::oneshot;
 
-/// Size of one engine buffer: the largest single request the engine issues.
+/// Size of one large engine buffer: the largest single request the engine issues.
 pub const BUF_SIZE: usize = 1 << 20;
-/// Number of buffers per engine: the most requests in flight at once.
-pub const BUF_COUNT: usize = 48;
+/// The engine's buffer pools: (size, count). Small requests (qcow2 clusters, metadata,
+/// read-modify-write blocks) take small buffers so they do not exhaust the large ones.
+/// 48 MiB in all, registered with io_uring.
+const POOLS: [(usize, usize); 2] = [(64 << 10, 256), (BUF_SIZE, 32)];
 
 /// Which backend executes requests.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -105,7 +107,8 @@ pub struct Engine {
 
 struct EngineInner {
     kind: EngineKind,
-    pool: Arc<BufPool>,
+    /// Ascending by buffer size.
+    pools: Vec<Arc<BufPool>>,
     backend: Box<dyn Backend>,
 }
 
@@ -120,15 +123,23 @@ impl std::fmt::Debug for Engine {
 impl Engine {
     /// Starts an engine of the given kind.
     pub fn new(kind: EngineKind) -> io::Result<Engine> {
-        let pool = BufPool::new(BUF_SIZE, BUF_COUNT);
+        let mut base = 0;
+        let pools: Vec<_> = POOLS
+            .iter()
+            .map(|&(size, count)| {
+                let p = BufPool::new(size, count, base);
+                base += count;
+                p
+            })
+            .collect();
         let backend: Box<dyn Backend> = match kind {
-            EngineKind::Uring => Box::new(uring::UringBackend::start(Arc::clone(&pool))?),
+            EngineKind::Uring => Box::new(uring::UringBackend::start(pools.clone())?),
             EngineKind::Pread => Box::new(pread::PreadBackend::start(4)?),
         };
         Ok(Engine {
             inner: Arc::new(EngineInner {
                 kind,
-                pool,
+                pools,
                 backend,
             }),
         })
@@ -165,9 +176,15 @@ impl Engine {
         self.inner.kind
     }
 
-    /// Waits for a free buffer.
-    pub(crate) async fn buffer(&self) -> IoBuf {
-        self.inner.pool.get().await
+    /// Waits for a free buffer of at least `len` (at most [`BUF_SIZE`]) bytes.
+    pub(crate) async fn buffer(&self, len: usize) -> IoBuf {
+        debug_assert!(len <= BUF_SIZE);
+        let pools = &self.inner.pools;
+        let pool = pools
+            .iter()
+            .find(|p| p.buf_size() >= len)
+            .unwrap_or(&pools[pools.len() - 1]);
+        pool.get().await
     }
 
     /// Runs one request and waits for its completion.

@@ -23,6 +23,8 @@ pub struct BufPool {
     layout: Layout,
     buf_size: usize,
     count: usize,
+    /// Registered-buffer index of this pool's first buffer.
+    index_base: usize,
     free: Mutex<Vec<usize>>,
     sem: Arc<Semaphore>,
 }
@@ -35,8 +37,9 @@ unsafe impl Send for BufPool {}
 unsafe impl Sync for BufPool {}
 
 impl BufPool {
-    /// Allocates `count` buffers of `buf_size` bytes (a multiple of [`BUF_ALIGN`]).
-    pub fn new(buf_size: usize, count: usize) -> Arc<Self> {
+    /// Allocates `count` buffers of `buf_size` bytes (a multiple of [`BUF_ALIGN`]), to be
+    /// registered at indexes `index_base..index_base + count`.
+    pub fn new(buf_size: usize, count: usize, index_base: usize) -> Arc<Self> {
         assert!(buf_size > 0 && buf_size.is_multiple_of(BUF_ALIGN) && count > 0);
         let layout = Layout::from_size_align(buf_size * count, BUF_ALIGN).expect("pool layout");
         // SAFETY: the layout has a non-zero size.
@@ -47,6 +50,7 @@ impl BufPool {
             layout,
             buf_size,
             count,
+            index_base,
             free: Mutex::new((0..count).rev().collect()),
             sem: Arc::new(Semaphore::new(count)),
         })
@@ -110,9 +114,9 @@ pub struct IoBuf {
 }
 
 impl IoBuf {
-    /// Index inside the pool (the registered-buffer index for io_uring).
+    /// The registered-buffer index for io_uring.
     pub fn index(&self) -> usize {
-        self.idx
+        self.pool.index_base + self.idx
     }
 
     /// Capacity in bytes.

@@ -26,11 +26,11 @@ pub(super) struct UringBackend {
 }
 
 impl UringBackend {
-    pub(super) fn start(pool: Arc<BufPool>) -> io::Result<Self> {
+    pub(super) fn start(pools: Vec<Arc<BufPool>>) -> io::Result<Self> {
         let ring = IoUring::new(RING_ENTRIES)?;
-        let iovecs = pool.iovecs();
-        // SAFETY: the iovecs point into `pool`'s allocation, which the thread keeps alive
-        // (it owns an Arc of the pool) for as long as the ring exists.
+        let iovecs: Vec<_> = pools.iter().flat_map(|p| p.iovecs()).collect();
+        // SAFETY: the iovecs point into the pools' allocations, which the thread keeps
+        // alive (it owns Arcs of the pools) for as long as the ring exists.
         let registered = unsafe { ring.submitter().register_buffers(&iovecs) }.is_ok();
         if !registered {
             tracing::info!("io_uring buffer registration refused; using unregistered buffers");
@@ -40,7 +40,7 @@ impl UringBackend {
         let thread_wake = Arc::clone(&wake);
         std::thread::Builder::new()
             .name("ferry-uring".into())
-            .spawn(move || RingThread::new(ring, registered, pool, thread_wake).run(rx))?;
+            .spawn(move || RingThread::new(ring, registered, pools, thread_wake).run(rx))?;
         Ok(UringBackend { tx: Some(tx), wake })
     }
 }
@@ -66,7 +66,7 @@ impl Drop for UringBackend {
 struct RingThread {
     ring: IoUring,
     registered: bool,
-    _pool: Arc<BufPool>,
+    _pools: Vec<Arc<BufPool>>,
     wake: Arc<OwnedFd>,
     slots: Vec<Option<Op>>,
     free_slots: Vec<usize>,
@@ -76,11 +76,11 @@ struct RingThread {
 }
 
 impl RingThread {
-    fn new(ring: IoUring, registered: bool, pool: Arc<BufPool>, wake: Arc<OwnedFd>) -> Self {
+    fn new(ring: IoUring, registered: bool, pools: Vec<Arc<BufPool>>, wake: Arc<OwnedFd>) -> Self {
         RingThread {
             ring,
             registered,
-            _pool: pool,
+            _pools: pools,
             wake,
             slots: Vec::new(),
             free_slots: Vec::new(),

@@ -37,6 +37,8 @@ pub use header::Header;
 
 /// Bytes read to parse the header.
 const HEADER_PROBE: usize = 64 * 1024;
+/// Cluster-sized pieces of one request the driver keeps in flight.
+const PIECES_IN_FLIGHT: usize = 8;
 /// Most extents one `block_status` call returns.
 const MAX_EXTENTS: usize = 4096;
 
@@ -296,7 +298,13 @@ fn serve(
             .open(PermissiveImplicitOpenGate::default())
             .await;
         let img: Image = match opened {
-            Ok(q) => Rc::new(RwLock::new(FormatAccess::new(q))),
+            Ok(q) => {
+                let mut fa = FormatAccess::new(q);
+                // Let one request's cluster-sized pieces overlap, not only separate requests.
+                fa.set_async_read_parallelization(PIECES_IN_FLIGHT);
+                fa.set_async_write_parallelization(PIECES_IN_FLIGHT);
+                Rc::new(RwLock::new(fa))
+            }
             Err(e) => {
                 let _ = ready.send(Err(Error::corrupt(&path, e.to_string())));
                 return;
