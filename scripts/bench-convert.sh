@@ -50,12 +50,19 @@ for c in "${cases[@]}"; do
   IFS='|' read -r name src fargs qargs <<<"$c"
   ft=(); qt=()
   for i in $(seq "$runs"); do
-    rm -f "$dir/out.ferry" "$dir/out.qemu"; drop
-    t0=$(now); $F disk convert "$dir/$src" "$dir/out.ferry" $fargs --json >/dev/null; t1=$(now)
-    ft+=("$(echo "$t1 - $t0" | bc -l)")
-    drop
-    t0=$(now); qemu-img convert -t none -T none -f raw $qargs "$dir/$src" "$dir/out.qemu"; t1=$(now)
-    qt+=("$(echo "$t1 - $t0" | bc -l)")
+    # Alternate who goes first. Each tool deletes its own previous output, then waits for
+    # the file system's discards of it to settle, so neither pays for the other's files.
+    for tool in $( [ $((i % 2)) = 1 ] && echo "ferry qemu" || echo "qemu ferry"); do
+      rm -f "$dir/out.$tool"; drop; sleep 2
+      t0=$(now)
+      if [ "$tool" = ferry ]; then
+        $F disk convert "$dir/$src" "$dir/out.ferry" $fargs --json >/dev/null
+      else
+        qemu-img convert -t none -T none -f raw $qargs "$dir/$src" "$dir/out.qemu"
+      fi
+      t1=$(now)
+      if [ "$tool" = ferry ]; then ft+=("$(echo "$t1 - $t0" | bc -l)"); else qt+=("$(echo "$t1 - $t0" | bc -l)"); fi
+    done
   done
   fm=$(printf '%s\n' "${ft[@]}" | median); qm=$(printf '%s\n' "${qt[@]}" | median)
   $F disk compare "$dir/$src" "$dir/out.ferry" >/dev/null
