@@ -2,6 +2,7 @@
 //! output. Errors print as one line on stderr and exit with status 2 (`disk compare`
 //! exits 1 when the images differ, like `qemu-img compare`).
 
+mod cluster;
 mod disk;
 mod units;
 
@@ -29,6 +30,14 @@ enum Command {
     /// Create, inspect, convert and compare disk images (raw, qcow2).
     #[command(subcommand)]
     Disk(disk::DiskCommand),
+    /// Create and inspect clustered datastores.
+    #[command(subcommand)]
+    Datastore(cluster::DatastoreCommand),
+    /// Join a datastore as a host, hold a lock while a command runs (like flock(1)).
+    Lock(cluster::LockArgs),
+    /// Internal: the fencing watchdog started by `ferry lock`.
+    #[command(hide = true)]
+    Supervise(cluster::SuperviseArgs),
 }
 
 fn main() -> ExitCode {
@@ -55,11 +64,12 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let result = rt.block_on(async {
-        match cli.command {
-            Command::Disk(cmd) => disk::run(cmd).await,
-        }
-    });
+    let result = match cli.command {
+        Command::Disk(cmd) => rt.block_on(disk::run(cmd)),
+        Command::Datastore(cmd) => cluster::run_datastore(cmd),
+        Command::Lock(args) => cluster::run_lock(args),
+        Command::Supervise(args) => cluster::run_supervise(args),
+    };
     match result {
         Ok(code) => ExitCode::from(code),
         Err(e) => {

@@ -1,0 +1,142 @@
+//! Synchronous record I/O on the shared device: one 4 KiB record per `pread`/`pwrite`,
+//! `O_DIRECT | O_DSYNC`, on a descriptor of its own (never queued behind data I/O).
+//!
+//! [`RecordIo`] is the seam tests use to inject faults: [`Faults`] adds delays to
+//! renewals (from `FERRY_FAULT_RENEW_DELAY_MS`, read once) or fails writes.
+
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::os::unix::fs::{FileExt, FileTypeExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use crate::format::{Block, RECORD};
+use crate::{Error, Result};
+
+/// Reads and writes whole records.
+pub trait RecordIo: Send + Sync + std::fmt::Debug {
+    /// Reads record `idx`.
+    fn read(&self, idx: u64, buf: &mut Block) -> io::Result<()>;
+    /// Writes record `idx` (atomically, durably).
+    fn write(&self, idx: u64, buf: &Block) -> io::Result<()>;
+    /// The device path (for messages).
+    fn path(&self) -> &Path;
+}
+
+/// A shared block device or image file, opened for record I/O.
+#[derive(Debug)]
+pub struct Device {
+    file: File,
+    path: PathBuf,
+    size: u64,
+    logical: u32,
+    physical: u32,
+}
+
+impl Device {
+    /// Opens a device or image for record I/O.
+    pub fn open(path: &Path) -> Result<Device> {
+        let err = |e: io::Error| Error::Io {
+            object: path.to_path_buf(),
+            detail: format!("cannot open: {e}"),
+        };
+        let mut o = OpenOptions::new();
+        o.read(true)
+            .write(true)
+            .custom_flags(libc::O_DIRECT | libc::O_DSYNC);
+        let file = o.open(path).map_err(err)?;
+        let meta = file.metadata().map_err(err)?;
+        let (size, logical, physical) = if meta.file_type().is_block_device() {
+            let d = diskfmt::file::DirectFile::open(
+                path,
+                diskfmt::file::OpenMode::ReadOnly,
+                diskfmt::Engine::global().map_err(err)?,
+            )
+            .map_err(|e| Error::Io {
+                object: path.to_path_buf(),
+                detail: e.to_string(),
+            })?;
+            (d.len(), d.align(), d.physical_block_size())
+        } else {
+            (meta.len(), 512, 4096)
+        };
+        // Records are 4 KiB and must be written atomically: no larger sectors.
+        if logical as usize > RECORD || physical as usize > RECORD {
+            return Err(Error::Invalid {
+                object: path.to_path_buf(),
+                detail: format!(
+                    "sector size {logical}/{physical} is not supported (records are {RECORD} bytes)"
+                ),
+            });
+        }
+        Ok(Device {
+            file,
+            path: path.to_path_buf(),
+            size,
+            logical,
+            physical,
+        })
+    }
+
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    pub fn logical_sector(&self) -> u32 {
+        self.logical
+    }
+
+    pub fn physical_sector(&self) -> u32 {
+        self.physical
+    }
+}
+
+impl RecordIo for Device {
+    fn read(&self, idx: u64, buf: &mut Block) -> io::Result<()> {
+        self.file.read_exact_at(&mut buf.0, idx * RECORD as u64)
+    }
+
+    fn write(&self, idx: u64, buf: &Block) -> io::Result<()> {
+        self.file.write_all_at(&buf.0, idx * RECORD as u64)
+    }
+
+    fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+/// Fault injection around a [`RecordIo`]: delays writes to a range of records.
+#[derive(Debug)]
+pub struct Faults<T> {
+    inner: T,
+    /// Delay added to every write of a record in `delayed`.
+    pub write_delay: Duration,
+    pub delayed: std::ops::Range<u64>,
+}
+
+impl<T: RecordIo> Faults<T> {
+    pub fn new(inner: T, write_delay: Duration, delayed: std::ops::Range<u64>) -> Self {
+        Faults {
+            inner,
+            write_delay,
+            delayed,
+        }
+    }
+}
+
+impl<T: RecordIo> RecordIo for Faults<T> {
+    fn read(&self, idx: u64, buf: &mut Block) -> io::Result<()> {
+        self.inner.read(idx, buf)
+    }
+
+    fn write(&self, idx: u64, buf: &Block) -> io::Result<()> {
+        if self.delayed.contains(&idx) && !self.write_delay.is_zero() {
+            std::thread::sleep(self.write_delay);
+        }
+        self.inner.write(idx, buf)
+    }
+
+    fn path(&self) -> &Path {
+        self.inner.path()
+    }
+}

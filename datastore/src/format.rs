@@ -1,0 +1,720 @@
+//! The on-disk format: region layout and the fixed-size records that live in it.
+//!
+//! Every record is one 4 KiB block (a "record"), written with a single `O_DIRECT` write,
+//! which the design assumes atomic. All integers are little-endian. Each record starts
+//! with a common header (magic, format version, record generation, datastore uuid) and
+//! ends with a crc32c of everything before it. A record whose magic or checksum is wrong
+//! decodes as [`Decoded::Unknown`], never as a free record: callers must treat unknown as
+//! "held by someone", not "available". `docs/datastore-format.md` has the byte diagrams.
+
+use uuid::Uuid;
+
+/// Size of every metadata record: one 4 KiB block, also on 512-byte-sector devices.
+pub const RECORD: usize = 4096;
+/// On-disk format version.
+pub const VERSION: u16 = 1;
+
+/// Record magics (ASCII, little-endian u32).
+pub const MAGIC_SUPER: u32 = u32::from_le_bytes(*b"FYSB");
+pub const MAGIC_HOST: u32 = u32::from_le_bytes(*b"FYHB");
+pub const MAGIC_LEADER: u32 = u32::from_le_bytes(*b"FYLD");
+pub const MAGIC_BALLOT: u32 = u32::from_le_bytes(*b"FYDB");
+pub const MAGIC_LOCK: u32 = u32::from_le_bytes(*b"FYLK");
+
+// Common header.
+const OFF_MAGIC: usize = 0; // u32
+const OFF_VERSION: usize = 4; // u16
+const OFF_KIND: usize = 6; // u16, reserved (0)
+const OFF_GENERATION: usize = 8; // u64
+const OFF_UUID: usize = 16; // [u8; 16]
+/// First payload byte.
+pub const PAYLOAD: usize = 32;
+const OFF_CRC: usize = RECORD - 4; // u32, crc32c of bytes 0..OFF_CRC
+
+/// Record index of superblock copy A and B.
+pub const SUPER_A: u64 = 0;
+pub const SUPER_B: u64 = 1;
+/// First record of the heartbeat region (64 KiB into the device).
+pub const HB_START: u64 = 16;
+/// Most hosts a datastore can have.
+pub const MAX_HOSTS: u32 = 64;
+/// Lock records per datastore by default.
+pub const DEFAULT_LOCKS: u32 = 1024;
+/// Per-host journal size reserved for Step 3, in records (1 MiB).
+pub const JOURNAL_RECORDS: u64 = 256;
+/// Data area alignment (1 MiB file blocks), in records.
+pub const DATA_ALIGN: u64 = 256;
+/// Longest datastore label, host name, object name, address.
+pub const MAX_LABEL: usize = 64;
+pub const MAX_NAME: usize = 64;
+pub const MAX_OBJECT: usize = 255;
+pub const MAX_ADDR: usize = 64;
+
+/// One record's bytes, aligned for `O_DIRECT`.
+#[repr(C, align(4096))]
+#[derive(Clone)]
+pub struct Block(pub [u8; RECORD]);
+
+impl Block {
+    pub fn zeroed() -> Box<Block> {
+        Box::new(Block([0u8; RECORD]))
+    }
+}
+
+impl std::fmt::Debug for Block {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Block({:08x}…)", u32le(&self.0, 0))
+    }
+}
+
+fn u16le(b: &[u8], o: usize) -> u16 {
+    u16::from_le_bytes(b[o..o + 2].try_into().expect("2 bytes"))
+}
+fn u32le(b: &[u8], o: usize) -> u32 {
+    u32::from_le_bytes(b[o..o + 4].try_into().expect("4 bytes"))
+}
+fn u64le(b: &[u8], o: usize) -> u64 {
+    u64::from_le_bytes(b[o..o + 8].try_into().expect("8 bytes"))
+}
+fn put16(b: &mut [u8], o: usize, v: u16) {
+    b[o..o + 2].copy_from_slice(&v.to_le_bytes());
+}
+fn put32(b: &mut [u8], o: usize, v: u32) {
+    b[o..o + 4].copy_from_slice(&v.to_le_bytes());
+}
+fn put64(b: &mut [u8], o: usize, v: u64) {
+    b[o..o + 8].copy_from_slice(&v.to_le_bytes());
+}
+
+/// A length-prefixed UTF-8 string field: u8 length then bytes, `cap` bytes at most.
+fn put_str(b: &mut [u8], o: usize, s: &str, cap: usize) {
+    let n = s.len().min(cap);
+    b[o] = n as u8;
+    b[o + 1..o + 1 + n].copy_from_slice(&s.as_bytes()[..n]);
+}
+fn get_str(b: &[u8], o: usize, cap: usize) -> Option<String> {
+    let n = b[o] as usize;
+    if n > cap {
+        return None;
+    }
+    std::str::from_utf8(&b[o + 1..o + 1 + n])
+        .ok()
+        .map(str::to_string)
+}
+
+/// The outcome of decoding a record.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Decoded<T> {
+    /// All zeros: never written.
+    Blank,
+    /// Valid.
+    Valid(T),
+    /// Wrong magic, version, uuid or checksum: contents unknown.
+    Unknown(&'static str),
+}
+
+/// Seals a record: header fields and checksum.
+fn seal(b: &mut Block, magic: u32, generation: u64, uuid: &Uuid) {
+    put32(&mut b.0, OFF_MAGIC, magic);
+    put16(&mut b.0, OFF_VERSION, VERSION);
+    put16(&mut b.0, OFF_KIND, 0);
+    put64(&mut b.0, OFF_GENERATION, generation);
+    b.0[OFF_UUID..OFF_UUID + 16].copy_from_slice(uuid.as_bytes());
+    let crc = crc32c::crc32c(&b.0[..OFF_CRC]);
+    put32(&mut b.0, OFF_CRC, crc);
+}
+
+/// Checks a record's header; `uuid` None accepts any datastore (used for the superblock).
+fn open(b: &Block, magic: u32, uuid: Option<&Uuid>) -> Result<u64, Decoded<()>> {
+    if b.0.iter().all(|&x| x == 0) {
+        return Err(Decoded::Blank);
+    }
+    if u32le(&b.0, OFF_MAGIC) != magic {
+        return Err(Decoded::Unknown("wrong magic"));
+    }
+    if crc32c::crc32c(&b.0[..OFF_CRC]) != u32le(&b.0, OFF_CRC) {
+        return Err(Decoded::Unknown("bad checksum"));
+    }
+    if u16le(&b.0, OFF_VERSION) != VERSION {
+        return Err(Decoded::Unknown("unsupported format version"));
+    }
+    if let Some(u) = uuid {
+        if &b.0[OFF_UUID..OFF_UUID + 16] != u.as_bytes() {
+            return Err(Decoded::Unknown("record of another datastore"));
+        }
+    }
+    Ok(u64le(&b.0, OFF_GENERATION))
+}
+
+fn fail<T>(e: Decoded<()>) -> Decoded<T> {
+    match e {
+        Decoded::Blank => Decoded::Blank,
+        Decoded::Unknown(m) => Decoded::Unknown(m),
+        Decoded::Valid(()) => unreachable!("open never fails with Valid"),
+    }
+}
+
+/// Timing profile.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Profile {
+    /// io_timeout 10 s (host_dead ≈ 140 s).
+    Production,
+    /// io_timeout 1 s (host_dead ≈ 14 s), for tests.
+    Test,
+}
+
+impl std::str::FromStr for Profile {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "production" => Ok(Profile::Production),
+            "test" => Ok(Profile::Test),
+            _ => Err(format!("unknown profile {s:?}: use production or test")),
+        }
+    }
+}
+
+impl Profile {
+    fn code(self) -> u8 {
+        match self {
+            Profile::Production => 1,
+            Profile::Test => 2,
+        }
+    }
+    fn from_code(c: u8) -> Option<Profile> {
+        match c {
+            1 => Some(Profile::Production),
+            2 => Some(Profile::Test),
+            _ => None,
+        }
+    }
+}
+
+/// The superblock: identity, geometry and timings of a datastore.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Superblock {
+    pub uuid: Uuid,
+    pub label: String,
+    /// Device size in bytes at format time.
+    pub size: u64,
+    pub max_hosts: u32,
+    pub lock_count: u32,
+    pub profile: Profile,
+    pub io_timeout_ms: u32,
+    /// Extra time allowed for fencing to finish, beyond `8 × io_timeout`.
+    pub fence_margin_ms: u32,
+    /// Region starts, in records.
+    pub hb_start: u64,
+    pub leader_rec: u64,
+    pub ballot_start: u64,
+    pub lock_start: u64,
+    pub journal_start: u64,
+    pub data_start: u64,
+}
+
+impl Superblock {
+    /// Lays out a datastore of `size` bytes.
+    pub fn layout(
+        uuid: Uuid,
+        label: &str,
+        size: u64,
+        max_hosts: u32,
+        profile: Profile,
+    ) -> Superblock {
+        let io_timeout_ms = match profile {
+            Profile::Production => 10_000,
+            Profile::Test => 1_000,
+        };
+        let hb_start = HB_START;
+        let leader_rec = hb_start + max_hosts as u64;
+        let ballot_start = leader_rec + 1;
+        let lock_start = (ballot_start + max_hosts as u64).div_ceil(16) * 16;
+        let journal_start = (lock_start + DEFAULT_LOCKS as u64).div_ceil(16) * 16;
+        let data_start =
+            (journal_start + max_hosts as u64 * JOURNAL_RECORDS).div_ceil(DATA_ALIGN) * DATA_ALIGN;
+        Superblock {
+            uuid,
+            label: label.to_string(),
+            size,
+            max_hosts,
+            lock_count: DEFAULT_LOCKS,
+            profile,
+            io_timeout_ms,
+            fence_margin_ms: 2 * io_timeout_ms,
+            hb_start,
+            leader_rec,
+            ballot_start,
+            lock_start,
+            journal_start,
+            data_start,
+        }
+    }
+
+    /// Bytes of metadata before the data area.
+    pub fn metadata_bytes(&self) -> u64 {
+        self.data_start * RECORD as u64
+    }
+
+    pub fn io_timeout(&self) -> std::time::Duration {
+        std::time::Duration::from_millis(self.io_timeout_ms as u64)
+    }
+
+    /// How long a host may go without a good renewal before it must be fenced.
+    pub fn fence_after(&self) -> std::time::Duration {
+        8 * self.io_timeout()
+    }
+
+    /// How long an observer must see a slot unchanged before calling its host dead.
+    pub fn host_dead(&self) -> std::time::Duration {
+        self.fence_after() + std::time::Duration::from_millis(self.fence_margin_ms as u64)
+    }
+
+    /// Interval between renewals.
+    pub fn renew_interval(&self) -> std::time::Duration {
+        2 * self.io_timeout()
+    }
+
+    pub fn encode(&self, generation: u64) -> Box<Block> {
+        let mut b = Block::zeroed();
+        let p = &mut b.0;
+        put_str(p, 32, &self.label, MAX_LABEL);
+        put64(p, 100, self.size);
+        put32(p, 108, self.max_hosts);
+        put32(p, 112, self.lock_count);
+        p[116] = self.profile.code();
+        put32(p, 120, self.io_timeout_ms);
+        put32(p, 124, self.fence_margin_ms);
+        put64(p, 128, self.hb_start);
+        put64(p, 136, self.leader_rec);
+        put64(p, 144, self.ballot_start);
+        put64(p, 152, self.lock_start);
+        put64(p, 160, self.journal_start);
+        put64(p, 168, self.data_start);
+        seal(&mut b, MAGIC_SUPER, generation, &self.uuid);
+        b
+    }
+
+    pub fn decode(b: &Block) -> Decoded<Superblock> {
+        if let Err(e) = open(b, MAGIC_SUPER, None) {
+            return fail(e);
+        }
+        let p = &b.0;
+        let Some(label) = get_str(p, 32, MAX_LABEL) else {
+            return Decoded::Unknown("bad label");
+        };
+        let Some(profile) = Profile::from_code(p[116]) else {
+            return Decoded::Unknown("bad profile");
+        };
+        let sb = Superblock {
+            uuid: Uuid::from_bytes(p[OFF_UUID..OFF_UUID + 16].try_into().expect("16 bytes")),
+            label,
+            size: u64le(p, 100),
+            max_hosts: u32le(p, 108),
+            lock_count: u32le(p, 112),
+            profile,
+            io_timeout_ms: u32le(p, 120),
+            fence_margin_ms: u32le(p, 124),
+            hb_start: u64le(p, 128),
+            leader_rec: u64le(p, 136),
+            ballot_start: u64le(p, 144),
+            lock_start: u64le(p, 152),
+            journal_start: u64le(p, 160),
+            data_start: u64le(p, 168),
+        };
+        // Bound everything read from disk before anyone uses it.
+        let sane = (1..=MAX_HOSTS).contains(&sb.max_hosts)
+            && (1..=65536).contains(&sb.lock_count)
+            && (100..=600_000).contains(&sb.io_timeout_ms)
+            && sb.fence_margin_ms <= 600_000
+            && sb.hb_start >= 2
+            && sb.leader_rec >= sb.hb_start + sb.max_hosts as u64
+            && sb.ballot_start > sb.leader_rec
+            && sb.lock_start >= sb.ballot_start + sb.max_hosts as u64
+            && sb.journal_start >= sb.lock_start + sb.lock_count as u64
+            && sb.data_start >= sb.journal_start
+            && sb
+                .data_start
+                .checked_mul(RECORD as u64)
+                .is_some_and(|m| m <= sb.size);
+        if sane {
+            Decoded::Valid(sb)
+        } else {
+            Decoded::Unknown("superblock geometry out of range")
+        }
+    }
+}
+
+/// State of a heartbeat slot.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SlotState {
+    /// Never used, or left cleanly.
+    Free,
+    /// Held by a host that renews it.
+    Joined,
+}
+
+/// A heartbeat slot: one host's delta lease.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct HostSlot {
+    /// 1-based host id (slot index + 1).
+    pub host_id: u32,
+    pub state: SlotState,
+    /// Incremented by every new incarnation (join) of a host in this slot.
+    pub host_generation: u64,
+    /// Random per incarnation: tells two joiners of one slot apart.
+    pub incarnation: Uuid,
+    /// Incremented by every renewal.
+    pub renewal: u64,
+    pub name: String,
+    pub address: String,
+}
+
+impl HostSlot {
+    pub fn encode(&self, ds: &Uuid) -> Box<Block> {
+        let mut b = Block::zeroed();
+        let p = &mut b.0;
+        put32(p, 32, self.host_id);
+        p[36] = match self.state {
+            SlotState::Free => 0,
+            SlotState::Joined => 1,
+        };
+        p[40..56].copy_from_slice(self.incarnation.as_bytes());
+        put64(p, 56, self.renewal);
+        put_str(p, 64, &self.name, MAX_NAME);
+        put_str(p, 160, &self.address, MAX_ADDR);
+        seal(&mut b, MAGIC_HOST, self.host_generation, ds);
+        b
+    }
+
+    pub fn decode(b: &Block, ds: &Uuid) -> Decoded<HostSlot> {
+        let generation = match open(b, MAGIC_HOST, Some(ds)) {
+            Ok(g) => g,
+            Err(e) => return fail(e),
+        };
+        let p = &b.0;
+        let state = match p[36] {
+            0 => SlotState::Free,
+            1 => SlotState::Joined,
+            _ => return Decoded::Unknown("bad slot state"),
+        };
+        let (Some(name), Some(address)) = (get_str(p, 64, MAX_NAME), get_str(p, 160, MAX_ADDR))
+        else {
+            return Decoded::Unknown("bad name");
+        };
+        Decoded::Valid(HostSlot {
+            host_id: u32le(p, 32),
+            state,
+            host_generation: generation,
+            incarnation: Uuid::from_bytes(p[40..56].try_into().expect("16 bytes")),
+            renewal: u64le(p, 56),
+            name,
+            address,
+        })
+    }
+}
+
+/// A host incarnation: host id and host generation. Locks and leases name owners so.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize)]
+pub struct Owner {
+    pub host_id: u32,
+    pub generation: u64,
+}
+
+impl Owner {
+    pub const NONE: Owner = Owner {
+        host_id: 0,
+        generation: 0,
+    };
+    pub fn is_none(&self) -> bool {
+        self.host_id == 0
+    }
+}
+
+/// The volume lease's leader record: who won the last Disk Paxos instance.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct Leader {
+    /// Lease version: the Paxos instance that chose `owner`.
+    pub lver: u64,
+    /// Current owner, or `Owner::NONE` when released.
+    pub owner: Owner,
+}
+
+impl Leader {
+    pub fn encode(&self, ds: &Uuid) -> Box<Block> {
+        let mut b = Block::zeroed();
+        put64(&mut b.0, 32, self.lver);
+        put32(&mut b.0, 40, self.owner.host_id);
+        put64(&mut b.0, 48, self.owner.generation);
+        seal(&mut b, MAGIC_LEADER, self.lver, ds);
+        b
+    }
+
+    pub fn decode(b: &Block, ds: &Uuid) -> Decoded<Leader> {
+        if let Err(e) = open(b, MAGIC_LEADER, Some(ds)) {
+            return fail(e);
+        }
+        Decoded::Valid(Leader {
+            lver: u64le(&b.0, 32),
+            owner: Owner {
+                host_id: u32le(&b.0, 40),
+                generation: u64le(&b.0, 48),
+            },
+        })
+    }
+}
+
+/// A host's Disk Paxos ballot block for the volume lease.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Ballot {
+    /// The Paxos instance (lease version) this block is about.
+    pub lver: u64,
+    /// Highest ballot this host has started.
+    pub mbal: u64,
+    /// Ballot of the last value this host accepted (0: none).
+    pub bal: u64,
+    /// The value accepted at `bal`: the proposed lease owner.
+    pub inp: Option<Owner>,
+}
+
+impl Ballot {
+    pub fn encode(&self, ds: &Uuid) -> Box<Block> {
+        let mut b = Block::zeroed();
+        let p = &mut b.0;
+        put64(p, 32, self.lver);
+        put64(p, 40, self.mbal);
+        put64(p, 48, self.bal);
+        let inp = self.inp.unwrap_or(Owner::NONE);
+        put32(p, 56, inp.host_id);
+        put64(p, 64, inp.generation);
+        seal(&mut b, MAGIC_BALLOT, self.mbal, ds);
+        b
+    }
+
+    pub fn decode(b: &Block, ds: &Uuid) -> Decoded<Ballot> {
+        if let Err(e) = open(b, MAGIC_BALLOT, Some(ds)) {
+            return fail(e);
+        }
+        let p = &b.0;
+        let inp = Owner {
+            host_id: u32le(p, 56),
+            generation: u64le(p, 64),
+        };
+        Decoded::Valid(Ballot {
+            lver: u64le(p, 32),
+            mbal: u64le(p, 40),
+            bal: u64le(p, 48),
+            inp: (!inp.is_none()).then_some(inp),
+        })
+    }
+}
+
+/// Lock modes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum LockMode {
+    /// One holder, reading and writing.
+    Exclusive,
+    /// Many holders, all read-only.
+    Shared,
+    /// Many holders, all writing (they coordinate among themselves).
+    MultiWriter,
+}
+
+impl std::str::FromStr for LockMode {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "exclusive" => Ok(LockMode::Exclusive),
+            "shared" => Ok(LockMode::Shared),
+            "multi-writer" => Ok(LockMode::MultiWriter),
+            _ => Err(format!(
+                "unknown lock mode {s:?}: use exclusive, shared or multi-writer"
+            )),
+        }
+    }
+}
+
+impl LockMode {
+    fn code(self) -> u8 {
+        match self {
+            LockMode::Exclusive => 1,
+            LockMode::Shared => 2,
+            LockMode::MultiWriter => 3,
+        }
+    }
+    fn from_code(c: u8) -> Option<LockMode> {
+        match c {
+            1 => Some(LockMode::Exclusive),
+            2 => Some(LockMode::Shared),
+            3 => Some(LockMode::MultiWriter),
+            _ => None,
+        }
+    }
+}
+
+/// A lock record: one object's lock.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct LockRecord {
+    pub object: String,
+    /// Mode of the current holders (meaningless when there are none).
+    pub mode: LockMode,
+    /// Rises on every change of holders.
+    pub version: u64,
+    pub holders: Vec<Owner>,
+}
+
+const LOCK_HOLDERS_OFF: usize = 304;
+
+impl LockRecord {
+    pub fn encode(&self, ds: &Uuid) -> Box<Block> {
+        let mut b = Block::zeroed();
+        let p = &mut b.0;
+        put_str(p, 32, &self.object, MAX_OBJECT);
+        p[288] = self.mode.code();
+        put64(p, 292, self.version);
+        let n = self.holders.len().min(MAX_HOSTS as usize);
+        put32(p, 300, n as u32);
+        for (i, h) in self.holders.iter().take(n).enumerate() {
+            let o = LOCK_HOLDERS_OFF + i * 16;
+            put32(p, o, h.host_id);
+            put64(p, o + 8, h.generation);
+        }
+        seal(&mut b, MAGIC_LOCK, self.version, ds);
+        b
+    }
+
+    pub fn decode(b: &Block, ds: &Uuid) -> Decoded<LockRecord> {
+        if let Err(e) = open(b, MAGIC_LOCK, Some(ds)) {
+            return fail(e);
+        }
+        let p = &b.0;
+        let Some(object) = get_str(p, 32, MAX_OBJECT) else {
+            return Decoded::Unknown("bad object name");
+        };
+        let Some(mode) = LockMode::from_code(p[288]) else {
+            return Decoded::Unknown("bad lock mode");
+        };
+        let n = u32le(p, 300) as usize;
+        if n > MAX_HOSTS as usize {
+            return Decoded::Unknown("too many holders");
+        }
+        let holders = (0..n)
+            .map(|i| {
+                let o = LOCK_HOLDERS_OFF + i * 16;
+                Owner {
+                    host_id: u32le(p, o),
+                    generation: u64le(p, o + 8),
+                }
+            })
+            .collect();
+        Decoded::Valid(LockRecord {
+            object,
+            mode,
+            version: u64le(p, 292),
+            holders,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ds() -> Uuid {
+        Uuid::from_u128(0x1234)
+    }
+
+    #[test]
+    fn records_round_trip() {
+        let sb = Superblock::layout(ds(), "lab", 1 << 30, 8, Profile::Test);
+        assert_eq!(
+            Superblock::decode(&sb.encode(3)),
+            Decoded::Valid(sb.clone())
+        );
+        let slot = HostSlot {
+            host_id: 3,
+            state: SlotState::Joined,
+            host_generation: 7,
+            incarnation: Uuid::from_u128(9),
+            renewal: 42,
+            name: "h3".into(),
+            address: "10.0.0.3:7000".into(),
+        };
+        assert_eq!(
+            HostSlot::decode(&slot.encode(&ds()), &ds()),
+            Decoded::Valid(slot)
+        );
+        let lk = LockRecord {
+            object: "vm/disk0".into(),
+            mode: LockMode::Shared,
+            version: 5,
+            holders: vec![
+                Owner {
+                    host_id: 1,
+                    generation: 2,
+                },
+                Owner {
+                    host_id: 4,
+                    generation: 1,
+                },
+            ],
+        };
+        assert_eq!(
+            LockRecord::decode(&lk.encode(&ds()), &ds()),
+            Decoded::Valid(lk)
+        );
+        let bal = Ballot {
+            lver: 3,
+            mbal: 17,
+            bal: 17,
+            inp: Some(Owner {
+                host_id: 1,
+                generation: 1,
+            }),
+        };
+        assert_eq!(
+            Ballot::decode(&bal.encode(&ds()), &ds()),
+            Decoded::Valid(bal)
+        );
+    }
+
+    #[test]
+    fn damaged_records_are_unknown_never_blank() {
+        let lk = LockRecord {
+            object: "x".into(),
+            mode: LockMode::Exclusive,
+            version: 1,
+            holders: vec![],
+        };
+        let good = lk.encode(&ds());
+        for off in [0usize, 8, 16, 40, 300, 4000, RECORD - 1] {
+            let mut b = good.clone();
+            b.0[off] ^= 0x40;
+            assert!(
+                matches!(LockRecord::decode(&b, &ds()), Decoded::Unknown(_)),
+                "byte {off}"
+            );
+        }
+        assert_eq!(LockRecord::decode(&Block::zeroed(), &ds()), Decoded::Blank);
+        // A record of another datastore is not ours.
+        assert!(matches!(
+            LockRecord::decode(&good, &Uuid::from_u128(1)),
+            Decoded::Unknown(_)
+        ));
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn arbitrary_blocks_never_panic(bytes in proptest::collection::vec(proptest::num::u8::ANY, RECORD)) {
+            let mut b = Block::zeroed();
+            b.0.copy_from_slice(&bytes);
+            let _ = Superblock::decode(&b);
+            let _ = HostSlot::decode(&b, &ds());
+            let _ = Leader::decode(&b, &ds());
+            let _ = Ballot::decode(&b, &ds());
+            let _ = LockRecord::decode(&b, &ds());
+        }
+    }
+}

@@ -1,0 +1,361 @@
+//! Host leases (delta leases): a host proves it is alive by rewriting its own heartbeat
+//! slot every `2 × io_timeout`.
+//!
+//! - **Join**: pick the slot already named after this host (refused if it is renewed
+//!   while we watch: another live host has that name), else a free slot, else a slot seen
+//!   dead. Write it (new generation, new incarnation), wait `2 × io_timeout`, read it back:
+//!   a concurrent joiner of the same slot shows up as a different incarnation. A write that
+//!   completes more than `io_timeout` after the read it was based on is abandoned.
+//! - **Renew**: a dedicated thread, synchronous record I/O. Each renewal reads the slot
+//!   (it must still be ours), then writes it with the renewal counter increased. The
+//!   *issue* time of the last good renewal is what counts: once `8 × io_timeout` has
+//!   passed since then, the lease is lost and the holder must stop using its locks.
+//! - **Leave**: stop renewing and mark the slot free.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use uuid::Uuid;
+
+use crate::format::{Decoded, HostSlot, Owner, SlotState, MAX_ADDR, MAX_NAME};
+use crate::store::{Datastore, Liveness, Observer};
+use crate::{Error, Result};
+
+/// Called after every good renewal with its issue time (a watchdog pet).
+pub type PetFn = Box<dyn Fn(Duration) + Send>;
+
+/// A joined host: its slot, and the renewal thread.
+#[derive(Debug)]
+pub struct HostLease {
+    ds: Arc<Datastore>,
+    owner: Owner,
+    shared: Arc<Shared>,
+    thread: Option<JoinHandle<()>>,
+}
+
+#[derive(Debug)]
+struct Shared {
+    slot: Mutex<HostSlot>,
+    /// Issue time of the last good renewal.
+    last_good: Mutex<Duration>,
+    lost: Mutex<Option<String>>,
+    stop: AtomicBool,
+    /// When false (negative-control tests only), an expired lease is not treated as lost.
+    enforce: bool,
+}
+
+fn check_name(ds: &Datastore, name: &str, address: &str) -> Result<()> {
+    let bad = |d: String| {
+        Err(Error::Invalid {
+            object: ds.path().to_path_buf(),
+            detail: d,
+        })
+    };
+    if name.is_empty()
+        || name.len() > MAX_NAME
+        || !name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+    {
+        return bad(format!(
+            "host name {name:?} must be 1 to {MAX_NAME} characters of letters, digits, '-', '_' or '.'"
+        ));
+    }
+    if address.len() > MAX_ADDR {
+        return bad(format!(
+            "address {address:?} is longer than {MAX_ADDR} bytes"
+        ));
+    }
+    Ok(())
+}
+
+impl HostLease {
+    /// Joins the datastore as host `name`, publishing `address`.
+    pub fn join(ds: Arc<Datastore>, name: &str, address: &str, pet: PetFn) -> Result<HostLease> {
+        Self::join_opts(ds, name, address, pet, true)
+    }
+
+    /// [`HostLease::join`], with `enforce` false for negative-control tests: an expired
+    /// lease is then not reported lost.
+    pub fn join_opts(
+        ds: Arc<Datastore>,
+        name: &str,
+        address: &str,
+        pet: PetFn,
+        enforce: bool,
+    ) -> Result<HostLease> {
+        check_name(&ds, name, address)?;
+        let sb = ds.superblock().clone();
+        let clock = Arc::clone(ds.clock());
+        let mut obs = Observer::new(&ds);
+        for attempt in 0..8 {
+            let views = obs.observe(&ds)?.to_vec();
+            let mine = views.iter().find(|v| {
+                v.slot
+                    .as_ref()
+                    .is_some_and(|s| s.name == name && s.state == SlotState::Joined)
+            });
+            let host_id = match mine {
+                Some(v) => {
+                    // Our name holds a slot: a previous incarnation, or another live host.
+                    // Watch it until it is seen dead, refusing as soon as it is renewed.
+                    let deadline = clock.now() + sb.host_dead();
+                    let first = v.slot.clone();
+                    loop {
+                        let v2 = obs.observe(&ds)?[v.host_id as usize - 1].clone();
+                        if v2.slot != first {
+                            return Err(Error::Exists {
+                                object: ds.path().to_path_buf(),
+                                detail: format!(
+                                    "host {name:?} is already live in slot {} (it renewed while we \
+                                     watched): another host or agent runs under this name",
+                                    v.host_id
+                                ),
+                            });
+                        }
+                        if v2.liveness == Liveness::Dead {
+                            break;
+                        }
+                        if clock.now() > deadline + sb.io_timeout() {
+                            break;
+                        }
+                        clock.sleep(sb.io_timeout() / 2);
+                    }
+                    v.host_id
+                }
+                None => match views.iter().find(|v| v.liveness == Liveness::Free) {
+                    Some(v) => v.host_id,
+                    None => {
+                        // No free slot: wait to see one dead.
+                        let deadline = clock.now() + sb.host_dead() + sb.io_timeout();
+                        loop {
+                            let views = obs.observe(&ds)?;
+                            if let Some(v) = views
+                                .iter()
+                                .find(|v| matches!(v.liveness, Liveness::Free | Liveness::Dead))
+                            {
+                                break v.host_id;
+                            }
+                            if clock.now() > deadline {
+                                return Err(Error::Invalid {
+                                    object: ds.path().to_path_buf(),
+                                    detail: format!(
+                                        "all {} host slots are in use by live hosts",
+                                        sb.max_hosts
+                                    ),
+                                });
+                            }
+                            clock.sleep(sb.io_timeout());
+                        }
+                    }
+                },
+            };
+            match Self::take_slot(&ds, host_id, name, address)? {
+                Some(slot) => {
+                    let owner = Owner {
+                        host_id,
+                        generation: slot.host_generation,
+                    };
+                    tracing::info!(
+                        "{}: joined as {name} (host id {host_id}, generation {})",
+                        ds.path().display(),
+                        owner.generation
+                    );
+                    let shared = Arc::new(Shared {
+                        slot: Mutex::new(slot),
+                        last_good: Mutex::new(clock.now()),
+                        lost: Mutex::new(None),
+                        stop: AtomicBool::new(false),
+                        enforce,
+                    });
+                    let t_ds = Arc::clone(&ds);
+                    let t_shared = Arc::clone(&shared);
+                    let thread = std::thread::Builder::new()
+                        .name("ferry-renew".into())
+                        .spawn(move || renew_loop(&t_ds, &t_shared, pet))
+                        .map_err(|e| Error::io(ds.path(), "start the renewal thread", e))?;
+                    return Ok(HostLease {
+                        ds,
+                        owner,
+                        shared,
+                        thread: Some(thread),
+                    });
+                }
+                None => {
+                    tracing::info!(
+                        "slot {host_id}: another host joined it at the same time; retrying"
+                    );
+                    clock.sleep(sb.io_timeout() / 4 * (attempt + 1));
+                }
+            }
+        }
+        Err(Error::Timeout {
+            what: format!("{}: joining as {name}", ds.path().display()),
+            secs: 0.0,
+        })
+    }
+
+    /// Writes our record into slot `host_id` and checks nobody else did the same.
+    fn take_slot(
+        ds: &Datastore,
+        host_id: u32,
+        name: &str,
+        address: &str,
+    ) -> Result<Option<HostSlot>> {
+        let sb = ds.superblock();
+        let clock = ds.clock();
+        let t_read = clock.now();
+        let prev_generation = match ds.read_slot(host_id)? {
+            Decoded::Valid(s) => s.host_generation,
+            Decoded::Blank => 0,
+            Decoded::Unknown(why) => {
+                tracing::warn!("slot {host_id} is unreadable ({why}); taking it over");
+                0
+            }
+        };
+        let slot = HostSlot {
+            host_id,
+            state: SlotState::Joined,
+            host_generation: prev_generation + 1,
+            incarnation: Uuid::new_v4(),
+            renewal: 0,
+            name: name.to_string(),
+            address: address.to_string(),
+        };
+        ds.write(ds.slot_rec(host_id), &slot.encode(ds.uuid()))?;
+        if clock.now().saturating_sub(t_read) > sb.io_timeout() {
+            // Too slow: a concurrent joiner's checks assume we wrote within io_timeout.
+            return Ok(None);
+        }
+        clock.sleep(2 * sb.io_timeout());
+        match ds.read_slot(host_id)? {
+            Decoded::Valid(s) if s.incarnation == slot.incarnation => Ok(Some(slot)),
+            _ => Ok(None),
+        }
+    }
+
+    /// Our host id and generation.
+    pub fn owner(&self) -> Owner {
+        self.owner
+    }
+
+    pub fn datastore(&self) -> &Arc<Datastore> {
+        &self.ds
+    }
+
+    /// Why the lease was lost, if it was.
+    pub fn lost(&self) -> Option<String> {
+        self.shared.lost.lock().expect("lease state").clone()
+    }
+
+    /// Fails if the lease is lost or has gone `8 × io_timeout` without a good renewal.
+    pub fn check(&self) -> Result<()> {
+        let expired = self.shared.enforce
+            && self
+                .ds
+                .clock()
+                .now()
+                .saturating_sub(*self.shared.last_good.lock().expect("lease state"))
+                > self.ds.superblock().fence_after();
+        match self.lost() {
+            Some(detail) => Err(Error::LeaseLost {
+                object: self.ds.path().to_path_buf(),
+                detail,
+            }),
+            None if expired => Err(Error::LeaseLost {
+                object: self.ds.path().to_path_buf(),
+                detail: "no good renewal within 8 × io_timeout".into(),
+            }),
+            None => Ok(()),
+        }
+    }
+
+    /// Stops renewing and frees the slot.
+    pub fn leave(mut self) -> Result<()> {
+        self.stop_thread();
+        let mut slot = self.shared.slot.lock().expect("lease state").clone();
+        match self.ds.read_slot(self.owner.host_id)? {
+            Decoded::Valid(s) if s.incarnation == slot.incarnation => {}
+            _ => {
+                return Err(Error::LeaseLost {
+                    object: self.ds.path().to_path_buf(),
+                    detail: "the slot was taken over before we left".into(),
+                })
+            }
+        }
+        slot.state = SlotState::Free;
+        slot.renewal += 1;
+        self.ds.write(
+            self.ds.slot_rec(self.owner.host_id),
+            &slot.encode(self.ds.uuid()),
+        )
+    }
+
+    fn stop_thread(&mut self) {
+        self.shared.stop.store(true, Ordering::SeqCst);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for HostLease {
+    fn drop(&mut self) {
+        // Without `leave`, the slot simply stops being renewed: others see it dead later.
+        self.stop_thread();
+    }
+}
+
+fn renew_loop(ds: &Datastore, sh: &Shared, pet: PetFn) {
+    let sb = ds.superblock();
+    let clock = ds.clock();
+    let mut next = clock.now() + sb.renew_interval();
+    while !sh.stop.load(Ordering::SeqCst) {
+        let now = clock.now();
+        if now < next {
+            clock.sleep((next - now).min(Duration::from_millis(100)));
+            continue;
+        }
+        next = now + sb.renew_interval();
+        let issue = clock.now();
+        let since_good = issue.saturating_sub(*sh.last_good.lock().expect("lease state"));
+        if sh.enforce && since_good > sb.fence_after() {
+            lose(
+                sh,
+                format!("no good renewal for {:.1}s", since_good.as_secs_f64()),
+            );
+            return;
+        }
+        let mut slot = sh.slot.lock().expect("lease state").clone();
+        match ds.read_slot(slot.host_id) {
+            Ok(Decoded::Valid(s)) if s.incarnation == slot.incarnation => {}
+            Ok(_) => {
+                lose(
+                    sh,
+                    format!("slot {} was taken over by another host", slot.host_id),
+                );
+                return;
+            }
+            Err(e) => {
+                tracing::warn!("renewal read failed: {e}");
+                continue;
+            }
+        }
+        slot.renewal += 1;
+        match ds.write(ds.slot_rec(slot.host_id), &slot.encode(ds.uuid())) {
+            Ok(()) => {
+                *sh.slot.lock().expect("lease state") = slot;
+                *sh.last_good.lock().expect("lease state") = issue;
+                pet(issue);
+            }
+            Err(e) => tracing::warn!("renewal write failed: {e}"),
+        }
+    }
+}
+
+fn lose(sh: &Shared, why: String) {
+    tracing::error!("host lease lost: {why}");
+    *sh.lost.lock().expect("lease state") = Some(why);
+}

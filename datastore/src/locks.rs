@@ -1,0 +1,245 @@
+//! Object locks: one lock record per object, changed only under the volume lease.
+//!
+//! A record names its holders by host id and host generation and carries a version that
+//! rises on every change of holders. A holder counts only while its host lease is live
+//! with that generation *as this host observes it*: a dead host's hold is broken only
+//! after its slot was seen unchanged for `host_dead` (by which time its fencing has
+//! emptied its cgroup), and a host that rejoined under a new generation no longer holds
+//! what its previous incarnation held.
+//!
+//! Objects map to records by crc32c of the name with linear probing. Unreadable records
+//! are skipped, never reused.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::format::{Decoded, LockMode, LockRecord, Owner};
+use crate::paxos::VolumeLease;
+use crate::store::{Datastore, Observer};
+use crate::{Error, Result};
+
+/// How long one metadata change may wait for the volume lease.
+const VOLUME_LEASE_WAIT: Duration = Duration::from_secs(30);
+
+/// A lock record and where it lives.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct LockEntry {
+    pub record: u64,
+    pub lock: LockRecord,
+}
+
+fn check_object(ds: &Datastore, object: &str) -> Result<()> {
+    if object.is_empty() || object.len() > crate::format::MAX_OBJECT {
+        return Err(Error::Invalid {
+            object: ds.path().to_path_buf(),
+            detail: format!("object name {object:?} must be 1 to 255 bytes"),
+        });
+    }
+    Ok(())
+}
+
+/// Finds `object`'s record, or the record it would take.
+fn find(ds: &Datastore, object: &str) -> Result<(u64, Option<LockRecord>)> {
+    let sb = ds.superblock();
+    let n = sb.lock_count as u64;
+    let start = crc32c::crc32c(object.as_bytes()) as u64 % n;
+    let mut vacant = None;
+    for i in 0..n {
+        let idx = sb.lock_start + (start + i) % n;
+        match LockRecord::decode(&*ds.read(idx)?, ds.uuid()) {
+            Decoded::Valid(r) if r.object == object => return Ok((idx, Some(r))),
+            Decoded::Valid(r) if r.holders.is_empty() => {
+                vacant.get_or_insert(idx);
+            }
+            Decoded::Blank => {
+                // The probe chain ends here: the object has no record.
+                return Ok((vacant.unwrap_or(idx), None));
+            }
+            _ => {}
+        }
+    }
+    match vacant {
+        Some(idx) => Ok((idx, None)),
+        None => Err(Error::Invalid {
+            object: ds.path().to_path_buf(),
+            detail: "the lock table is full".into(),
+        }),
+    }
+}
+
+fn describe(obs: &Observer, holders: &[Owner]) -> String {
+    holders
+        .iter()
+        .map(|h| {
+            let name = obs
+                .views()
+                .get(h.host_id as usize - 1)
+                .and_then(|v| v.slot.as_ref())
+                .map(|s| s.name.clone())
+                .unwrap_or_else(|| "?".into());
+            format!("{name} (host {} generation {})", h.host_id, h.generation)
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// Runs `f` on `object`'s record under the volume lease, writing back what it returns.
+fn update<T>(
+    ds: &Arc<Datastore>,
+    me: Owner,
+    obs: &mut Observer,
+    object: &str,
+    f: impl FnOnce(&Observer, Option<LockRecord>) -> Result<(Option<LockRecord>, T)>,
+) -> Result<T> {
+    check_object(ds, object)?;
+    let lease = VolumeLease::acquire(ds, me, obs, VOLUME_LEASE_WAIT)?;
+    let result = (|| {
+        let (idx, rec) = find(ds, object)?;
+        obs.observe(ds)?;
+        let (new, out) = f(obs, rec)?;
+        if let Some(new) = new {
+            ds.write(idx, &new.encode(ds.uuid()))?;
+        }
+        Ok(out)
+    })();
+    let released = lease.release();
+    let out = result?;
+    released?;
+    Ok(out)
+}
+
+/// Tries once to take `object` in `mode` for `me`; returns the new lock version.
+pub fn try_acquire(
+    ds: &Arc<Datastore>,
+    me: Owner,
+    obs: &mut Observer,
+    object: &str,
+    mode: LockMode,
+) -> Result<u64> {
+    update(ds, me, obs, object, |obs, rec| {
+        let mut rec = rec.unwrap_or(LockRecord {
+            object: object.to_string(),
+            mode,
+            version: 0,
+            holders: Vec::new(),
+        });
+        let live: Vec<Owner> = rec
+            .holders
+            .iter()
+            .copied()
+            .filter(|h| obs.owner_valid(*h) && *h != me)
+            .collect();
+        let compatible = live.is_empty() || (rec.mode == mode && mode != LockMode::Exclusive);
+        if !compatible {
+            return Err(Error::LockHeld {
+                object: object.to_string(),
+                mode: format!("{:?}", rec.mode).to_lowercase(),
+                holders: describe(obs, &live),
+            });
+        }
+        if live.len() < rec.holders.len() {
+            let broken: Vec<Owner> = rec
+                .holders
+                .iter()
+                .copied()
+                .filter(|h| !live.contains(h) && *h != me)
+                .collect();
+            if !broken.is_empty() {
+                tracing::info!(
+                    "lock {object:?}: breaking the hold of {}",
+                    describe(obs, &broken)
+                );
+            }
+        }
+        rec.holders = live;
+        rec.holders.push(me);
+        rec.mode = mode;
+        rec.version += 1;
+        let v = rec.version;
+        Ok((Some(rec), v))
+    })
+}
+
+/// Takes `object`, retrying every `poll` until `wait` has passed.
+pub fn acquire(
+    ds: &Arc<Datastore>,
+    me: Owner,
+    obs: &mut Observer,
+    object: &str,
+    mode: LockMode,
+    wait: Duration,
+) -> Result<u64> {
+    let clock = Arc::clone(ds.clock());
+    let deadline = clock.now() + wait;
+    let poll = ds.superblock().io_timeout() / 2;
+    loop {
+        match try_acquire(ds, me, obs, object, mode) {
+            Err(Error::LockHeld { .. }) if clock.now() < deadline => clock.sleep(poll),
+            other => return other,
+        }
+    }
+}
+
+/// Releases `me`'s hold on `object`.
+pub fn release(ds: &Arc<Datastore>, me: Owner, obs: &mut Observer, object: &str) -> Result<()> {
+    update(ds, me, obs, object, |_, rec| match rec {
+        Some(mut rec) if rec.holders.contains(&me) => {
+            rec.holders.retain(|h| *h != me);
+            rec.version += 1;
+            Ok((Some(rec), ()))
+        }
+        _ => Ok((None, ())),
+    })
+}
+
+/// Hands `me`'s exclusive hold on `object` to `to`, if the lock is still at
+/// `expected_version`; returns the new version.
+pub fn handoff(
+    ds: &Arc<Datastore>,
+    me: Owner,
+    obs: &mut Observer,
+    object: &str,
+    to: Owner,
+    expected_version: u64,
+) -> Result<u64> {
+    update(ds, me, obs, object, |obs, rec| {
+        let Some(mut rec) = rec else {
+            return Err(Error::Invalid {
+                object: ds.path().to_path_buf(),
+                detail: format!("lock {object:?} does not exist"),
+            });
+        };
+        if rec.version != expected_version || rec.holders != [me] {
+            return Err(Error::LockHeld {
+                object: object.to_string(),
+                mode: format!("at version {} (expected {expected_version})", rec.version),
+                holders: describe(obs, &rec.holders),
+            });
+        }
+        if !obs.owner_valid(to) {
+            return Err(Error::Invalid {
+                object: ds.path().to_path_buf(),
+                detail: format!(
+                    "cannot hand lock {object:?} to host {} generation {}: not live",
+                    to.host_id, to.generation
+                ),
+            });
+        }
+        rec.holders = vec![to];
+        rec.version += 1;
+        let v = rec.version;
+        Ok((Some(rec), v))
+    })
+}
+
+/// Every lock record in use.
+pub fn list(ds: &Datastore) -> Result<Vec<LockEntry>> {
+    let sb = ds.superblock();
+    let mut out = Vec::new();
+    for idx in sb.lock_start..sb.lock_start + sb.lock_count as u64 {
+        if let Decoded::Valid(lock) = LockRecord::decode(&*ds.read(idx)?, ds.uuid()) {
+            out.push(LockEntry { record: idx, lock });
+        }
+    }
+    Ok(out)
+}

@@ -1,0 +1,319 @@
+//! [`Datastore`]: an opened datastore (its superblock, record I/O and clock), plus
+//! formatting and the [`Observer`] that judges other hosts' liveness.
+//!
+//! Liveness is only ever judged by observation: a host is dead when *this* process has
+//! seen its heartbeat slot unchanged for `host_dead` on its own monotonic clock. A fresh
+//! observer therefore knows nobody is dead until it has watched that long.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use uuid::Uuid;
+
+use crate::clock::{BootClock, Clock};
+use crate::device::{Device, Faults, RecordIo};
+use crate::format::{
+    Block, Decoded, HostSlot, Owner, Profile, SlotState, Superblock, SUPER_A, SUPER_B,
+};
+use crate::{Error, Result};
+
+/// An open datastore.
+#[derive(Debug)]
+pub struct Datastore {
+    io: Arc<dyn RecordIo>,
+    sb: Superblock,
+    clock: Arc<dyn Clock>,
+}
+
+/// What a device holds, as far as `create` is concerned.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Signature {
+    Ferry { label: String, uuid: Uuid },
+    Other(&'static str),
+}
+
+/// Recognises a ferry datastore, a file system or a partition table at the start of a
+/// device.
+pub fn probe_signature(io: &dyn RecordIo) -> Result<Option<Signature>> {
+    let mut head = Vec::with_capacity(16);
+    for i in 0..16 {
+        let mut b = Block::zeroed();
+        io.read(i, &mut b)
+            .map_err(|e| Error::io(io.path(), "read", e))?;
+        head.push(b);
+    }
+    for copy in [SUPER_A, SUPER_B] {
+        if let Decoded::Valid(sb) = Superblock::decode(&head[copy as usize]) {
+            return Ok(Some(Signature::Ferry {
+                label: sb.label,
+                uuid: sb.uuid,
+            }));
+        }
+    }
+    let bytes: Vec<u8> = head.iter().flat_map(|b| b.0.iter().copied()).collect();
+    let at = |off: usize, magic: &[u8]| bytes.get(off..off + magic.len()) == Some(magic);
+    let sig = if at(1024 + 56, &[0x53, 0xef]) {
+        Some("an ext2/3/4 file system")
+    } else if at(0, b"XFSB") {
+        Some("an XFS file system")
+    } else if at(65536 + 64, b"_BHRfS_M") {
+        Some("a Btrfs file system")
+    } else if at(4096 - 10, b"SWAPSPACE2") {
+        Some("a swap area")
+    } else if at(0, b"LUKS\xba\xbe") {
+        Some("a LUKS volume")
+    } else if at(512, b"EFI PART") {
+        Some("a GPT partition table")
+    } else if at(0, b"QFI\xfb") {
+        Some("a qcow2 image")
+    } else if at(510, &[0x55, 0xaa]) {
+        Some("a DOS partition table or boot sector")
+    } else {
+        None
+    };
+    Ok(sig.map(Signature::Other))
+}
+
+/// Reads the superblock from whichever copy is good, rewriting a damaged copy from it.
+fn load_superblock(io: &dyn RecordIo) -> Result<Superblock> {
+    let read = |idx| {
+        let mut b = Block::zeroed();
+        io.read(idx, &mut b).map(|_| Superblock::decode(&b))
+    };
+    let a = read(SUPER_A).map_err(|e| Error::io(io.path(), "read", e))?;
+    let b = read(SUPER_B).map_err(|e| Error::io(io.path(), "read", e))?;
+    let sb = match (&a, &b) {
+        (Decoded::Valid(x), _) | (_, Decoded::Valid(x)) => x.clone(),
+        _ => {
+            let what = match probe_signature(io)? {
+                Some(Signature::Other(w)) => format!(" (it holds {w})"),
+                _ => String::new(),
+            };
+            return Err(Error::NotDatastore {
+                object: io.path().to_path_buf(),
+                detail: what,
+            });
+        }
+    };
+    for (copy, dec) in [(SUPER_A, &a), (SUPER_B, &b)] {
+        if !matches!(dec, Decoded::Valid(x) if *x == sb) {
+            tracing::warn!(
+                "{}: superblock copy {copy} is damaged; rewriting it from the other",
+                io.path().display()
+            );
+            io.write(copy, &sb.encode(1))
+                .map_err(|e| Error::io(io.path(), "repair superblock", e))?;
+        }
+    }
+    Ok(sb)
+}
+
+impl Datastore {
+    /// Formats `io` as a new datastore.
+    pub fn format(
+        io: &dyn RecordIo,
+        size: u64,
+        label: &str,
+        max_hosts: u32,
+        profile: Profile,
+    ) -> Result<Superblock> {
+        let sb = Superblock::layout(Uuid::new_v4(), label, size, max_hosts, profile);
+        if sb.metadata_bytes() + (1 << 20) > size {
+            return Err(Error::Invalid {
+                object: io.path().to_path_buf(),
+                detail: format!(
+                    "is too small: {size} bytes, the metadata alone takes {}",
+                    sb.metadata_bytes()
+                ),
+            });
+        }
+        // Clear every metadata record, then write the superblocks last: a crash mid-way
+        // leaves no superblock, so a half-formatted device is never taken for a datastore.
+        let zero = Block::zeroed();
+        for idx in 0..sb.journal_start {
+            io.write(idx, &zero)
+                .map_err(|e| Error::io(io.path(), "format", e))?;
+        }
+        for copy in [SUPER_B, SUPER_A] {
+            io.write(copy, &sb.encode(1))
+                .map_err(|e| Error::io(io.path(), "format", e))?;
+        }
+        Ok(sb)
+    }
+
+    /// Opens the datastore on a device path. For tests, `FERRY_FAULT_RENEW_DELAY_MS`
+    /// delays every heartbeat write by that much (renewals, as a slow device would).
+    pub fn open(path: &Path) -> Result<Datastore> {
+        let dev = Device::open(path)?;
+        let delay = std::env::var("FERRY_FAULT_RENEW_DELAY_MS")
+            .ok()
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or(0);
+        if delay == 0 {
+            return Self::open_with(Arc::new(dev), Arc::new(BootClock));
+        }
+        let sb = load_superblock(&dev)?;
+        let range = sb.hb_start..sb.hb_start + sb.max_hosts as u64;
+        let io = Faults::new(dev, Duration::from_millis(delay), range);
+        Self::open_with(Arc::new(io), Arc::new(BootClock))
+    }
+
+    /// Opens over any record I/O and clock.
+    pub fn open_with(io: Arc<dyn RecordIo>, clock: Arc<dyn Clock>) -> Result<Datastore> {
+        let sb = load_superblock(io.as_ref())?;
+        Ok(Datastore { io, sb, clock })
+    }
+
+    pub fn superblock(&self) -> &Superblock {
+        &self.sb
+    }
+
+    pub fn uuid(&self) -> &Uuid {
+        &self.sb.uuid
+    }
+
+    pub fn clock(&self) -> &Arc<dyn Clock> {
+        &self.clock
+    }
+
+    pub fn path(&self) -> &Path {
+        self.io.path()
+    }
+
+    /// Reads one record.
+    pub fn read(&self, idx: u64) -> Result<Box<Block>> {
+        let mut b = Block::zeroed();
+        self.io
+            .read(idx, &mut b)
+            .map_err(|e| Error::io(self.io.path(), "read", e))?;
+        Ok(b)
+    }
+
+    /// Writes one record.
+    pub fn write(&self, idx: u64, b: &Block) -> Result<()> {
+        self.io
+            .write(idx, b)
+            .map_err(|e| Error::io(self.io.path(), "write", e))
+    }
+
+    /// Record index of host `host_id`'s heartbeat slot.
+    pub fn slot_rec(&self, host_id: u32) -> u64 {
+        self.sb.hb_start + host_id as u64 - 1
+    }
+
+    /// Reads host `host_id`'s slot.
+    pub fn read_slot(&self, host_id: u32) -> Result<Decoded<HostSlot>> {
+        Ok(HostSlot::decode(
+            &*self.read(self.slot_rec(host_id))?,
+            self.uuid(),
+        ))
+    }
+}
+
+/// Liveness of one heartbeat slot as this observer sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Liveness {
+    /// Never used or left cleanly.
+    Free,
+    /// Joined and renewed within `host_dead` (or not yet watched that long).
+    Live,
+    /// Joined, and seen unchanged for at least `host_dead`.
+    Dead,
+    /// The record cannot be read as a slot: treated as live, never as free.
+    Unknown,
+}
+
+/// One slot as seen.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct SlotView {
+    pub host_id: u32,
+    pub slot: Option<HostSlot>,
+    pub liveness: Liveness,
+    /// How long this observer has seen the slot unchanged.
+    pub unchanged_ms: u64,
+}
+
+#[derive(Debug, Clone)]
+struct Seen {
+    fingerprint: u32,
+    since: Duration,
+}
+
+/// Tracks every slot's last content and since when it has not changed.
+#[derive(Debug)]
+pub struct Observer {
+    seen: Vec<Option<Seen>>,
+    views: Vec<SlotView>,
+}
+
+impl Observer {
+    pub fn new(ds: &Datastore) -> Observer {
+        Observer {
+            seen: vec![None; ds.sb.max_hosts as usize],
+            views: Vec::new(),
+        }
+    }
+
+    /// Reads every slot once and updates what was seen.
+    pub fn observe(&mut self, ds: &Datastore) -> Result<&[SlotView]> {
+        let now = ds.clock.now();
+        let host_dead = ds.sb.host_dead();
+        let mut views = Vec::with_capacity(self.seen.len());
+        for i in 0..self.seen.len() {
+            let host_id = i as u32 + 1;
+            let raw = ds.read(ds.slot_rec(host_id))?;
+            let fingerprint = crc32c::crc32c(&raw.0);
+            let seen = match &mut self.seen[i] {
+                Some(s) if s.fingerprint == fingerprint => s,
+                other => other.insert(Seen {
+                    fingerprint,
+                    since: now,
+                }),
+            };
+            let unchanged = now.saturating_sub(seen.since);
+            let (slot, liveness) = match HostSlot::decode(&raw, ds.uuid()) {
+                Decoded::Blank => (None, Liveness::Free),
+                Decoded::Unknown(_) => (None, Liveness::Unknown),
+                Decoded::Valid(s) => {
+                    let l = match s.state {
+                        SlotState::Free => Liveness::Free,
+                        SlotState::Joined if unchanged >= host_dead => Liveness::Dead,
+                        SlotState::Joined => Liveness::Live,
+                    };
+                    (Some(s), l)
+                }
+            };
+            views.push(SlotView {
+                host_id,
+                slot,
+                liveness,
+                unchanged_ms: unchanged.as_millis() as u64,
+            });
+        }
+        self.views = views;
+        Ok(&self.views)
+    }
+
+    /// The last observation.
+    pub fn views(&self) -> &[SlotView] {
+        &self.views
+    }
+
+    /// Whether `owner` holds a live host lease in the last observation: its slot is
+    /// joined with that generation and not dead. Unknown slots count as live.
+    pub fn owner_valid(&self, owner: Owner) -> bool {
+        let Some(v) = self.views.get(owner.host_id as usize - 1) else {
+            return false;
+        };
+        match v.liveness {
+            Liveness::Unknown => true,
+            Liveness::Live => v
+                .slot
+                .as_ref()
+                .is_some_and(|s| s.host_generation == owner.generation),
+            Liveness::Free | Liveness::Dead => false,
+        }
+    }
+}
