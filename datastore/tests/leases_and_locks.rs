@@ -1,0 +1,230 @@
+//! Host leases, the volume lease and object locks, several hosts in one process over one
+//! image file (test profile: io_timeout 1 s). Fault and multi-process tests are in
+//! `tests/tests/cluster.rs`.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use datastore::clock::{Clock, ManualClock};
+use datastore::device::{Device, RecordIo};
+use datastore::format::{Block, SlotState};
+use datastore::hostlease::HostLease;
+use datastore::store::Liveness;
+use datastore::{locks, Datastore, Error, LockMode, Observer, Profile};
+
+fn image(dir: &Path) -> std::path::PathBuf {
+    let p = dir.join("lun.img");
+    std::fs::File::create(&p)
+        .unwrap()
+        .set_len(64 << 20)
+        .unwrap();
+    let dev = Device::open(&p).unwrap();
+    Datastore::format(&dev, dev.size(), "t", 8, Profile::Test).unwrap();
+    p
+}
+
+/// Joins hosts `names` concurrently (each join waits 2 × io_timeout).
+fn join_all(path: &Path, names: &[&str]) -> Vec<HostLease> {
+    let handles: Vec<_> = names
+        .iter()
+        .map(|n| {
+            let (p, n) = (path.to_path_buf(), n.to_string());
+            std::thread::spawn(move || {
+                let ds = Arc::new(Datastore::open(&p).unwrap());
+                HostLease::join(ds, &n, "127.0.0.1:1", Box::new(|_| {})).unwrap()
+            })
+        })
+        .collect();
+    handles.into_iter().map(|h| h.join().unwrap()).collect()
+}
+
+#[test]
+fn lock_modes_handoff_and_racing_third_host() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = image(dir.path());
+    let hosts = join_all(&path, &["h1", "h2", "h3"]);
+    let ids: Vec<_> = hosts.iter().map(|h| h.owner()).collect();
+    assert_eq!(
+        ids.iter()
+            .map(|o| o.host_id)
+            .collect::<std::collections::HashSet<_>>()
+            .len(),
+        3
+    );
+    let ds: Vec<_> = hosts.iter().map(|h| Arc::clone(h.datastore())).collect();
+    let mut obs: Vec<_> = ds.iter().map(|d| Observer::new(d)).collect();
+
+    // Exclusive blocks everyone else, and the error names the holder.
+    let v1 = locks::try_acquire(&ds[0], ids[0], &mut obs[0], "vm", LockMode::Exclusive).unwrap();
+    for (i, mode) in [
+        (1, LockMode::Exclusive),
+        (2, LockMode::Shared),
+        (1, LockMode::MultiWriter),
+    ] {
+        match locks::try_acquire(&ds[i], ids[i], &mut obs[i], "vm", mode) {
+            Err(Error::LockHeld { holders, .. }) => assert!(holders.contains("h1"), "{holders}"),
+            other => panic!("{mode:?} by host {i}: {other:?}"),
+        }
+    }
+    // Handoff with the expected version succeeds; a racing third host with the same
+    // (now stale) expectation fails cleanly, as does a stale retry.
+    let v2 = locks::handoff(&ds[0], ids[0], &mut obs[0], "vm", ids[1], v1).unwrap();
+    assert!(v2 > v1);
+    assert!(matches!(
+        locks::handoff(&ds[2], ids[2], &mut obs[2], "vm", ids[2], v1),
+        Err(Error::LockHeld { .. })
+    ));
+    assert!(matches!(
+        locks::handoff(&ds[0], ids[0], &mut obs[0], "vm", ids[2], v1),
+        Err(Error::LockHeld { .. })
+    ));
+    assert!(locks::try_acquire(&ds[0], ids[0], &mut obs[0], "vm", LockMode::Exclusive).is_err());
+    locks::release(&ds[1], ids[1], &mut obs[1], "vm").unwrap();
+    locks::try_acquire(&ds[2], ids[2], &mut obs[2], "vm", LockMode::Exclusive).unwrap();
+
+    // Shared holders coexist and block exclusive; multi-writers coexist and block shared.
+    locks::try_acquire(&ds[0], ids[0], &mut obs[0], "iso", LockMode::Shared).unwrap();
+    locks::try_acquire(&ds[1], ids[1], &mut obs[1], "iso", LockMode::Shared).unwrap();
+    assert!(locks::try_acquire(&ds[2], ids[2], &mut obs[2], "iso", LockMode::Exclusive).is_err());
+    locks::try_acquire(
+        &ds[0],
+        ids[0],
+        &mut obs[0],
+        "shared-disk",
+        LockMode::MultiWriter,
+    )
+    .unwrap();
+    locks::try_acquire(
+        &ds[1],
+        ids[1],
+        &mut obs[1],
+        "shared-disk",
+        LockMode::MultiWriter,
+    )
+    .unwrap();
+    assert!(
+        locks::try_acquire(&ds[2], ids[2], &mut obs[2], "shared-disk", LockMode::Shared).is_err()
+    );
+
+    let listed = locks::list(&ds[0]).unwrap();
+    let iso = listed.iter().find(|e| e.lock.object == "iso").unwrap();
+    assert_eq!(iso.lock.holders.len(), 2);
+    for h in hosts {
+        h.leave().unwrap();
+    }
+    // After leaving, the holds of departed hosts no longer count.
+    let late = join_all(&path, &["h4"]);
+    let d = Arc::clone(late[0].datastore());
+    let mut o = Observer::new(&d);
+    locks::try_acquire(&d, late[0].owner(), &mut o, "iso", LockMode::Exclusive).unwrap();
+}
+
+#[test]
+fn a_second_live_host_with_the_same_name_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = image(dir.path());
+    let first = join_all(&path, &["dup"]);
+    let ds = Arc::new(Datastore::open(&path).unwrap());
+    let started = std::time::Instant::now();
+    match HostLease::join(ds, "dup", "", Box::new(|_| {})) {
+        Err(Error::Exists { detail, .. }) => assert!(detail.contains("already live"), "{detail}"),
+        other => panic!("second join: {other:?}"),
+    }
+    // Refused as soon as the first one renews, well before host_dead.
+    assert!(
+        started.elapsed() < Duration::from_secs(6),
+        "{:?}",
+        started.elapsed()
+    );
+    drop(first);
+}
+
+#[test]
+fn liveness_comes_only_from_the_clock_seam() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = image(dir.path());
+    let hosts = join_all(&path, &["quiet"]);
+    let host_id = hosts[0].owner().host_id;
+    drop(hosts); // stops renewing, slot stays joined
+    let clock = ManualClock::default();
+    let ds = Datastore::open_with(
+        Arc::new(Device::open(&path).unwrap()),
+        Arc::new(clock.clone()),
+    )
+    .unwrap();
+    let mut obs = Observer::new(&ds);
+    let state = |obs: &mut Observer| obs.observe(&ds).unwrap()[host_id as usize - 1].liveness;
+    assert_eq!(state(&mut obs), Liveness::Live);
+    // Real time passes (as would a wall-clock jump): nothing changes for lease logic.
+    std::thread::sleep(Duration::from_millis(1500));
+    assert_eq!(state(&mut obs), Liveness::Live);
+    clock.advance(ds.superblock().host_dead() - Duration::from_millis(1));
+    assert_eq!(state(&mut obs), Liveness::Live);
+    clock.advance(Duration::from_millis(2));
+    assert_eq!(state(&mut obs), Liveness::Dead);
+    let _ = clock.now();
+}
+
+#[test]
+fn damaged_records_read_as_unknown_and_superblock_is_repaired() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = image(dir.path());
+    let hosts = join_all(&path, &["a"]);
+    let me = hosts[0].owner();
+    let ds = Arc::clone(hosts[0].datastore());
+    let sb = ds.superblock().clone();
+    let dev = Device::open(&path).unwrap();
+    let flip = |idx: u64, at: usize| {
+        let mut b = Block::zeroed();
+        dev.read(idx, &mut b).unwrap();
+        b.0[at] ^= 0xff;
+        dev.write(idx, &b).unwrap();
+    };
+
+    // A corrupt heartbeat slot is unknown, never free, and its owner still counts as live.
+    flip(sb.hb_start + 5, 100);
+    let mut obs = Observer::new(&ds);
+    assert_eq!(obs.observe(&ds).unwrap()[5].liveness, Liveness::Unknown);
+
+    // A corrupt lock record is skipped and never reused.
+    let mut o = Observer::new(&ds);
+    locks::try_acquire(&ds, me, &mut o, "x", LockMode::Exclusive).unwrap();
+    let rec = locks::list(&ds)
+        .unwrap()
+        .iter()
+        .find(|e| e.lock.object == "x")
+        .unwrap()
+        .record;
+    flip(rec, 40);
+    assert!(locks::list(&ds)
+        .unwrap()
+        .iter()
+        .all(|e| e.lock.object != "x"));
+    locks::try_acquire(&ds, me, &mut o, "x", LockMode::Exclusive).unwrap();
+    let rec2 = locks::list(&ds)
+        .unwrap()
+        .iter()
+        .find(|e| e.lock.object == "x")
+        .unwrap()
+        .record;
+    assert_ne!(rec, rec2, "a damaged record was reused");
+
+    // A damaged superblock copy is recovered from the other one.
+    flip(0, 50);
+    let reopened = Datastore::open(&path).unwrap();
+    assert_eq!(reopened.superblock(), &sb);
+    let mut b = Block::zeroed();
+    dev.read(0, &mut b).unwrap();
+    assert!(matches!(
+        datastore::format::Superblock::decode(&b),
+        datastore::format::Decoded::Valid(_)
+    ));
+    // Both damaged: not a datastore any more, and it says so.
+    flip(0, 50);
+    flip(1, 50);
+    let e = Datastore::open(&path).unwrap_err();
+    assert!(e.to_string().contains("not a ferry datastore"), "{e}");
+    let _ = SlotState::Free;
+    drop(hosts);
+}
