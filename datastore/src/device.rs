@@ -21,6 +21,8 @@ pub trait RecordIo: Send + Sync + std::fmt::Debug {
     fn write(&self, idx: u64, buf: &Block) -> io::Result<()>;
     /// The device path (for messages).
     fn path(&self) -> &Path;
+    /// Turns injected faults on (a no-op without a fault seam).
+    fn arm_faults(&self) {}
 }
 
 /// A shared block device or image file, opened for record I/O.
@@ -109,9 +111,10 @@ impl RecordIo for Device {
 #[derive(Debug)]
 pub struct Faults<T> {
     inner: T,
-    /// Delay added to every write of a record in `delayed`.
+    /// Delay added to every write of a record in `delayed`, once armed.
     pub write_delay: Duration,
     pub delayed: std::ops::Range<u64>,
+    armed: std::sync::atomic::AtomicBool,
 }
 
 impl<T: RecordIo> Faults<T> {
@@ -120,6 +123,7 @@ impl<T: RecordIo> Faults<T> {
             inner,
             write_delay,
             delayed,
+            armed: std::sync::atomic::AtomicBool::new(false),
         }
     }
 }
@@ -130,7 +134,7 @@ impl<T: RecordIo> RecordIo for Faults<T> {
     }
 
     fn write(&self, idx: u64, buf: &Block) -> io::Result<()> {
-        if self.delayed.contains(&idx) && !self.write_delay.is_zero() {
+        if self.armed.load(std::sync::atomic::Ordering::SeqCst) && self.delayed.contains(&idx) {
             std::thread::sleep(self.write_delay);
         }
         self.inner.write(idx, buf)
@@ -138,5 +142,9 @@ impl<T: RecordIo> RecordIo for Faults<T> {
 
     fn path(&self) -> &Path {
         self.inner.path()
+    }
+
+    fn arm_faults(&self) {
+        self.armed.store(true, std::sync::atomic::Ordering::SeqCst);
     }
 }

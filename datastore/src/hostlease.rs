@@ -170,6 +170,7 @@ impl HostLease {
                         stop: AtomicBool::new(false),
                         enforce,
                     });
+                    ds.arm_faults();
                     let t_ds = Arc::clone(&ds);
                     let t_shared = Arc::clone(&shared);
                     let thread = std::thread::Builder::new()

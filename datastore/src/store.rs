@@ -143,7 +143,8 @@ impl Datastore {
     }
 
     /// Opens the datastore on a device path. For tests, `FERRY_FAULT_RENEW_DELAY_MS`
-    /// delays every heartbeat write by that much (renewals, as a slow device would).
+    /// delays every heartbeat write by that much once armed (the host lease arms it after
+    /// joining, so renewals are slow as on a failing device).
     pub fn open(path: &Path) -> Result<Datastore> {
         let dev = Device::open(path)?;
         let delay = std::env::var("FERRY_FAULT_RENEW_DELAY_MS")
@@ -188,6 +189,11 @@ impl Datastore {
             .read(idx, &mut b)
             .map_err(|e| Error::io(self.io.path(), "read", e))?;
         Ok(b)
+    }
+
+    /// Turns on injected faults (tests; see [`Datastore::open`]).
+    pub fn arm_faults(&self) {
+        self.io.arm_faults();
     }
 
     /// Writes one record.

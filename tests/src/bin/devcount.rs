@@ -41,12 +41,14 @@ fn main() {
         .open(&a[1])
         .expect("open device");
     let log = |line: String| {
+        let t = nix::time::clock_gettime(nix::time::ClockId::CLOCK_BOOTTIME).expect("boottime");
+        let t = t.tv_sec() as u64 * 1_000_000_000 + t.tv_nsec() as u64;
         let mut f = OpenOptions::new()
             .create(true)
             .append(true)
             .open(&a[3])
             .expect("open log");
-        f.write_all(format!("{line}\n").as_bytes()).expect("log");
+        f.write_all(format!("{line} t={t}\n").as_bytes()).expect("log");
         f.sync_data().expect("sync log");
     };
     let off = record * 4096;
