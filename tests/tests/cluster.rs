@@ -9,7 +9,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use ferry_tests::cluster::{check_log, ferry_bin, parse_log, populated, read_counter, read_record, Cluster, Event, SERIAL};
+use ferry_tests::cluster::{
+    check_log, ferry_bin, parse_log, populated, read_counter, read_record, Cluster, Event, SERIAL,
+};
 use nix::sys::signal::Signal;
 
 const HOST_DEAD: f64 = 10.0;
@@ -29,7 +31,10 @@ fn serial() -> std::sync::MutexGuard<'static, ()> {
 fn wait_holder(c: &Cluster, object: &str, name: &str, timeout: f64) -> u32 {
     let start = Instant::now();
     loop {
-        let out = ferry_tests::run(ferry_bin().to_str().unwrap(), &["datastore", "locks", "--json", c.dev(0).to_str().unwrap()]);
+        let out = ferry_tests::run(
+            ferry_bin().to_str().unwrap(),
+            &["datastore", "locks", "--json", c.dev(0).to_str().unwrap()],
+        );
         if let Ok(v) = serde_json::from_slice::<serde_json::Value>(&out.stdout) {
             for l in v.as_array().unwrap() {
                 if l["object"] == object {
@@ -41,13 +46,23 @@ fn wait_holder(c: &Cluster, object: &str, name: &str, timeout: f64) -> u32 {
                 }
             }
         }
-        assert!(start.elapsed().as_secs_f64() < timeout, "{name} never held {object}");
+        assert!(
+            start.elapsed().as_secs_f64() < timeout,
+            "{name} never held {object}"
+        );
         std::thread::sleep(Duration::from_millis(100));
     }
 }
 
 /// Watches a heartbeat slot from a thread; returns (stop flag, last-change time).
-fn watch_slot(dev: &Path, host_id: u32) -> (Arc<AtomicBool>, Arc<Mutex<f64>>, std::thread::JoinHandle<()>) {
+fn watch_slot(
+    dev: &Path,
+    host_id: u32,
+) -> (
+    Arc<AtomicBool>,
+    Arc<Mutex<f64>>,
+    std::thread::JoinHandle<()>,
+) {
     let stop = Arc::new(AtomicBool::new(false));
     let last = Arc::new(Mutex::new(boottime()));
     let (s, l, d) = (Arc::clone(&stop), Arc::clone(&last), dev.to_path_buf());
@@ -84,7 +99,13 @@ fn killed_holder_is_fenced_and_its_lock_breaks_after_host_dead() {
     let _g = serial();
     let mut c = Cluster::new(2);
     let report = c.file("fence-report");
-    let a = c.lock(0, "obj", 0.0, &["sleep", "1000"], &[("FERRY_FENCE_REPORT", report.to_str().unwrap())]);
+    let a = c.lock(
+        0,
+        "obj",
+        0.0,
+        &["sleep", "1000"],
+        &[("FERRY_FENCE_REPORT", report.to_str().unwrap())],
+    );
     let id = wait_holder(&c, "obj", &c.host(0), 15.0);
     let (stop, last, watcher) = watch_slot(c.dev(0), id);
     let acquired = c.file("acquired");
@@ -99,13 +120,26 @@ fn killed_holder_is_fenced_and_its_lock_breaks_after_host_dead() {
     let got = uptime_in(&acquired);
     let last = *last.lock().unwrap();
     let after = got - last;
-    assert!(after >= HOST_DEAD - 0.05, "lock broken {after:.2}s after the last renewal (< host_dead)");
-    assert!(after <= HOST_DEAD + 2.0 * IO_TIMEOUT + 0.05, "lock broken only {after:.2}s after the last renewal");
+    assert!(
+        after >= HOST_DEAD - 0.05,
+        "lock broken {after:.2}s after the last renewal (< host_dead)"
+    );
+    assert!(
+        after <= HOST_DEAD + 2.0 * IO_TIMEOUT + 0.05,
+        "lock broken only {after:.2}s after the last renewal"
+    );
     // The holder's command was killed by its supervisor before the lock changed hands.
     let fenced = fence_times(&report);
     assert_eq!(fenced.len(), 1, "fence report: {fenced:?}");
-    assert!(fenced[0] < got, "fenced at {} but the lock was taken at {got}", fenced[0]);
-    assert!(c.cgroups(0).iter().all(|cg| !populated(cg)), "the killed host's cgroup still has processes");
+    assert!(
+        fenced[0] < got,
+        "fenced at {} but the lock was taken at {got}",
+        fenced[0]
+    );
+    assert!(
+        c.cgroups(0).iter().all(|cg| !populated(cg)),
+        "the killed host's cgroup still has processes"
+    );
 }
 
 /// Host 0 holds the counter lock with devcount paused between its read and its write; its
@@ -124,8 +158,14 @@ fn stopped_holder(fencing: bool) -> (Result<usize, String>, Cluster, Vec<f64>, V
     let cmd0: Vec<&str> = cmd0.iter().map(String::as_str).collect();
     let a = c.lock(0, "counter", 0.0, &cmd0, &env);
     let start = Instant::now();
-    while !parse_log(&log).iter().any(|e| matches!(e, Event::Intent { .. })) {
-        assert!(start.elapsed() < Duration::from_secs(15), "host 0 never started");
+    while !parse_log(&log)
+        .iter()
+        .any(|e| matches!(e, Event::Intent { .. }))
+    {
+        assert!(
+            start.elapsed() < Duration::from_secs(15),
+            "host 0 never started"
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
     c.signal_host(0, Signal::SIGSTOP);
@@ -159,9 +199,20 @@ fn stopped_host_is_fenced_before_its_lock_is_taken() {
         .and_then(|l| l.split_whitespace().find_map(|w| w.strip_prefix("t=")))
         .map(|t| t.parse::<u64>().unwrap() as f64 / 1e9)
         .unwrap_or_else(|| panic!("no second holder in the log:\n{log}"));
-    assert!(fenced[0] < second_intent_t, "fenced at {} after the new owner started at {second_intent_t}", fenced[0]);
+    assert!(
+        fenced[0] < second_intent_t,
+        "fenced at {} after the new owner started at {second_intent_t}",
+        fenced[0]
+    );
     // Nothing the stopped host had started wrote afterwards: its devcount never finished.
-    assert_eq!(events.iter().filter(|e| matches!(e, Event::Done { .. })).count(), 1, "{events:?}");
+    assert_eq!(
+        events
+            .iter()
+            .filter(|e| matches!(e, Event::Done { .. }))
+            .count(),
+        1,
+        "{events:?}"
+    );
 }
 
 #[test]
@@ -170,14 +221,25 @@ fn negative_control_without_fencing_the_checker_fails() {
     let (verdict, _c, fenced, _) = stopped_holder(false);
     assert!(fenced.is_empty());
     let err = verdict.expect_err("without fencing the late write must be caught");
-    assert!(err.contains("lost or duplicated") || err.contains("final record") || err.contains("reported"), "{err}");
+    assert!(
+        err.contains("lost or duplicated")
+            || err.contains("final record")
+            || err.contains("reported"),
+        "{err}"
+    );
 }
 
 #[test]
 fn slow_renewals_under_4x_io_timeout_keep_the_lease() {
     let _g = serial();
     let mut c = Cluster::new(2);
-    let a = c.lock(0, "obj", 0.0, &["sleep", "14"], &[("FERRY_FAULT_RENEW_DELAY_MS", "3000")]);
+    let a = c.lock(
+        0,
+        "obj",
+        0.0,
+        &["sleep", "14"],
+        &[("FERRY_FAULT_RENEW_DELAY_MS", "3000")],
+    );
     wait_holder(&c, "obj", &c.host(0), 15.0);
     let deadline = Instant::now() + Duration::from_secs(12);
     while Instant::now() < deadline {
@@ -195,7 +257,13 @@ fn slow_renewals_under_4x_io_timeout_keep_the_lease() {
 fn renewals_slower_than_8x_io_timeout_fence_the_host_before_anyone_breaks_its_lock() {
     let _g = serial();
     let mut c = Cluster::new(2);
-    let a = c.lock(0, "obj", 0.0, &["sleep", "60"], &[("FERRY_FAULT_RENEW_DELAY_MS", "9000")]);
+    let a = c.lock(
+        0,
+        "obj",
+        0.0,
+        &["sleep", "60"],
+        &[("FERRY_FAULT_RENEW_DELAY_MS", "9000")],
+    );
     wait_holder(&c, "obj", &c.host(0), 15.0);
     let acquired = c.file("acquired");
     let cmd = format!("cat /proc/uptime > {}", acquired.display());
@@ -206,12 +274,18 @@ fn renewals_slower_than_8x_io_timeout_fence_the_host_before_anyone_breaks_its_lo
         if c.child(a).try_wait().unwrap().is_some() {
             break boottime();
         }
-        assert!(start.elapsed() < Duration::from_secs(20), "host 0 kept running with a stale lease");
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "host 0 kept running with a stale lease"
+        );
         std::thread::sleep(Duration::from_millis(20));
     };
     let (code, err) = c.wait(b);
     assert_eq!(code, Some(0), "host 1: {err}");
-    assert!(a_exit < uptime_in(&acquired), "host 0 was still running when host 1 took the lock");
+    assert!(
+        a_exit < uptime_in(&acquired),
+        "host 0 was still running when host 1 took the lock"
+    );
     assert!(c.cgroups(0).iter().all(|cg| !populated(cg)));
 }
 
@@ -229,8 +303,14 @@ impl Rng {
 #[test]
 fn chaos_four_hosts_one_lock_no_lost_or_duplicated_increment() {
     let _g = serial();
-    let secs: u64 = std::env::var("FERRY_CHAOS_SECS").ok().and_then(|v| v.parse().ok()).unwrap_or(60);
-    let seed = std::env::var("FERRY_CHAOS_SEED").ok().and_then(|v| v.parse().ok()).unwrap_or_else(|| boottime().to_bits() | 1);
+    let secs: u64 = std::env::var("FERRY_CHAOS_SECS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(60);
+    let seed = std::env::var("FERRY_CHAOS_SEED")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| boottime().to_bits() | 1);
     eprintln!("chaos: {secs}s, FERRY_CHAOS_SEED={seed}");
     let c = Cluster::new(4);
     let log = c.file("devcount.log");
@@ -246,9 +326,14 @@ fn chaos_four_hosts_one_lock_no_lost_or_duplicated_increment() {
         threads.push(std::thread::spawn(move || {
             while !stop.load(Ordering::SeqCst) {
                 let mut cmd = std::process::Command::new(ferry_bin());
-                cmd.args(["lock", "--datastore"]).arg(&dev).args(["--host", &host, "--object", "counter", "--wait", "20", "--"]);
-                cmd.args(&devcount[..4]).arg(rng.next(150).to_string()).arg(rng.next(300).to_string());
-                cmd.stdout(std::process::Stdio::null()).stderr(std::process::Stdio::null());
+                cmd.args(["lock", "--datastore"])
+                    .arg(&dev)
+                    .args(["--host", &host, "--object", "counter", "--wait", "20", "--"]);
+                cmd.args(&devcount[..4])
+                    .arg(rng.next(150).to_string())
+                    .arg(rng.next(300).to_string());
+                cmd.stdout(std::process::Stdio::null())
+                    .stderr(std::process::Stdio::null());
                 let mut child = cmd.spawn().expect("spawn ferry lock");
                 current.lock().unwrap()[i] = Some(child.id());
                 let _ = child.wait();
@@ -266,7 +351,10 @@ fn chaos_four_hosts_one_lock_no_lost_or_duplicated_increment() {
         match rng.next(3) {
             0 => {
                 if let Some(pid) = current.lock().unwrap()[i] {
-                    let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), Signal::SIGKILL);
+                    let _ = nix::sys::signal::kill(
+                        nix::unistd::Pid::from_raw(pid as i32),
+                        Signal::SIGKILL,
+                    );
                     kills += 1;
                 }
             }
@@ -292,28 +380,54 @@ fn chaos_four_hosts_one_lock_no_lost_or_duplicated_increment() {
     }
     // Every host has exited; wait for supervisors to finish fencing any killed holder.
     let start = Instant::now();
-    while (0..4).any(|i| c.cgroups(i).iter().any(|cg| populated(cg))) && start.elapsed() < Duration::from_secs(15) {
+    while (0..4).any(|i| c.cgroups(i).iter().any(|cg| populated(cg)))
+        && start.elapsed() < Duration::from_secs(15)
+    {
         std::thread::sleep(Duration::from_millis(100));
     }
     let events = parse_log(&log);
-    let holders = check_log(&events, read_counter(c.dev(0), c.data_record)).unwrap_or_else(|e| panic!("seed {seed}: {e}"));
+    let holders = check_log(&events, read_counter(c.dev(0), c.data_record))
+        .unwrap_or_else(|e| panic!("seed {seed}: {e}"));
     eprintln!("chaos: {holders} lock holders, {kills} kill -9, {short_stops} short and {long_stops} long SIGSTOPs");
-    assert!(holders >= 10, "too little progress to mean anything: {holders} holders");
+    assert!(
+        holders >= 10,
+        "too little progress to mean anything: {holders} holders"
+    );
 }
 
 #[test]
 fn checker_catches_a_duplicated_increment() {
     // The replay itself must be able to fail: two holders that read the same value.
     let events = vec![
-        Event::Intent { lv: 2, host: 1, value: 0, read_lv: 0 },
+        Event::Intent {
+            lv: 2,
+            host: 1,
+            value: 0,
+            read_lv: 0,
+        },
         Event::Done { lv: 2 },
-        Event::Intent { lv: 4, host: 2, value: 0, read_lv: 0 },
+        Event::Intent {
+            lv: 4,
+            host: 2,
+            value: 0,
+            read_lv: 0,
+        },
         Event::Done { lv: 4 },
     ];
     assert!(check_log(&events, (1, 4)).is_err());
     let ok = vec![
-        Event::Intent { lv: 2, host: 1, value: 0, read_lv: 0 },
-        Event::Intent { lv: 4, host: 2, value: 1, read_lv: 2 },
+        Event::Intent {
+            lv: 2,
+            host: 1,
+            value: 0,
+            read_lv: 0,
+        },
+        Event::Intent {
+            lv: 4,
+            host: 2,
+            value: 1,
+            read_lv: 2,
+        },
         Event::Done { lv: 4 },
     ];
     assert_eq!(check_log(&ok, (2, 4)), Ok(2));

@@ -48,7 +48,8 @@ fn main() {
             .append(true)
             .open(&a[3])
             .expect("open log");
-        f.write_all(format!("{line} t={t}\n").as_bytes()).expect("log");
+        f.write_all(format!("{line} t={t}\n").as_bytes())
+            .expect("log");
         f.sync_data().expect("sync log");
     };
     let off = record * 4096;
