@@ -436,11 +436,12 @@ fn hold_and_run(
         pet,
         !unsafe_no_fence,
     )?;
-    // The join itself counts as the first renewal.
+    // The join's slot write is the first renewal: the watchdog deadline runs from its
+    // issue time, so the host is fenced before anyone can see it dead.
     let _ = writeln!(
         pipe.lock().expect("pipe"),
         "pet {}",
-        datastore::clock::boottime().as_nanos()
+        lease.last_good().as_nanos()
     );
     let me = lease.owner();
     let mut obs = Observer::new(ds);

@@ -153,7 +153,7 @@ impl HostLease {
                 },
             };
             match Self::take_slot(&ds, host_id, name, address)? {
-                Some(slot) => {
+                Some((slot, issued)) => {
                     let owner = Owner {
                         host_id,
                         generation: slot.host_generation,
@@ -165,7 +165,7 @@ impl HostLease {
                     );
                     let shared = Arc::new(Shared {
                         slot: Mutex::new(slot),
-                        last_good: Mutex::new(clock.now()),
+                        last_good: Mutex::new(issued),
                         lost: Mutex::new(None),
                         stop: AtomicBool::new(false),
                         enforce,
@@ -204,7 +204,7 @@ impl HostLease {
         host_id: u32,
         name: &str,
         address: &str,
-    ) -> Result<Option<HostSlot>> {
+    ) -> Result<Option<(HostSlot, Duration)>> {
         let sb = ds.superblock();
         let clock = ds.clock();
         let t_read = clock.now();
@@ -232,7 +232,8 @@ impl HostLease {
         }
         clock.sleep(2 * sb.io_timeout());
         match ds.read_slot(host_id)? {
-            Decoded::Valid(s) if s.incarnation == slot.incarnation => Ok(Some(slot)),
+            // Our slot write was issued no earlier than t_read: it counts as the first renewal.
+            Decoded::Valid(s) if s.incarnation == slot.incarnation => Ok(Some((slot, t_read))),
             _ => Ok(None),
         }
     }
@@ -244,6 +245,12 @@ impl HostLease {
 
     pub fn datastore(&self) -> &Arc<Datastore> {
         &self.ds
+    }
+
+    /// Issue time of the last good renewal (the join's slot write at first): the watchdog
+    /// deadline runs from here.
+    pub fn last_good(&self) -> Duration {
+        *self.shared.last_good.lock().expect("lease state")
     }
 
     /// Why the lease was lost, if it was.

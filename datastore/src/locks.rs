@@ -18,8 +18,11 @@ use crate::paxos::VolumeLease;
 use crate::store::{Datastore, Observer};
 use crate::{Error, Result};
 
-/// How long one metadata change may wait for the volume lease.
-const VOLUME_LEASE_WAIT: Duration = Duration::from_secs(30);
+/// How long one metadata change may wait for the volume lease: long enough to outwait a
+/// holder that died holding it (host_dead), plus a few io_timeouts of contention.
+fn volume_lease_wait(ds: &Datastore) -> Duration {
+    ds.superblock().host_dead() + 4 * ds.superblock().io_timeout()
+}
 
 /// A lock record and where it lives.
 #[derive(Debug, Clone, serde::Serialize)]
@@ -92,7 +95,7 @@ fn update<T>(
     f: impl FnOnce(&Observer, Option<LockRecord>) -> Result<(Option<LockRecord>, T)>,
 ) -> Result<T> {
     check_object(ds, object)?;
-    let lease = VolumeLease::acquire(ds, me, obs, VOLUME_LEASE_WAIT)?;
+    let lease = VolumeLease::acquire(ds, me, obs, volume_lease_wait(ds))?;
     let result = (|| {
         let (idx, rec) = find(ds, object)?;
         obs.observe(ds)?;
