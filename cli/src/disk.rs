@@ -319,7 +319,12 @@ async fn convert_cmd(
         )
     } else {
         spec.size = source.dev().size().div_ceil(512) * 512;
-        (Image::create(dst, &spec, e.clone()).await?, true)
+        let img = Image::create(dst, &spec, e.clone()).await?;
+        if let Image::Qcow2(q) = &img {
+            // Nobody reads the new target before the conversion flushes it.
+            q.enable_unordered_allocation();
+        }
+        (img, true)
     };
     let total = source.dev().size();
     let reporter = Reporter::new(total, !json);

@@ -20,6 +20,7 @@ use std::rc::Rc;
 
 use imago::format::PreallocateMode;
 use imago::qcow2::Qcow2;
+use imago::StorageExt;
 use imago::{
     FormatAccess, FormatCreateBuilder, FormatDriverBuilder, Mapping, PermissiveImplicitOpenGate,
 };
@@ -73,7 +74,8 @@ enum ZeroHow {
 
 enum Cmd {
     Read(u64, usize, oneshot::Sender<Result<Vec<u8>>>),
-    Write(u64, Vec<u8>, bool, oneshot::Sender<Result<()>>),
+    /// offset, data, fua, map clusters before writing (see `enable_unordered_allocation`)
+    Write(u64, Vec<u8>, bool, bool, oneshot::Sender<Result<()>>),
     Flush(oneshot::Sender<Result<()>>),
     Zero(u64, u64, ZeroHow, oneshot::Sender<Result<()>>),
     Status(u64, u64, oneshot::Sender<Result<Vec<Extent>>>),
@@ -90,6 +92,7 @@ pub struct Qcow2Image {
     provisioning: Provisioning,
     tx: mpsc::UnboundedSender<Cmd>,
     thread: Option<std::thread::JoinHandle<()>>,
+    unordered: std::sync::atomic::AtomicBool,
 }
 
 type Image = Rc<RwLock<FormatAccess<EngineStorage>>>;
@@ -205,7 +208,17 @@ impl Qcow2Image {
             provisioning,
             tx,
             thread: Some(thread),
+            unordered: std::sync::atomic::AtomicBool::new(false),
         })
+    }
+
+    /// For a freshly created image that nobody reads until its writer flushes (the target
+    /// of a conversion): writes of whole clusters map their clusters first and write the
+    /// data afterwards, outside the driver's L2 table lock, so they run in parallel. Until
+    /// such a write completes, the range may read as zeros, also after a crash before the
+    /// next flush. Never use this on an image that holds data someone may read.
+    pub fn enable_unordered_allocation(&self) {
+        self.unordered.store(true, std::sync::atomic::Ordering::SeqCst);
     }
 
     /// The parsed header.
@@ -337,9 +350,14 @@ async fn handle(path: &Path, img: &Image, cmd: Cmd) {
             let r = img.read().await.read(&mut buf[..], off).await;
             let _ = reply.send(r.map(|_| buf).map_err(io("read", off)));
         }
-        Cmd::Write(off, data, fua, reply) => {
+        Cmd::Write(off, data, fua, map_first, reply) => {
             let g = img.read().await;
-            let mut r = g.write(&data[..], off).await.map_err(io("write", off));
+            let mut r = if map_first {
+                write_mapped(&g, off, &data).await
+            } else {
+                g.write(&data[..], off).await
+            }
+            .map_err(io("write", off));
             if r.is_ok() && fua {
                 r = flush(&g).await.map_err(io("flush", off));
             }
@@ -362,6 +380,22 @@ async fn handle(path: &Path, img: &Image, cmd: Cmd) {
             let _ = reply.send(status(&g, off, len).await.map_err(io("map", off)));
         }
     }
+}
+
+/// Maps whole clusters for overwriting first (holding the L2 table lock only for the
+/// metadata change), then writes the data outside that lock, so writes that allocate in
+/// the same L2 table run in parallel. Only for fresh images (see
+/// [`Qcow2Image::enable_unordered_allocation`]).
+async fn write_mapped(img: &FormatAccess<EngineStorage>, off: u64, data: &[u8]) -> std::io::Result<()> {
+    let end = off + data.len() as u64;
+    let mut pos = off;
+    while pos < end {
+        let (storage, host, n) = img.ensure_data_mapping(pos, end - pos, true).await?;
+        let from = (pos - off) as usize;
+        storage.write(&data[from..from + n as usize], host).await?;
+        pos += n;
+    }
+    Ok(())
 }
 
 async fn flush(img: &FormatAccess<EngineStorage>) -> std::io::Result<()> {
@@ -458,7 +492,12 @@ impl BlockDev for Qcow2Image {
             if buf.is_empty() {
                 return Ok(());
             }
-            self.call(|r| Cmd::Write(offset, buf.to_vec(), flags.fua, r))
+            let cs = self.header.cluster_size();
+            let end = offset + buf.len() as u64;
+            let map_first = self.unordered.load(std::sync::atomic::Ordering::SeqCst)
+                && offset.is_multiple_of(cs)
+                && (end.is_multiple_of(cs) || end == self.size);
+            self.call(|r| Cmd::Write(offset, buf.to_vec(), flags.fua, map_first, r))
                 .await
         })
     }
