@@ -81,6 +81,16 @@ async fn verify(dev: &dyn BlockDev, model: &[u8]) {
 }
 
 fn check(format: Format, provisioning: Provisioning, kind: EngineKind, ops: &[Op]) {
+    check_with(format, provisioning, kind, ops, false)
+}
+
+fn check_with(
+    format: Format,
+    provisioning: Provisioning,
+    kind: EngineKind,
+    ops: &[Op],
+    unordered: bool,
+) {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -98,6 +108,9 @@ fn check(format: Format, provisioning: Provisioning, kind: EngineKind, ops: &[Op
             prefill: true,
         };
         let img = Image::create(&path, &spec, engine.clone()).await.unwrap();
+        if let (true, Image::Qcow2(q)) = (unordered, &img) {
+            q.enable_unordered_allocation();
+        }
         let mut model = vec![0u8; SIZE as usize];
         for op in ops {
             apply(img.dev(), &mut model, op).await;
@@ -174,6 +187,15 @@ model_test!(
     Provisioning::LazyThick,
     EngineKind::Uring
 );
+
+proptest! {
+    #![proptest_config(cfg())]
+    /// The conversion-target write path (clusters mapped before their data is written).
+    #[test]
+    fn qcow2_unordered_allocation_matches_model(ops in proptest::collection::vec(op(), 1..24)) {
+        check_with(Format::Qcow2, Provisioning::Thin, EngineKind::Uring, &ops, true);
+    }
+}
 
 /// Many concurrent unaligned writes sharing 512-byte blocks: each is a read-modify-write
 /// of a block another write also rewrites. Without serialisation some would be lost.

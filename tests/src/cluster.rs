@@ -11,6 +11,8 @@ use std::process::{Child, Command, Stdio};
 use std::sync::Mutex;
 use std::time::Duration;
 
+use datastore::fence::HostCgroup;
+
 use crate::{run_ok, LoopDev};
 
 /// Cluster tests share the machine's timing: run them one at a time.
@@ -203,27 +205,17 @@ pub fn host_cgroups(name: &str) -> Vec<PathBuf> {
 }
 
 fn cgroup2_root() -> PathBuf {
-    let mounts = std::fs::read_to_string("/proc/mounts").expect("/proc/mounts");
-    mounts
-        .lines()
-        .map(|l| l.split_whitespace().collect::<Vec<_>>())
-        .find(|f| f.len() > 2 && f[2] == "cgroup2")
-        .map(|f| PathBuf::from(f[1]))
-        .expect("a cgroup2 mount")
+    datastore::fence::cgroup2_root().expect("a cgroup2 mount")
 }
 
 /// Processes of a cgroup.
 pub fn pids(cg: &Path) -> Vec<u32> {
-    std::fs::read_to_string(cg.join("cgroup.procs"))
-        .map(|s| s.lines().filter_map(|l| l.trim().parse().ok()).collect())
-        .unwrap_or_default()
+    HostCgroup::at(cg.to_path_buf()).pids()
 }
 
 /// Whether a cgroup still has processes.
 pub fn populated(cg: &Path) -> bool {
-    std::fs::read_to_string(cg.join("cgroup.events"))
-        .map(|s| s.lines().any(|l| l.trim() == "populated 1"))
-        .unwrap_or(false)
+    HostCgroup::at(cg.to_path_buf()).populated()
 }
 
 /// `ferry supervise` processes watching this cluster's cgroups.
@@ -266,14 +258,9 @@ impl Drop for Cluster {
                     .to_string_lossy()
                     .starts_with(&format!("host-{}", self.prefix))
                 {
-                    let _ = std::fs::write(e.path().join("cgroup.kill"), "1");
-                    for _ in 0..200 {
-                        if !populated(&e.path()) {
-                            break;
-                        }
-                        std::thread::sleep(Duration::from_millis(10));
-                    }
-                    let _ = std::fs::remove_dir(e.path());
+                    let cg = HostCgroup::at(e.path());
+                    let _ = cg.kill(Duration::from_secs(2));
+                    cg.remove();
                 }
             }
         }

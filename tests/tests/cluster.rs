@@ -303,10 +303,12 @@ impl Rng {
 #[test]
 fn chaos_four_hosts_one_lock_no_lost_or_duplicated_increment() {
     let _g = serial();
+    // 60 s in CI; FERRY_SOAK=1 makes it a 15-minute soak; FERRY_CHAOS_SECS sets it exactly.
+    let soak = std::env::var("FERRY_SOAK").is_ok_and(|v| v == "1");
     let secs: u64 = std::env::var("FERRY_CHAOS_SECS")
         .ok()
         .and_then(|v| v.parse().ok())
-        .unwrap_or(60);
+        .unwrap_or(if soak { 900 } else { 60 });
     let seed = std::env::var("FERRY_CHAOS_SEED")
         .ok()
         .and_then(|v| v.parse().ok())

@@ -218,7 +218,8 @@ impl Qcow2Image {
     /// such a write completes, the range may read as zeros, also after a crash before the
     /// next flush. Never use this on an image that holds data someone may read.
     pub fn enable_unordered_allocation(&self) {
-        self.unordered.store(true, std::sync::atomic::Ordering::SeqCst);
+        self.unordered
+            .store(true, std::sync::atomic::Ordering::SeqCst);
     }
 
     /// The parsed header.
@@ -386,7 +387,11 @@ async fn handle(path: &Path, img: &Image, cmd: Cmd) {
 /// metadata change), then writes the data outside that lock, so writes that allocate in
 /// the same L2 table run in parallel. Only for fresh images (see
 /// [`Qcow2Image::enable_unordered_allocation`]).
-async fn write_mapped(img: &FormatAccess<EngineStorage>, off: u64, data: &[u8]) -> std::io::Result<()> {
+async fn write_mapped(
+    img: &FormatAccess<EngineStorage>,
+    off: u64,
+    data: &[u8],
+) -> std::io::Result<()> {
     let end = off + data.len() as u64;
     let mut pos = off;
     while pos < end {
