@@ -339,7 +339,17 @@ async fn convert_cmd(
     )
     .await;
     reporter.finish();
-    let stats = stats?;
+    let stats = match stats {
+        Ok(s) => s,
+        Err(e) => {
+            // Do not leave a half-written image behind that looks like a good one.
+            let _ = target.close().await;
+            if target_is_zero {
+                let _ = std::fs::remove_file(dst);
+            }
+            return Err(e.into());
+        }
+    };
     source.close().await?;
     let allocated = target.allocated_bytes()?;
     target.close().await?;

@@ -20,7 +20,12 @@ fn fails(args: &[&str], names: &str) -> String {
     let err = String::from_utf8_lossy(&out.stderr).to_string();
     assert_eq!(out.status.code(), Some(2), "ferry {args:?}: {err}");
     assert!(!err.contains("panicked"), "ferry {args:?} panicked: {err}");
-    assert_eq!(err.trim_end().lines().count(), 1, "not one line: {err}");
+    // Progress lines may come first; the error itself is one line.
+    let err_lines: Vec<&str> = err
+        .lines()
+        .filter(|l| !l.starts_with("progress: "))
+        .collect();
+    assert_eq!(err_lines.len(), 1, "not one line: {err}");
     assert!(err.contains(names), "{err:?} does not name {names:?}");
     err
 }
@@ -203,4 +208,49 @@ fn bad_arguments_are_explained() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("not a size"));
     let e = fails(&["disk", "convert", &s(&p), &s(&p)], "x.raw");
     assert!(!e.is_empty());
+}
+
+/// Unmounts a test mount on drop (also when the test fails).
+struct Mount(std::path::PathBuf);
+
+impl Drop for Mount {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(&self.0).status();
+    }
+}
+
+#[test]
+fn a_full_target_file_system_is_reported_and_no_partial_image_is_left() {
+    let dir = tempfile::tempdir().unwrap();
+    let mnt = dir.path().join("small");
+    std::fs::create_dir(&mnt).unwrap();
+    ferry_tests::run_ok(
+        "mount",
+        &["-t", "tmpfs", "-o", "size=8m", "tmpfs", &s(&mnt)],
+    );
+    let _m = Mount(mnt.clone());
+    let src = dir.path().join("src.raw");
+    std::fs::write(&src, ferry_tests::pattern(3, 16 << 20)).unwrap();
+    let dst = mnt.join("dst.raw");
+    let e = fails(&["disk", "convert", &s(&src), &s(&dst)], "dst.raw");
+    assert!(e.contains("No space left"), "{e}");
+    assert!(!dst.exists(), "a failed conversion left {dst:?} behind");
+}
+
+#[test]
+fn a_block_device_smaller_than_the_source_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let src = dir.path().join("src.raw");
+    qemu_img(&["create", "-q", "-f", "raw", &s(&src), "16M"]);
+    let lun = dir.path().join("lun.img");
+    std::fs::File::create(&lun)
+        .unwrap()
+        .set_len(8 << 20)
+        .unwrap();
+    let dev = ferry_tests::LoopDev::attach(&lun, None);
+    let e = fails(
+        &["disk", "convert", &s(&src), &s(dev.path())],
+        &s(dev.path()),
+    );
+    assert!(e.contains("smaller than the source"), "{e}");
 }
