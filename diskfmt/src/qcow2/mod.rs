@@ -17,10 +17,10 @@ mod storage;
 
 use std::path::{Path, PathBuf};
 use std::rc::Rc;
+use std::sync::Arc;
 
 use imago::format::PreallocateMode;
 use imago::qcow2::Qcow2;
-use imago::StorageExt;
 use imago::{
     FormatAccess, FormatCreateBuilder, FormatDriverBuilder, Mapping, PermissiveImplicitOpenGate,
 };
@@ -74,8 +74,9 @@ enum ZeroHow {
 
 enum Cmd {
     Read(u64, usize, oneshot::Sender<Result<Vec<u8>>>),
-    /// offset, data, fua, map clusters before writing (see `enable_unordered_allocation`)
-    Write(u64, Vec<u8>, bool, bool, oneshot::Sender<Result<()>>),
+    Write(u64, Vec<u8>, bool, oneshot::Sender<Result<()>>),
+    /// Map whole clusters for overwriting; reply (guest offset, host offset, length) runs.
+    Map(u64, u64, oneshot::Sender<Result<Vec<(u64, u64, u64)>>>),
     Flush(oneshot::Sender<Result<()>>),
     Zero(u64, u64, ZeroHow, oneshot::Sender<Result<()>>),
     Status(u64, u64, oneshot::Sender<Result<Vec<Extent>>>),
@@ -93,6 +94,9 @@ pub struct Qcow2Image {
     tx: mpsc::UnboundedSender<Cmd>,
     thread: Option<std::thread::JoinHandle<()>>,
     unordered: std::sync::atomic::AtomicBool,
+    /// The image file, shared with the driver's storage: unordered-allocation writes
+    /// put their data here directly from the caller's thread.
+    file: Arc<DirectFile>,
 }
 
 type Image = Rc<RwLock<FormatAccess<EngineStorage>>>;
@@ -145,7 +149,7 @@ impl Qcow2Image {
         let opts = opts.clone();
         let p = path.to_path_buf();
         run_local(move || async move {
-            let mut b = Qcow2::<EngineStorage>::create_builder(EngineStorage::new(file))
+            let mut b = Qcow2::<EngineStorage>::create_builder(EngineStorage::new(Arc::new(file)))
                 .size(size)
                 .cluster_size(cs)
                 .preallocate(prealloc);
@@ -189,12 +193,14 @@ impl Qcow2Image {
         }
         let provisioning = detect_provisioning(&file, header.size)?;
         let align = file.align();
+        let file = Arc::new(file);
+        let thread_file = Arc::clone(&file);
         let (tx, rx) = mpsc::unbounded_channel();
         let (ready_tx, ready_rx) = oneshot::channel();
         let p = path.to_path_buf();
         let thread = std::thread::Builder::new()
             .name("ferry-qcow2".into())
-            .spawn(move || serve(p, file, writable, rx, ready_tx))
+            .spawn(move || serve(p, thread_file, writable, rx, ready_tx))
             .map_err(|e| Error::open(path, "start the qcow2 thread", e))?;
         let size = ready_rx
             .await
@@ -209,6 +215,7 @@ impl Qcow2Image {
             tx,
             thread: Some(thread),
             unordered: std::sync::atomic::AtomicBool::new(false),
+            file,
         })
     }
 
@@ -296,7 +303,7 @@ fn detect_provisioning(file: &DirectFile, size: u64) -> Result<Provisioning> {
 /// The image thread: opens the image, then serves requests until the handle is dropped.
 fn serve(
     path: PathBuf,
-    file: DirectFile,
+    file: Arc<DirectFile>,
     writable: bool,
     mut rx: mpsc::UnboundedReceiver<Cmd>,
     ready: oneshot::Sender<Result<u64>>,
@@ -351,18 +358,21 @@ async fn handle(path: &Path, img: &Image, cmd: Cmd) {
             let r = img.read().await.read(&mut buf[..], off).await;
             let _ = reply.send(r.map(|_| buf).map_err(io("read", off)));
         }
-        Cmd::Write(off, data, fua, map_first, reply) => {
+        Cmd::Write(off, data, fua, reply) => {
             let g = img.read().await;
-            let mut r = if map_first {
-                write_mapped(&g, off, &data).await
-            } else {
-                g.write(&data[..], off).await
-            }
-            .map_err(io("write", off));
+            let mut r = g.write(&data[..], off).await.map_err(io("write", off));
             if r.is_ok() && fua {
                 r = flush(&g).await.map_err(io("flush", off));
             }
             let _ = reply.send(r);
+        }
+        Cmd::Map(off, len, reply) => {
+            let g = img.read().await;
+            let _ = reply.send(
+                map_for_overwrite(&g, off, len)
+                    .await
+                    .map_err(io("allocate", off)),
+            );
         }
         Cmd::Flush(reply) => {
             let g = img.read().await;
@@ -383,24 +393,23 @@ async fn handle(path: &Path, img: &Image, cmd: Cmd) {
     }
 }
 
-/// Maps whole clusters for overwriting first (holding the L2 table lock only for the
-/// metadata change), then writes the data outside that lock, so writes that allocate in
-/// the same L2 table run in parallel. Only for fresh images (see
-/// [`Qcow2Image::enable_unordered_allocation`]).
-async fn write_mapped(
+/// Maps `off..off+len` (whole clusters) for overwriting, holding the L2 table lock only
+/// for the metadata change; returns where the data goes in the image file. Only for fresh
+/// images (see [`Qcow2Image::enable_unordered_allocation`]).
+async fn map_for_overwrite(
     img: &FormatAccess<EngineStorage>,
     off: u64,
-    data: &[u8],
-) -> std::io::Result<()> {
-    let end = off + data.len() as u64;
+    len: u64,
+) -> std::io::Result<Vec<(u64, u64, u64)>> {
+    let end = off + len;
     let mut pos = off;
+    let mut runs = Vec::new();
     while pos < end {
-        let (storage, host, n) = img.ensure_data_mapping(pos, end - pos, true).await?;
-        let from = (pos - off) as usize;
-        storage.write(&data[from..from + n as usize], host).await?;
+        let (_storage, host, n) = img.ensure_data_mapping(pos, end - pos, true).await?;
+        runs.push((pos, host, n));
         pos += n;
     }
-    Ok(())
+    Ok(runs)
 }
 
 async fn flush(img: &FormatAccess<EngineStorage>) -> std::io::Result<()> {
@@ -499,11 +508,27 @@ impl BlockDev for Qcow2Image {
             }
             let cs = self.header.cluster_size();
             let end = offset + buf.len() as u64;
-            let map_first = self.unordered.load(std::sync::atomic::Ordering::SeqCst)
+            let unordered = self.unordered.load(std::sync::atomic::Ordering::SeqCst)
                 && offset.is_multiple_of(cs)
                 && (end.is_multiple_of(cs) || end == self.size);
-            self.call(|r| Cmd::Write(offset, buf.to_vec(), flags.fua, map_first, r))
-                .await
+            if !unordered {
+                return self
+                    .call(|r| Cmd::Write(offset, buf.to_vec(), flags.fua, r))
+                    .await;
+            }
+            // The driver thread only maps the clusters; the data goes straight from the
+            // caller's buffer to the image file, from this thread.
+            let runs = self.call(|r| Cmd::Map(offset, buf.len() as u64, r)).await?;
+            let writes = runs.into_iter().map(|(guest, host, n)| {
+                let from = (guest - offset) as usize;
+                self.file
+                    .write_at(host, &buf[from..from + n as usize], false)
+            });
+            futures::future::try_join_all(writes).await?;
+            if flags.fua {
+                self.call(Cmd::Flush).await?;
+            }
+            Ok(())
         })
     }
 

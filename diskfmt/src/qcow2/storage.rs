@@ -5,6 +5,7 @@
 use std::fmt;
 use std::io;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use imago::io_buffers::{IoVector, IoVectorMut};
 use imago::storage::drivers::CommonStorageHelper;
@@ -17,12 +18,12 @@ use crate::file::{DirectFile, OpenMode};
 /// A [`DirectFile`] as imago storage.
 #[derive(Debug)]
 pub struct EngineStorage {
-    file: DirectFile,
+    file: Arc<DirectFile>,
     helper: CommonStorageHelper,
 }
 
 impl EngineStorage {
-    pub fn new(file: DirectFile) -> Self {
+    pub fn new(file: Arc<DirectFile>) -> Self {
         EngineStorage {
             file,
             helper: CommonStorageHelper::default(),
@@ -58,7 +59,7 @@ impl Storage for EngineStorage {
             OpenMode::ReadOnly
         };
         let file = DirectFile::open(&path, mode, Engine::global()?).map_err(to_io)?;
-        Ok(EngineStorage::new(file))
+        Ok(EngineStorage::new(Arc::new(file)))
     }
 
     fn mem_align(&self) -> usize {
