@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# ferry's demo. For now (Step 1) it shows the disk layer: a sparse image converted
-# between formats and provisionings, checked against qemu-img. Later steps grow it into
-# the live relocation demo. Sets the machine up first (scripts/setup.sh).
+# ferry's demo. For now it shows the disk layer (Step 1: a sparse image converted between
+# formats and provisionings, checked against qemu-img) and the datastore's locking (Step 2:
+# two hosts, a lock, a host killed and fenced, the lock taken over). Later steps grow it
+# into the live relocation demo. Sets the machine up first (scripts/setup.sh). Run as root.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh
@@ -40,4 +41,44 @@ set +e
 $F disk info "$work/damaged.qcow2"
 echo "exit status: $?"
 set -e
+step "A datastore shared by two hosts, each through its own loop device"
+loops=()
+lock_pids=()
+cleanup_ds() {
+  for p in "${lock_pids[@]}"; do kill -9 "$p" 2>/dev/null || true; done
+  sleep 0.2
+  for l in "${loops[@]}"; do losetup -d "$l" 2>/dev/null || true; done
+}
+trap 'cleanup_ds; rm -rf "$work"' EXIT
+show $F datastore create "$work/lun.img" --label demo --size 256M --profile test --max-hosts 8
+l1=$(losetup --find --show --direct-io=on "$work/lun.img"); loops+=("$l1")
+l2=$(losetup --find --show --direct-io=on --sector-size 4096 "$work/lun.img"); loops+=("$l2")
+echo "host alpha reaches it as $l1, host beta as $l2 (4 KiB sectors)"
+
+step "alpha holds the lock on vm1 while its command runs"
+$F lock --datastore "$l1" --host alpha --object vm1 --address 10.0.0.1:7000 -- \
+  sh -c 'while true; do echo "alpha: working under lock version $FERRY_LOCK_VERSION"; sleep 2; done' &
+lock_pids+=($!)
+alpha=$!
+sleep 3
+show $F datastore info "$l2"
+show $F datastore locks "$l2"
+set +e
+show $F lock --datastore "$l2" --host beta --object vm1 -- true
+echo "exit status: $?"
+set -e
+
+step "alpha's host dies (kill -9): its supervisor fences it, then beta takes the lock"
+$F lock --datastore "$l2" --host beta --object vm1 --wait 30 -- \
+  sh -c 'echo "beta: got vm1 (lock version $FERRY_LOCK_VERSION)"' &
+beta=$!
+sleep 3
+t0=$(cut -d' ' -f1 /proc/uptime)
+kill -9 "$alpha"
+echo "killed alpha's ferry lock at uptime $t0 s; waiting (host_dead is 10 s)"
+wait "$beta"
+t1=$(cut -d' ' -f1 /proc/uptime)
+echo "beta held vm1 $(echo "$t1 - $t0" | bc) s after the kill; alpha's command was killed by its supervisor first"
+show $F datastore locks "$l1"
+
 printf '\nDemo finished.\n'

@@ -463,14 +463,22 @@ fn hold_and_run(
         "ferry: holding lock {:?} ({:?}, version {version}) as host {} (id {}, generation {})",
         args.object, args.mode, args.host, me.host_id, me.generation
     );
-    let mut child = Command::new(&args.command[0])
+    let child = Command::new(&args.command[0])
         .args(&args.command[1..])
         .env("FERRY_LOCK_OBJECT", &args.object)
         .env("FERRY_LOCK_VERSION", version.to_string())
         .env("FERRY_HOST_ID", me.host_id.to_string())
         .env("FERRY_HOST_GENERATION", me.generation.to_string())
-        .spawn()
-        .with_context(|| format!("cannot run {:?}", args.command[0]))?;
+        .spawn();
+    let mut child = match child {
+        Ok(c) => c,
+        Err(e) => {
+            // Give the lock and the slot back before reporting.
+            let _ = locks::release(ds, me, &mut obs, &args.object);
+            let _ = lease.leave();
+            bail!("cannot run {:?}: {e}", args.command[0]);
+        }
+    };
     let status = loop {
         if let Some(st) = child.try_wait()? {
             break st;

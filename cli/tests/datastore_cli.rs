@@ -201,6 +201,32 @@ fn info_shows_live_hosts_and_lock_runs_a_command_under_the_lock() {
             .all(|h| h["state"] == "free"),
         "{v}"
     );
+    // A command that cannot start gives the lock back at once: the next host gets it.
+    let o = ferry(&[
+        "lock",
+        "--datastore",
+        s(a.path()),
+        "--host",
+        "gamma",
+        "--object",
+        "vm/two",
+        "--",
+        "/nonexistent/cmd",
+    ]);
+    assert_ne!(o.status.code(), Some(0));
+    assert!(err(&o).contains("cannot run"), "{}", err(&o));
+    let o = ferry(&[
+        "lock",
+        "--datastore",
+        s(b.path()),
+        "--host",
+        "delta",
+        "--object",
+        "vm/two",
+        "--",
+        "true",
+    ]);
+    assert_eq!(o.status.code(), Some(0), "{}", err(&o));
     let o = ferry(&[
         "lock",
         "--datastore",
