@@ -445,6 +445,11 @@ fn hold_and_run(
     );
     let me = lease.owner();
     let mut obs = Observer::new(ds);
+    // Never start using locks on a lease that has already expired (say this process was
+    // stopped right after joining): others may already count this host as dead.
+    if let Err(e) = lease.check() {
+        return Err(e.into());
+    }
     let version = match locks::acquire(
         ds,
         me,
@@ -459,6 +464,10 @@ fn hold_and_run(
             return Err(e.into());
         }
     };
+    if let Err(e) = lease.check() {
+        let _ = locks::release(ds, me, &mut obs, &args.object);
+        return Err(e.into());
+    }
     eprintln!(
         "ferry: holding lock {:?} ({:?}, version {version}) as host {} (id {}, generation {})",
         args.object, args.mode, args.host, me.host_id, me.generation

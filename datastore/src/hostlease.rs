@@ -231,6 +231,11 @@ impl HostLease {
             return Ok(None);
         }
         clock.sleep(2 * sb.io_timeout());
+        if clock.now().saturating_sub(t_read) > 2 * sb.io_timeout() + sb.io_timeout() {
+            // We were held up (stopped, starved) long enough that our slot write may
+            // already look old to others: it cannot count as a fresh first renewal.
+            return Ok(None);
+        }
         match ds.read_slot(host_id)? {
             // Our slot write was issued no earlier than t_read: it counts as the first renewal.
             Decoded::Valid(s) if s.incarnation == slot.incarnation => Ok(Some((slot, t_read))),

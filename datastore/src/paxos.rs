@@ -9,6 +9,10 @@
 //! 2. phase 2: write `{lver v, mbal b, bal b, inp value}`, read all ballots again; abort if
 //!    any for `v` has a higher `mbal`. Otherwise `value` is chosen for `v`.
 //!
+//! An instance is abandoned as stale when any ballot is already about a later instance, or
+//! when the leader record already names `v` or a later one once we are done (a host that
+//! moved on may have overwritten the ballots that carried `v`'s decision).
+//!
 //! The winner writes the leader record `{lver v, owner}`. Releasing writes the leader with
 //! no owner. A leader whose owner's host lease is live is respected; one whose owner is
 //! dead (by observation) or gone (freed or new generation) may be overtaken. Aborted
@@ -178,6 +182,10 @@ fn run_paxos(ds: &Datastore, me: Owner, lver: u64) -> Result<Option<Owner>> {
             // An unreadable ballot could hide a higher one: do not risk it.
             return Ok(None);
         };
+        if b.lver > lver {
+            // Someone already runs a later instance: ours is stale.
+            return Ok(None);
+        }
         if b.lver != lver {
             continue;
         }
@@ -205,9 +213,15 @@ fn run_paxos(ds: &Datastore, me: Owner, lver: u64) -> Result<Option<Owner>> {
     for b in read_ballots(ds)? {
         match b {
             None => return Ok(None),
-            Some(b) if b.lver == lver && b.mbal > bal => return Ok(None),
+            Some(b) if b.lver > lver || (b.lver == lver && b.mbal > bal) => return Ok(None),
             Some(_) => {}
         }
     }
-    Ok(Some(value))
+    // An instance that was already decided and recorded (the leader names it or a later
+    // one) is stale: a host that moved on may have overwritten the ballots that carried
+    // its decision, so what we "chose" must not count.
+    match read_leader(ds)? {
+        Some(l) if l.lver < lver => Ok(Some(value)),
+        _ => Ok(None),
+    }
 }

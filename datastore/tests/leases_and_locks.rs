@@ -228,3 +228,50 @@ fn damaged_records_read_as_unknown_and_superblock_is_repaired() {
     let _ = SlotState::Free;
     drop(hosts);
 }
+
+#[test]
+fn volume_lease_is_mutually_exclusive_under_contention() {
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+    let dir = tempfile::tempdir().unwrap();
+    let path = image(dir.path());
+    let hosts = join_all(&path, &["p1", "p2", "p3", "p4"]);
+    let inside = Arc::new(AtomicBool::new(false));
+    let last_lver = Arc::new(AtomicU64::new(0));
+    let handles: Vec<_> = hosts
+        .iter()
+        .map(|h| {
+            let (ds, me) = (Arc::clone(h.datastore()), h.owner());
+            let (inside, last_lver) = (Arc::clone(&inside), Arc::clone(&last_lver));
+            std::thread::spawn(move || {
+                let mut obs = Observer::new(&ds);
+                for _ in 0..25 {
+                    let vl = datastore::paxos::VolumeLease::acquire(
+                        &ds,
+                        me,
+                        &mut obs,
+                        Duration::from_secs(30),
+                    )
+                    .unwrap();
+                    assert!(
+                        !inside.swap(true, Ordering::SeqCst),
+                        "two holders of the volume lease"
+                    );
+                    let prev = last_lver.swap(vl.lver(), Ordering::SeqCst);
+                    assert!(
+                        vl.lver() > prev,
+                        "lease version went from {prev} to {}",
+                        vl.lver()
+                    );
+                    std::thread::sleep(Duration::from_millis(1));
+                    inside.store(false, Ordering::SeqCst);
+                    vl.release().unwrap();
+                }
+            })
+        })
+        .collect();
+    for h in handles {
+        h.join().unwrap();
+    }
+    assert!(last_lver.load(Ordering::SeqCst) >= 100);
+    drop(hosts);
+}

@@ -357,14 +357,17 @@ fn chaos_four_hosts_one_lock_no_lost_or_duplicated_increment() {
                         nix::unistd::Pid::from_raw(pid as i32),
                         Signal::SIGKILL,
                     );
+                    eprintln!("chaos t={:.3}: kill -9 host {i} (pid {pid})", boottime());
                     kills += 1;
                 }
             }
             k => {
                 let long = k == 2;
+                eprintln!("chaos t={:.3}: SIGSTOP host {i} (long: {long})", boottime());
                 c.signal_host(i, Signal::SIGSTOP);
                 std::thread::sleep(Duration::from_millis(if long { 11_000 } else { 3_000 }));
                 c.signal_host(i, Signal::SIGCONT);
+                eprintln!("chaos t={:.3}: SIGCONT host {i}", boottime());
                 if long {
                     long_stops += 1;
                 } else {
@@ -388,8 +391,15 @@ fn chaos_four_hosts_one_lock_no_lost_or_duplicated_increment() {
         std::thread::sleep(Duration::from_millis(100));
     }
     let events = parse_log(&log);
-    let holders = check_log(&events, read_counter(c.dev(0), c.data_record))
-        .unwrap_or_else(|e| panic!("seed {seed}: {e}"));
+    let holders = check_log(&events, read_counter(c.dev(0), c.data_record)).unwrap_or_else(|e| {
+        let log = std::fs::read_to_string(&log).unwrap_or_default();
+        let keep = std::env::temp_dir().join(format!("ferry-chaos-{seed}.log"));
+        let _ = std::fs::write(&keep, &log);
+        panic!(
+            "seed {seed}: {e}\n(devcount log kept at {})",
+            keep.display()
+        )
+    });
     eprintln!("chaos: {holders} lock holders, {kills} kill -9, {short_stops} short and {long_stops} long SIGSTOPs");
     assert!(
         holders >= 10,
