@@ -469,8 +469,12 @@ fn hold_and_run(
         return Err(e.into());
     }
     eprintln!(
-        "ferry: holding lock {:?} ({:?}, version {version}) as host {} (id {}, generation {})",
-        args.object, args.mode, args.host, me.host_id, me.generation
+        "ferry: holding lock {:?} ({}, version {version}) as host {} (id {}, generation {})",
+        args.object,
+        args.mode.as_str(),
+        args.host,
+        me.host_id,
+        me.generation
     );
     let child = Command::new(&args.command[0])
         .args(&args.command[1..])

@@ -537,6 +537,15 @@ impl std::str::FromStr for LockMode {
 }
 
 impl LockMode {
+    /// The name used on the command line and in JSON.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LockMode::Exclusive => "exclusive",
+            LockMode::Shared => "shared",
+            LockMode::MultiWriter => "multi-writer",
+        }
+    }
+
     fn code(self) -> u8 {
         match self {
             LockMode::Exclusive => 1,

@@ -136,7 +136,7 @@ pub fn try_acquire(
         if !compatible {
             return Err(Error::LockHeld {
                 object: object.to_string(),
-                mode: format!("{:?}", rec.mode).to_lowercase(),
+                mode: rec.mode.as_str().to_string(),
                 holders: describe(obs, &live),
             });
         }
