@@ -49,16 +49,11 @@ impl Device {
         let file = o.open(path).map_err(err)?;
         let meta = file.metadata().map_err(err)?;
         let (size, logical, physical) = if meta.file_type().is_block_device() {
-            let d = diskfmt::file::DirectFile::open(
-                path,
-                diskfmt::file::OpenMode::ReadOnly,
-                diskfmt::Engine::global().map_err(err)?,
-            )
-            .map_err(|e| Error::Io {
+            use std::os::fd::AsFd;
+            diskfmt::file::block_device_geometry(path, file.as_fd()).map_err(|e| Error::Io {
                 object: path.to_path_buf(),
                 detail: e.to_string(),
-            })?;
-            (d.len(), d.align(), d.physical_block_size())
+            })?
         } else {
             (meta.len(), 512, 4096)
         };

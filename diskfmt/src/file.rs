@@ -37,7 +37,6 @@ pub struct DirectFile {
     align: u64,
     physical: u32,
     blockdev: bool,
-    direct: bool,
     writable: bool,
     len: AtomicU64,
     locks: Arc<RangeLock>,
@@ -88,10 +87,8 @@ impl DirectFile {
         let fd: OwnedFd = file.into();
         let blockdev = meta.file_type().is_block_device();
         let (len, align, physical) = if blockdev {
-            let size = sys::blkdev_size(fd.as_fd()).map_err(|e| Error::open(path, "size", e))?;
-            let (l, p) =
-                sys::blkdev_sector_sizes(fd.as_fd()).map_err(|e| Error::open(path, "probe", e))?;
-            (size, l.max(512) as u64, p.max(l))
+            let (size, l, p) = block_device_geometry(path, fd.as_fd())?;
+            (size, l as u64, p)
         } else if meta.file_type().is_file() {
             let align = sys::dio_offset_align(fd.as_fd()).unwrap_or(512).max(512);
             (meta.len(), align as u64, 4096)
@@ -108,7 +105,6 @@ impl DirectFile {
             align,
             physical,
             blockdev,
-            direct,
             writable: mode != OpenMode::ReadOnly,
             len: AtomicU64::new(len),
             locks: Arc::default(),
@@ -143,11 +139,6 @@ impl DirectFile {
     /// Whether opened for writing.
     pub fn writable(&self) -> bool {
         self.writable
-    }
-
-    /// Whether I/O bypasses the page cache.
-    pub fn is_direct(&self) -> bool {
-        self.direct
     }
 
     /// Direct-I/O alignment (the logical block size).
@@ -433,6 +424,14 @@ impl DirectFile {
             ))
         }
     }
+}
+
+/// Size, logical and physical sector size of a block device (no engine needed).
+pub fn block_device_geometry(path: &Path, fd: BorrowedFd<'_>) -> Result<(u64, u32, u32)> {
+    let size = sys::blkdev_size(fd).map_err(|e| Error::open(path, "size", e))?;
+    let (l, p) = sys::blkdev_sector_sizes(fd).map_err(|e| Error::open(path, "probe", e))?;
+    let l = l.max(512);
+    Ok((size, l, p.max(l)))
 }
 
 /// Runs already-built futures with at most [`CHUNKS_IN_FLIGHT`] polled at once, stopping

@@ -236,8 +236,7 @@ impl Qcow2Image {
 
     /// Bytes allocated on the host by the image file.
     pub fn allocated_bytes(&self) -> Result<u64> {
-        let meta = std::fs::metadata(&self.path).map_err(|e| Error::open(&self.path, "stat", e))?;
-        Ok(std::os::unix::fs::MetadataExt::blocks(&meta) * 512)
+        self.file.allocated_bytes()
     }
 
     async fn call<T>(&self, make: impl FnOnce(oneshot::Sender<Result<T>>) -> Cmd) -> Result<T> {
