@@ -37,6 +37,13 @@ fn op() -> impl Strategy<Value = Op> {
     ]
 }
 
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
 fn fill(seed: u8, off: u64, len: u64) -> Vec<u8> {
     (0..len)
         .map(|i| (off + i).wrapping_mul(31).wrapping_add(seed as u64) as u8 | 1)
@@ -91,10 +98,7 @@ fn check_with(
     ops: &[Op],
     unordered: bool,
 ) {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
+    let rt = runtime();
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("img");
     rt.block_on(async {
@@ -252,10 +256,7 @@ fn concurrent_unaligned_writes_in_shared_blocks_are_all_kept() {
 /// the engine keeps the buffer until the completion arrives, and later I/O still works.
 #[test]
 fn dropped_requests_leave_the_engine_consistent() {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
+    let rt = runtime();
     let dir = tempfile::tempdir().unwrap();
     let path: &Path = &dir.path().join("img");
     rt.block_on(async {
@@ -300,10 +301,7 @@ async fn futures_poll_once<F: std::future::Future + Unpin>(mut f: F) -> Option<F
 /// end) and refuses writes into its partial last block rather than growing the file.
 #[test]
 fn odd_length_raw_file_reads_zero_tail_and_refuses_tail_writes() {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
+    let rt = runtime();
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("odd.raw");
     std::fs::write(&path, vec![7u8; 4096 + 100]).unwrap();
