@@ -2,7 +2,8 @@
 //! cgroup v2; a supervisor process outside that cgroup acts as a hardware watchdog.
 //!
 //! The lease holder "pets" the supervisor after every good renewal with the renewal's
-//! issue time (`CLOCK_BOOTTIME`, shared by all processes of a host). When
+//! issue time (`CLOCK_BOOTTIME`, shared by all processes of a host), and a joiner pets it
+//! before its first slot write with the time it started that join attempt. When
 //! `8 × io_timeout` passes after the last pet's issue time — because renewals fail, the
 //! holder was killed, or the whole cgroup is stopped — the supervisor fences: it writes
 //! `cgroup.kill` and waits until `cgroup.events` reads `populated 0`. Only an empty cgroup

@@ -152,7 +152,7 @@ impl HostLease {
                     }
                 },
             };
-            match Self::take_slot(&ds, host_id, name, address)? {
+            match Self::take_slot(&ds, host_id, name, address, &pet)? {
                 Some((slot, issued)) => {
                     let owner = Owner {
                         host_id,
@@ -204,16 +204,26 @@ impl HostLease {
         host_id: u32,
         name: &str,
         address: &str,
+        pet: &PetFn,
     ) -> Result<Option<(HostSlot, Duration)>> {
         let sb = ds.superblock();
         let clock = ds.clock();
         let t_read = clock.now();
+        // Arm the watchdog before writing anything: a joiner held up from here on (stopped,
+        // starved) is fenced `8 × io_timeout` after `t_read`, like a host that stopped
+        // renewing, so a slot write computed now cannot land much later.
+        pet(t_read);
         let prev_generation = match ds.read_slot(host_id)? {
             Decoded::Valid(s) => s.host_generation,
             Decoded::Blank => 0,
             Decoded::Unknown(why) => {
-                tracing::warn!("slot {host_id} is unreadable ({why}); taking it over");
-                0
+                // Generations must only grow (see `Observer::owner_valid`): continue above
+                // every generation of this slot that a lock record or the leader names.
+                let above = highest_generation_named(ds, host_id)?;
+                tracing::warn!(
+                    "slot {host_id} is unreadable ({why}); taking it over above generation {above}"
+                );
+                above
             }
         };
         let slot = HostSlot {
@@ -319,6 +329,24 @@ impl Drop for HostLease {
         // Without `leave`, the slot simply stops being renewed: others see it dead later.
         self.stop_thread();
     }
+}
+
+/// The highest host generation of `host_id` that any lock record or the volume-lease
+/// leader names (0 if none).
+fn highest_generation_named(ds: &Datastore, host_id: u32) -> Result<u64> {
+    let mut high = 0;
+    for e in crate::locks::list(ds)? {
+        for h in e.lock.holders.iter().filter(|h| h.host_id == host_id) {
+            high = high.max(h.generation);
+        }
+    }
+    let sb = ds.superblock();
+    if let Decoded::Valid(l) = crate::format::Leader::decode(&*ds.read(sb.leader_rec)?, ds.uuid()) {
+        if l.owner.host_id == host_id {
+            high = high.max(l.owner.generation);
+        }
+    }
+    Ok(high)
 }
 
 fn renew_loop(ds: &Datastore, sh: &Shared, pet: PetFn) {

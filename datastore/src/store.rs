@@ -264,12 +264,15 @@ impl Observer {
 
     /// Reads every slot once and updates what was seen.
     pub fn observe(&mut self, ds: &Datastore) -> Result<&[SlotView]> {
-        let now = ds.clock.now();
         let host_dead = ds.sb.host_dead();
         let mut views = Vec::with_capacity(self.seen.len());
         for i in 0..self.seen.len() {
             let host_id = i as u32 + 1;
             let raw = ds.read(ds.slot_rec(host_id))?;
+            // The clock is read *after* the slot: what we saw was written no later than
+            // now. A time taken before the read could predate the write (this process
+            // may be stopped mid-loop), making a live host look dead too early.
+            let now = ds.clock.now();
             let fingerprint = crc32c::crc32c(&raw.0);
             let seen = match &mut self.seen[i] {
                 Some(s) if s.fingerprint == fingerprint => s,
@@ -308,7 +311,15 @@ impl Observer {
     }
 
     /// Whether `owner` holds a live host lease in the last observation: its slot is
-    /// joined with that generation and not dead. Unknown slots count as live.
+    /// joined, not dead, and not yet taken by a later incarnation. Unknown slots count as
+    /// live.
+    ///
+    /// A live slot showing an *older* generation than the owner's keeps the owner valid:
+    /// that is a joiner's delayed write (it read the slot long ago, was held up, and wrote
+    /// the generation it computed then) landing on the owner's slot. The owner notices the
+    /// foreign incarnation at its next renewal and stops; once nobody renews the slot it
+    /// goes dead like any other. Generations only grow, so a newer incarnation always
+    /// shows a higher one.
     pub fn owner_valid(&self, owner: Owner) -> bool {
         let Some(v) = self.views.get(owner.host_id as usize - 1) else {
             return false;
@@ -318,7 +329,7 @@ impl Observer {
             Liveness::Live => v
                 .slot
                 .as_ref()
-                .is_some_and(|s| s.host_generation == owner.generation),
+                .is_some_and(|s| s.host_generation <= owner.generation),
             Liveness::Free | Liveness::Dead => false,
         }
     }

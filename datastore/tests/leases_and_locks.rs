@@ -275,3 +275,52 @@ fn volume_lease_is_mutually_exclusive_under_contention() {
     assert!(last_lver.load(Ordering::SeqCst) >= 100);
     drop(hosts);
 }
+
+/// A joiner that read a slot long ago and was held up writes the generation it computed
+/// then over a slot a later incarnation now holds. That late write must not make the
+/// current holder's locks breakable; the holder must notice and stop.
+#[test]
+fn a_late_join_write_never_breaks_the_current_holders_locks() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = image(dir.path());
+    // Two incarnations in one slot: generation 2 is the current one.
+    let first = join_all(&path, &["a"]).pop().unwrap();
+    let slot = first.owner().host_id;
+    first.leave().unwrap();
+    let holder = join_all(&path, &["a"]).pop().unwrap();
+    assert_eq!(holder.owner().host_id, slot);
+    assert_eq!(holder.owner().generation, 2);
+    let ds = Arc::clone(holder.datastore());
+    let mut obs = Observer::new(&ds);
+    locks::try_acquire(&ds, holder.owner(), &mut obs, "disk", LockMode::Exclusive).unwrap();
+
+    // The late joiner's write: generation 1 (it read generation 0), another incarnation.
+    let late = datastore::format::HostSlot {
+        host_id: slot,
+        state: SlotState::Joined,
+        host_generation: 1,
+        incarnation: uuid::Uuid::new_v4(),
+        renewal: 0,
+        name: "late".into(),
+        address: String::new(),
+    };
+    ds.write(ds.slot_rec(slot), &late.encode(ds.uuid()))
+        .unwrap();
+
+    let other = join_all(&path, &["b"]).pop().unwrap();
+    let ods = Arc::clone(other.datastore());
+    let mut oobs = Observer::new(&ods);
+    match locks::try_acquire(&ods, other.owner(), &mut oobs, "disk", LockMode::Exclusive) {
+        Err(Error::LockHeld { .. }) => {}
+        r => panic!("the holder's lock was breakable after a late join write: {r:?}"),
+    }
+    // The holder sees the foreign incarnation at its next renewal.
+    let start = std::time::Instant::now();
+    while holder.check().is_ok() {
+        assert!(
+            start.elapsed() < Duration::from_secs(5),
+            "the holder did not notice its slot was overwritten"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
