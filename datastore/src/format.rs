@@ -25,11 +25,11 @@ pub const MAGIC_LOCK: u32 = u32::from_le_bytes(*b"FYLK");
 const OFF_MAGIC: usize = 0; // u32
 const OFF_VERSION: usize = 4; // u16
 const OFF_KIND: usize = 6; // u16, reserved (0)
-const OFF_GENERATION: usize = 8; // u64
-const OFF_UUID: usize = 16; // [u8; 16]
+pub(crate) const OFF_GENERATION: usize = 8; // u64
+pub(crate) const OFF_UUID: usize = 16; // [u8; 16]
 /// First payload byte.
 pub const PAYLOAD: usize = 32;
-const OFF_CRC: usize = RECORD - 4; // u32, crc32c of bytes 0..OFF_CRC
+pub(crate) const OFF_CRC: usize = RECORD - 4; // u32, crc32c of bytes 0..OFF_CRC
 
 /// Record index of superblock copy A and B.
 pub const SUPER_A: u64 = 0;
@@ -40,8 +40,16 @@ pub const HB_START: u64 = 16;
 pub const MAX_HOSTS: u32 = 64;
 /// Lock records per datastore by default.
 pub const DEFAULT_LOCKS: u32 = 1024;
-/// Per-host journal size reserved for Step 3, in records (1 MiB).
+/// Per-host journal size, in records (1 MiB).
 pub const JOURNAL_RECORDS: u64 = 256;
+/// File descriptors (files and folders) per datastore by default.
+pub const DEFAULT_FILES: u32 = 1024;
+/// Size of a file block, the unit of space allocation.
+pub const BLOCK: u64 = 1 << 20;
+/// Records per file block.
+pub const RECORDS_PER_BLOCK: u64 = BLOCK / RECORD as u64;
+/// Most file blocks in one resource cluster (its bitmap fits one record).
+pub const MAX_CLUSTER_BLOCKS: u32 = 16384;
 /// Data area alignment (1 MiB file blocks), in records.
 pub const DATA_ALIGN: u64 = 256;
 /// Longest datastore label, host name, object name, address.
@@ -67,32 +75,32 @@ impl std::fmt::Debug for Block {
     }
 }
 
-fn u16le(b: &[u8], o: usize) -> u16 {
+pub(crate) fn u16le(b: &[u8], o: usize) -> u16 {
     u16::from_le_bytes(b[o..o + 2].try_into().expect("2 bytes"))
 }
-fn u32le(b: &[u8], o: usize) -> u32 {
+pub(crate) fn u32le(b: &[u8], o: usize) -> u32 {
     u32::from_le_bytes(b[o..o + 4].try_into().expect("4 bytes"))
 }
-fn u64le(b: &[u8], o: usize) -> u64 {
+pub(crate) fn u64le(b: &[u8], o: usize) -> u64 {
     u64::from_le_bytes(b[o..o + 8].try_into().expect("8 bytes"))
 }
-fn put16(b: &mut [u8], o: usize, v: u16) {
+pub(crate) fn put16(b: &mut [u8], o: usize, v: u16) {
     b[o..o + 2].copy_from_slice(&v.to_le_bytes());
 }
-fn put32(b: &mut [u8], o: usize, v: u32) {
+pub(crate) fn put32(b: &mut [u8], o: usize, v: u32) {
     b[o..o + 4].copy_from_slice(&v.to_le_bytes());
 }
-fn put64(b: &mut [u8], o: usize, v: u64) {
+pub(crate) fn put64(b: &mut [u8], o: usize, v: u64) {
     b[o..o + 8].copy_from_slice(&v.to_le_bytes());
 }
 
 /// A length-prefixed UTF-8 string field: u8 length then bytes, `cap` bytes at most.
-fn put_str(b: &mut [u8], o: usize, s: &str, cap: usize) {
+pub(crate) fn put_str(b: &mut [u8], o: usize, s: &str, cap: usize) {
     let n = s.len().min(cap);
     b[o] = n as u8;
     b[o + 1..o + 1 + n].copy_from_slice(&s.as_bytes()[..n]);
 }
-fn get_str(b: &[u8], o: usize, cap: usize) -> Option<String> {
+pub(crate) fn get_str(b: &[u8], o: usize, cap: usize) -> Option<String> {
     let n = b[o] as usize;
     if n > cap {
         return None;
@@ -114,7 +122,7 @@ pub enum Decoded<T> {
 }
 
 /// Seals a record: header fields and checksum.
-fn seal(b: &mut Block, magic: u32, generation: u64, uuid: &Uuid) {
+pub(crate) fn seal(b: &mut Block, magic: u32, generation: u64, uuid: &Uuid) {
     put32(&mut b.0, OFF_MAGIC, magic);
     put16(&mut b.0, OFF_VERSION, VERSION);
     put16(&mut b.0, OFF_KIND, 0);
@@ -125,7 +133,7 @@ fn seal(b: &mut Block, magic: u32, generation: u64, uuid: &Uuid) {
 }
 
 /// Checks a record's header; `uuid` None accepts any datastore (used for the superblock).
-fn open(b: &Block, magic: u32, uuid: Option<&Uuid>) -> Result<u64, Decoded<()>> {
+pub(crate) fn open(b: &Block, magic: u32, uuid: Option<&Uuid>) -> Result<u64, Decoded<()>> {
     if b.0.iter().all(|&x| x == 0) {
         return Err(Decoded::Blank);
     }
@@ -146,7 +154,7 @@ fn open(b: &Block, magic: u32, uuid: Option<&Uuid>) -> Result<u64, Decoded<()>> 
     Ok(u64le(&b.0, OFF_GENERATION))
 }
 
-fn fail<T>(e: Decoded<()>) -> Decoded<T> {
+pub(crate) fn fail<T>(e: Decoded<()>) -> Decoded<T> {
     match e {
         Decoded::Blank => Decoded::Blank,
         Decoded::Unknown(m) => Decoded::Unknown(m),
@@ -211,6 +219,15 @@ pub struct Superblock {
     pub lock_start: u64,
     pub journal_start: u64,
     pub data_start: u64,
+    /// File descriptor table: `desc_count` records from `desc_start`.
+    pub desc_start: u64,
+    pub desc_count: u32,
+    /// Resource cluster records (two per cluster: allocation bitmap, inbox).
+    pub cluster_start: u64,
+    pub cluster_count: u32,
+    pub blocks_per_cluster: u32,
+    /// 1 MiB file blocks from `data_start`.
+    pub block_count: u64,
 }
 
 impl Superblock {
@@ -231,8 +248,18 @@ impl Superblock {
         let ballot_start = leader_rec + 1;
         let lock_start = (ballot_start + max_hosts as u64).div_ceil(16) * 16;
         let journal_start = (lock_start + DEFAULT_LOCKS as u64).div_ceil(16) * 16;
-        let data_start =
-            (journal_start + max_hosts as u64 * JOURNAL_RECORDS).div_ceil(DATA_ALIGN) * DATA_ALIGN;
+        let desc_start = (journal_start + max_hosts as u64 * JOURNAL_RECORDS).div_ceil(16) * 16;
+        let desc_count = DEFAULT_FILES;
+        let cluster_start = (desc_start + desc_count as u64).div_ceil(16) * 16;
+        // About four clusters per possible host, 8 to 16384 blocks each.
+        let approx = (size / RECORD as u64).saturating_sub(cluster_start) / RECORDS_PER_BLOCK;
+        let blocks_per_cluster = approx
+            .div_ceil(4 * max_hosts as u64)
+            .clamp(8, MAX_CLUSTER_BLOCKS as u64) as u32;
+        let max_clusters = approx.div_ceil(blocks_per_cluster as u64);
+        let data_start = (cluster_start + 2 * max_clusters).div_ceil(DATA_ALIGN) * DATA_ALIGN;
+        let block_count = (size / RECORD as u64).saturating_sub(data_start) / RECORDS_PER_BLOCK;
+        let cluster_count = block_count.div_ceil(blocks_per_cluster as u64) as u32;
         Superblock {
             uuid,
             label: label.to_string(),
@@ -248,7 +275,34 @@ impl Superblock {
             lock_start,
             journal_start,
             data_start,
+            desc_start,
+            desc_count,
+            cluster_start,
+            cluster_count,
+            blocks_per_cluster,
+            block_count,
         }
+    }
+
+    /// Byte offset of file block `b`.
+    pub fn block_offset(&self, b: u64) -> u64 {
+        self.data_start * RECORD as u64 + b * BLOCK
+    }
+
+    /// Record index of file block `b`'s first record.
+    pub fn block_record(&self, b: u64) -> u64 {
+        self.data_start + b * RECORDS_PER_BLOCK
+    }
+
+    /// Blocks in cluster `c` (the last one may be short).
+    pub fn cluster_blocks(&self, c: u32) -> u32 {
+        let first = c as u64 * self.blocks_per_cluster as u64;
+        (self.block_count - first).min(self.blocks_per_cluster as u64) as u32
+    }
+
+    /// Record of journal `host_id`'s first record.
+    pub fn journal_rec(&self, host_id: u32) -> u64 {
+        self.journal_start + (host_id as u64 - 1) * JOURNAL_RECORDS
     }
 
     /// Bytes of metadata before the data area.
@@ -291,6 +345,12 @@ impl Superblock {
         put64(p, 152, self.lock_start);
         put64(p, 160, self.journal_start);
         put64(p, 168, self.data_start);
+        put64(p, 176, self.desc_start);
+        put32(p, 184, self.desc_count);
+        put32(p, 188, self.blocks_per_cluster);
+        put64(p, 192, self.cluster_start);
+        put32(p, 200, self.cluster_count);
+        put64(p, 208, self.block_count);
         seal(&mut b, MAGIC_SUPER, generation, &self.uuid);
         b
     }
@@ -321,6 +381,12 @@ impl Superblock {
             lock_start: u64le(p, 152),
             journal_start: u64le(p, 160),
             data_start: u64le(p, 168),
+            desc_start: u64le(p, 176),
+            desc_count: u32le(p, 184),
+            blocks_per_cluster: u32le(p, 188),
+            cluster_start: u64le(p, 192),
+            cluster_count: u32le(p, 200),
+            block_count: u64le(p, 208),
         };
         // Bound everything read from disk before anyone uses it.
         let sane = (1..=MAX_HOSTS).contains(&sb.max_hosts)
@@ -332,7 +398,18 @@ impl Superblock {
             && sb.ballot_start > sb.leader_rec
             && sb.lock_start >= sb.ballot_start + sb.max_hosts as u64
             && sb.journal_start >= sb.lock_start + sb.lock_count as u64
-            && sb.data_start >= sb.journal_start
+            && sb.desc_start >= sb.journal_start + sb.max_hosts as u64 * JOURNAL_RECORDS
+            && (1..=1 << 20).contains(&sb.desc_count)
+            && sb.cluster_start >= sb.desc_start + sb.desc_count as u64
+            && (1..=MAX_CLUSTER_BLOCKS).contains(&sb.blocks_per_cluster)
+            && sb.data_start >= sb.cluster_start + 2 * sb.cluster_count as u64
+            && sb.data_start.is_multiple_of(DATA_ALIGN)
+            && sb.cluster_count as u64 == sb.block_count.div_ceil(sb.blocks_per_cluster as u64)
+            && sb
+                .block_count
+                .checked_mul(BLOCK)
+                .and_then(|d| d.checked_add(sb.data_start * RECORD as u64))
+                .is_some_and(|end| end <= sb.size)
             && sb
                 .data_start
                 .checked_mul(RECORD as u64)

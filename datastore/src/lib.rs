@@ -15,11 +15,15 @@
 //! locks, no wall-clock time. Files, directories and space (Step 3) are not here yet.
 #![forbid(unsafe_code)]
 
+pub mod check;
 pub mod clock;
 pub mod device;
 pub mod fence;
+pub mod filerec;
+pub mod files;
 pub mod format;
 pub mod hostlease;
+pub mod journal;
 pub mod locks;
 pub mod paxos;
 pub mod store;
@@ -56,6 +60,15 @@ pub enum Error {
     /// Waited too long.
     #[error("{what}: gave up after {secs:.1}s")]
     Timeout { what: String, secs: f64 },
+    /// The datastore has no free block left for this host.
+    #[error("{}: no space left: {detail}", object.display())]
+    NoSpace { object: PathBuf, detail: String },
+    /// No such file or folder.
+    #[error("{}: no such file or folder", object.display())]
+    NotFound { object: PathBuf },
+    /// A data I/O error from the block layer.
+    #[error(transparent)]
+    Block(#[from] diskfmt::Error),
 }
 
 impl Error {

@@ -96,7 +96,7 @@ fn update<T>(
 ) -> Result<T> {
     check_object(ds, object)?;
     let lease = VolumeLease::acquire(ds, me, obs, volume_lease_wait(ds))?;
-    let result = (|| {
+    let result = (|| -> Result<T> {
         let (idx, rec) = find(ds, object)?;
         obs.observe(ds)?;
         let (new, out) = f(obs, rec)?;

@@ -101,11 +101,18 @@ impl VolumeLease {
                         .encode(ds.uuid()),
                     )?;
                     if winner == me {
-                        return Ok(VolumeLease {
+                        // Anything a gone host left half-done is finished before the
+                        // holder changes shared metadata.
+                        let lease = VolumeLease {
                             ds: Arc::clone(ds),
                             owner: me,
                             lver,
-                        });
+                        };
+                        if let Err(e) = crate::journal::recover(ds, obs) {
+                            let _ = lease.release();
+                            return Err(e);
+                        }
+                        return Ok(lease);
                     }
                 }
             }

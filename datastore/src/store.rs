@@ -119,7 +119,7 @@ impl Datastore {
         profile: Profile,
     ) -> Result<Superblock> {
         let sb = Superblock::layout(Uuid::new_v4(), label, size, max_hosts, profile);
-        if sb.metadata_bytes() + (1 << 20) > size {
+        if sb.block_count == 0 {
             return Err(Error::Invalid {
                 object: io.path().to_path_buf(),
                 detail: format!(
@@ -130,11 +130,13 @@ impl Datastore {
         }
         // Clear every metadata record, then write the superblocks last: a crash mid-way
         // leaves no superblock, so a half-formatted device is never taken for a datastore.
-        let zero = Block::zeroed();
-        for idx in 0..sb.journal_start {
-            io.write(idx, &zero)
-                .map_err(|e| Error::io(io.path(), "format", e))?;
-        }
+        io.write_zeros(0, sb.data_start)
+            .map_err(|e| Error::io(io.path(), "format", e))?;
+        io.write(
+            sb.desc_start,
+            &crate::filerec::Descriptor::root().encode(&sb.uuid, 1),
+        )
+        .map_err(|e| Error::io(io.path(), "format", e))?;
         for copy in [SUPER_B, SUPER_A] {
             io.write(copy, &sb.encode(1))
                 .map_err(|e| Error::io(io.path(), "format", e))?;
@@ -180,6 +182,20 @@ impl Datastore {
 
     pub fn path(&self) -> &Path {
         self.io.path()
+    }
+
+    /// Reads `n` consecutive records from `start`.
+    pub fn read_many(&self, start: u64, n: u64) -> Result<Vec<Box<Block>>> {
+        self.io
+            .read_many(start, n)
+            .map_err(|e| Error::io(self.io.path(), "read", e))
+    }
+
+    /// Writes `blocks` to consecutive records from `start` (one system call per MiB).
+    pub fn write_many(&self, start: u64, blocks: &[Box<Block>]) -> Result<()> {
+        self.io
+            .write_many(start, blocks)
+            .map_err(|e| Error::io(self.io.path(), "write", e))
     }
 
     /// Reads one record.
@@ -252,6 +268,8 @@ struct Seen {
 pub struct Observer {
     seen: Vec<Option<Seen>>,
     views: Vec<SlotView>,
+    /// Per slot: (generation, liveness) at which its journal was last found finished.
+    journal_checked: Vec<Option<(u64, Liveness)>>,
 }
 
 impl Observer {
@@ -259,6 +277,7 @@ impl Observer {
         Observer {
             seen: vec![None; ds.sb.max_hosts as usize],
             views: Vec::new(),
+            journal_checked: vec![None; ds.sb.max_hosts as usize],
         }
     }
 
@@ -303,6 +322,15 @@ impl Observer {
         }
         self.views = views;
         Ok(&self.views)
+    }
+
+    /// The (generation, liveness) at which `host_id`'s journal was last found finished.
+    pub fn journal_checked(&self, host_id: u32) -> Option<(u64, Liveness)> {
+        self.journal_checked[host_id as usize - 1]
+    }
+
+    pub fn set_journal_checked(&mut self, host_id: u32, key: (u64, Liveness)) {
+        self.journal_checked[host_id as usize - 1] = Some(key);
     }
 
     /// The last observation.

@@ -1,0 +1,288 @@
+//! `ferry datastore check`: verifies every invariant of a datastore's committed state and
+//! repairs what can be repaired without guessing (leaked blocks, stray inbox bits,
+//! unfinished journal transactions of gone hosts).
+//!
+//! Invariants: the root is a folder; every descriptor is readable; every non-root entry
+//! lives in a folder, names are unique in a folder and parents form no cycle; every
+//! block a file uses (data and map blocks) is inside the data area, used by exactly one
+//! file, and marked used (and not freed) in its cluster; every block marked used is used
+//! by a file (else it is a leak); inbox bits free only used blocks; cluster and lock
+//! records are readable; no gone host has an unapplied journal transaction.
+//!
+//! Run it while hosts are quiet: a host in the middle of a commit is reported as such.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+
+use crate::filerec::{ClusterRec, JournalHeader, Kind, TxnState};
+use crate::files::{self, Session};
+use crate::format::{Decoded, LockRecord};
+use crate::paxos::VolumeLease;
+use crate::store::{Datastore, Liveness, Observer};
+use crate::{Error, Result};
+
+/// What `check` found.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct Report {
+    pub files: u64,
+    pub folders: u64,
+    pub used_blocks: u64,
+    pub free_blocks: u64,
+    /// Blocks marked used that no file uses (repairable).
+    pub leaked_blocks: Vec<u64>,
+    /// Inbox bits for blocks not in use (repairable).
+    pub stray_inbox_bits: Vec<u64>,
+    /// Hosts with an unapplied journal transaction: (host id, whether its writer is gone).
+    pub unapplied_journals: Vec<(u32, bool)>,
+    /// Everything else: damage that needs a person.
+    pub problems: Vec<String>,
+    /// What `--repair` did.
+    pub repaired: Vec<String>,
+}
+
+impl Report {
+    /// Whether nothing at all is wrong.
+    pub fn clean(&self) -> bool {
+        self.leaked_blocks.is_empty()
+            && self.stray_inbox_bits.is_empty()
+            && self.unapplied_journals.is_empty()
+            && self.problems.is_empty()
+    }
+}
+
+/// Checks the datastore (read-only).
+pub fn check(ds: &Datastore) -> Result<Report> {
+    let sb = ds.superblock();
+    let mut r = Report::default();
+    let table = files::Table::read(ds)?;
+    // Descriptors and the folder tree.
+    match table.entries.first() {
+        Some(Decoded::Valid((d, _))) if d.kind == Kind::Folder => {}
+        _ => r
+            .problems
+            .push("descriptor 0 is not the root folder".into()),
+    }
+    let mut names: HashSet<(u32, String)> = HashSet::new();
+    let mut owners: HashMap<u64, u32> = HashMap::new();
+    for (id, e) in table.entries.iter().enumerate().skip(1) {
+        let id = id as u32;
+        let d = match e {
+            Decoded::Blank => continue,
+            Decoded::Unknown(why) => {
+                r.problems
+                    .push(format!("descriptor {id} is unreadable ({why})"));
+                continue;
+            }
+            Decoded::Valid((d, _)) if d.kind == Kind::Free => continue,
+            Decoded::Valid((d, _)) => d,
+        };
+        let path = table.path_of(id);
+        match d.kind {
+            Kind::Folder => r.folders += 1,
+            _ => r.files += 1,
+        }
+        if !table
+            .get(d.parent)
+            .is_some_and(|(p, _)| p.kind == Kind::Folder)
+        {
+            r.problems
+                .push(format!("{path}: its parent {} is not a folder", d.parent));
+        }
+        if !names.insert((d.parent, d.name.clone())) {
+            r.problems
+                .push(format!("{path}: the name appears twice in its folder"));
+        }
+        let mut cur = d.parent;
+        let mut steps = 0;
+        while cur != 0 && steps <= table.entries.len() {
+            cur = table.get(cur).map_or(0, |(p, _)| p.parent);
+            steps += 1;
+        }
+        if steps > table.entries.len() {
+            r.problems.push(format!("{path}: its folders form a cycle"));
+        }
+        if d.kind != Kind::File {
+            continue;
+        }
+        let name = files::display(ds, &path);
+        let map = match files::load_map(ds, &name, d) {
+            Ok((m, _)) => m,
+            Err(e) => {
+                r.problems.push(e.to_string());
+                continue;
+            }
+        };
+        let used = map
+            .iter()
+            .filter_map(|e| e.block)
+            .chain(d.maps.iter().map(|m| m.block));
+        for b in used {
+            if b >= sb.block_count {
+                r.problems
+                    .push(format!("{path}: block {b} is outside the data area"));
+            } else if let Some(other) = owners.insert(b, id) {
+                r.problems.push(format!(
+                    "block {b} is used by both {} and {path}",
+                    table.path_of(other)
+                ));
+            }
+        }
+    }
+    // Clusters against the files.
+    let bpc = sb.blocks_per_cluster as u64;
+    for (c, (used, inbox)) in files::space_clusters(ds)?.into_iter().enumerate() {
+        let c = c as u32;
+        let (u, i) = match (used, inbox) {
+            (Decoded::Valid((u, _)), Decoded::Valid((i, _))) => (u, i),
+            _ => {
+                r.problems
+                    .push(format!("cluster {c}: its records are unreadable"));
+                continue;
+            }
+        };
+        if u.owner.host_id > sb.max_hosts {
+            r.problems.push(format!(
+                "cluster {c}: owner host {} does not exist",
+                u.owner.host_id
+            ));
+        }
+        for bit in 0..sb.cluster_blocks(c) {
+            let b = c as u64 * bpc + bit as u64;
+            let in_use = u.get(bit) && !i.get(bit);
+            if i.get(bit) && !u.get(bit) {
+                r.stray_inbox_bits.push(b);
+            }
+            match (owners.contains_key(&b), in_use) {
+                (true, true) => r.used_blocks += 1,
+                (true, false) => r.problems.push(format!(
+                    "block {b} of {} is marked free in cluster {c}",
+                    table.path_of(owners[&b])
+                )),
+                (false, true) => r.leaked_blocks.push(b),
+                (false, false) => r.free_blocks += 1,
+            }
+        }
+    }
+    // Lock records.
+    for idx in sb.lock_start..sb.lock_start + sb.lock_count as u64 {
+        if let Decoded::Unknown(why) = LockRecord::decode(&*ds.read(idx)?, ds.uuid()) {
+            r.problems
+                .push(format!("lock record {idx} is unreadable ({why})"));
+        }
+    }
+    // Journals.
+    let mut obs = Observer::new(ds);
+    let views = obs.observe(ds)?.to_vec();
+    for v in views {
+        if let Decoded::Valid(h) =
+            JournalHeader::decode(&*ds.read(sb.journal_rec(v.host_id))?, ds.uuid())
+        {
+            if h.state == TxnState::Committed {
+                let gone = match v.liveness {
+                    Liveness::Free | Liveness::Dead => true,
+                    _ => v
+                        .slot
+                        .as_ref()
+                        .is_some_and(|s| s.host_generation > h.writer.generation),
+                };
+                r.unapplied_journals.push((v.host_id, gone));
+            }
+        }
+    }
+    Ok(r)
+}
+
+/// Checks, then repairs what is safe to repair, as host `session` (under the volume
+/// lease): unapplied transactions of gone hosts are finished (taking the lease does
+/// that), leaked blocks are freed and stray inbox bits cleared. Returns the report of a
+/// second check, listing what was done.
+pub fn repair(session: &Session) -> Result<Report> {
+    let ds = session.datastore();
+    let me = session.owner();
+    let mut obs = Observer::new(ds);
+    let wait = ds.superblock().host_dead() + 4 * ds.superblock().io_timeout();
+    let lease = VolumeLease::acquire(ds, me, &mut obs, wait)?;
+    let done = (|| -> Result<Vec<String>> {
+        let before = check(ds)?;
+        if !before.problems.is_empty() {
+            return Err(Error::Invalid {
+                object: ds.path().to_path_buf(),
+                detail: format!(
+                    "{} problem(s) need a person before anything is repaired; first: {}",
+                    before.problems.len(),
+                    before.problems[0]
+                ),
+            });
+        }
+        let bpc = ds.superblock().blocks_per_cluster as u64;
+        let mut by_cluster: BTreeMap<u32, (Vec<u32>, Vec<u32>)> = BTreeMap::new();
+        for &b in &before.leaked_blocks {
+            by_cluster
+                .entry((b / bpc) as u32)
+                .or_default()
+                .0
+                .push((b % bpc) as u32);
+        }
+        for &b in &before.stray_inbox_bits {
+            by_cluster
+                .entry((b / bpc) as u32)
+                .or_default()
+                .1
+                .push((b % bpc) as u32);
+        }
+        let mut did = Vec::new();
+        let all = files::space_clusters(ds)?;
+        for (c, (leaks, strays)) in by_cluster {
+            let (Decoded::Valid((mut u, ug)), Decoded::Valid((mut i, ig))) =
+                all[c as usize].clone()
+            else {
+                continue;
+            };
+            let owner_live = !u.owner.is_none() && u.owner != me && obs.owner_valid(u.owner);
+            for s in &strays {
+                i.set(*s, false);
+            }
+            if owner_live {
+                // The owner allocates from this cluster without the lease: hand the leaked
+                // blocks to it through the inbox instead of touching its bitmap.
+                for l in &leaks {
+                    i.set(*l, true);
+                }
+            } else {
+                for l in &leaks {
+                    u.set(*l, false);
+                }
+                ds.write(
+                    ds.superblock().cluster_start + 2 * c as u64,
+                    &u.encode(ds.uuid(), false, ug + 1),
+                )?;
+            }
+            ds.write(
+                ds.superblock().cluster_start + 2 * c as u64 + 1,
+                &ClusterRec {
+                    owner: crate::format::Owner::NONE,
+                    ..i
+                }
+                .encode(ds.uuid(), true, ig + 1),
+            )?;
+            if !leaks.is_empty() {
+                did.push(format!(
+                    "cluster {c}: freed {} leaked block(s)",
+                    leaks.len()
+                ));
+            }
+            if !strays.is_empty() {
+                did.push(format!(
+                    "cluster {c}: cleared {} stray inbox bit(s)",
+                    strays.len()
+                ));
+            }
+        }
+        Ok(did)
+    })();
+    let released = lease.release();
+    let did = done?;
+    released?;
+    let mut after = check(ds)?;
+    after.repaired = did;
+    Ok(after)
+}

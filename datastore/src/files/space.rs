@@ -1,0 +1,446 @@
+//! Space: the resource clusters a host owns, block allocation and frees, and the commit
+//! that makes a host's metadata changes durable through its journal.
+//!
+//! A host allocates only from clusters it owns, so allocation needs no cluster-wide lock.
+//! It claims a cluster (unowned, or owned by a gone host) under the volume lease. A block
+//! freed in one of its own clusters becomes reusable only once the free is committed (so
+//! no committed map can still point at it); a block freed in a cluster another host owns
+//! goes to that cluster's inbox under the volume lease, and the owner takes it back when
+//! it next claims space.
+//!
+//! A commit snapshots every dirty record of the session's open files and clusters at one
+//! cut, flushes the data device, then writes the snapshot through the journal. Record
+//! order across several transactions (a large commit) is: cluster records with new
+//! allocations, file records, then cluster records with frees and inboxes — a crash in
+//! between can leak blocks (repaired by `datastore check --repair`) but never leaves a
+//! committed map pointing at a free block.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+
+use crate::filerec::{ClusterRec, MAX_TXN_RECORDS};
+use crate::format::{Block, Decoded};
+use crate::paxos::VolumeLease;
+use crate::store::Datastore;
+use crate::{journal, Error, Result};
+
+use super::{lock, Session};
+
+/// A cluster this host owns.
+#[derive(Debug)]
+pub(crate) struct OwnedCluster {
+    /// In use in memory (allocations, including frees not committed yet).
+    pub used: ClusterRec,
+    pub generation: u64,
+    pub dirty: bool,
+}
+
+/// A session's space state.
+#[derive(Debug, Default)]
+pub(crate) struct Space {
+    pub owned: BTreeMap<u32, OwnedCluster>,
+    /// Blocks of own clusters freed but not committed.
+    pub pending: Vec<u64>,
+    /// Blocks of other hosts' clusters freed but not yet in their inbox.
+    pub foreign: Vec<u64>,
+}
+
+/// Free and total space of a datastore.
+#[derive(Debug, Clone, Copy, serde::Serialize)]
+pub struct SpaceInfo {
+    pub block_size: u64,
+    pub total_blocks: u64,
+    pub free_blocks: u64,
+}
+
+fn cluster_of(ds: &Datastore, block: u64) -> (u32, u32) {
+    let bpc = ds.superblock().blocks_per_cluster as u64;
+    ((block / bpc) as u32, (block % bpc) as u32)
+}
+
+fn cluster_rec(ds: &Datastore, c: u32, inbox: bool) -> u64 {
+    ds.superblock().cluster_start + 2 * c as u64 + inbox as u64
+}
+
+/// A cluster record as read, with its generation.
+pub(crate) type ClusterRead = Decoded<(ClusterRec, u64)>;
+
+/// Reads every cluster's allocation record and inbox.
+pub(crate) fn read_clusters(ds: &Datastore) -> Result<Vec<(ClusterRead, ClusterRead)>> {
+    let sb = ds.superblock();
+    let recs = ds.read_many(sb.cluster_start, 2 * sb.cluster_count as u64)?;
+    Ok(recs
+        .chunks(2)
+        .enumerate()
+        .map(|(c, pair)| {
+            (
+                ClusterRec::decode(&pair[0], ds.uuid(), false, c as u32),
+                ClusterRec::decode(&pair[1], ds.uuid(), true, c as u32),
+            )
+        })
+        .collect())
+}
+
+/// Free and total space as committed on disk.
+pub fn space_info(ds: &Datastore) -> Result<SpaceInfo> {
+    let sb = ds.superblock();
+    let mut free = 0u64;
+    for (c, (used, inbox)) in read_clusters(ds)?.into_iter().enumerate() {
+        let n = sb.cluster_blocks(c as u32) as u64;
+        if let (Decoded::Valid((u, _)), Decoded::Valid((i, _))) = (used, inbox) {
+            let used_not_freed = (0..n as u32).filter(|&b| u.get(b) && !i.get(b)).count() as u64;
+            free += n - used_not_freed;
+        }
+    }
+    Ok(SpaceInfo {
+        block_size: crate::format::BLOCK,
+        total_blocks: sb.block_count,
+        free_blocks: free,
+    })
+}
+
+impl Space {
+    /// Takes up to `n` free blocks from owned clusters (no I/O).
+    pub fn alloc_fast(&mut self, ds: &Datastore, n: usize) -> Vec<u64> {
+        let bpc = ds.superblock().blocks_per_cluster as u64;
+        let mut out = Vec::with_capacity(n);
+        for (c, oc) in self.owned.iter_mut() {
+            let blocks = ds.superblock().cluster_blocks(*c);
+            for i in 0..blocks {
+                if out.len() == n {
+                    return out;
+                }
+                if !oc.used.get(i) {
+                    oc.used.set(i, true);
+                    oc.dirty = true;
+                    out.push(*c as u64 * bpc + i as u64);
+                }
+            }
+        }
+        out
+    }
+
+    /// Frees `block` (reusable after the next commit).
+    pub fn free(&mut self, ds: &Datastore, block: u64) {
+        let (c, _) = cluster_of(ds, block);
+        if self.owned.contains_key(&c) {
+            self.pending.push(block);
+        } else {
+            self.foreign.push(block);
+        }
+    }
+}
+
+/// A commit's snapshot.
+struct Snapshot {
+    files: Vec<(u64, Box<Block>)>,
+    /// Files and records to mark dirty again if the commit fails.
+    restore: Vec<(Arc<super::dsfile::FileShared>, bool, Vec<u32>)>,
+    /// Multi-writer pointer records to merge with what is on disk.
+    merge: Vec<(u64, crate::filerec::PointerRec)>,
+    clusters_keep: Vec<(u64, Box<Block>)>,
+    clusters_final: Vec<(u64, Box<Block>)>,
+    final_bits: Vec<(u32, ClusterRec, u64)>,
+    frees: Vec<u64>,
+    foreign: Vec<u64>,
+}
+
+impl Session {
+    /// Under the volume lease: takes back freed blocks from own clusters' inboxes, or
+    /// claims a cluster with free blocks. `NoSpace` if neither finds any.
+    pub(crate) fn claim(&self) -> Result<()> {
+        let mut seq = lock(&self.commit_lock);
+        let mut obs = lock(&self.obs);
+        let lease = VolumeLease::acquire(&self.ds, self.me, &mut obs, self.lease_wait())?;
+        let out = (|| {
+            let all = read_clusters(&self.ds)?;
+            let mut writes = Vec::new();
+            let mut took = Vec::new();
+            // Own clusters' inboxes first.
+            let owned: Vec<u32> = lock(&self.space).owned.keys().copied().collect();
+            for c in owned {
+                if let (Decoded::Valid((disk, dg)), Decoded::Valid((inbox, ig))) = &all[c as usize]
+                {
+                    if inbox.count() > 0 {
+                        let mut d = disk.clone();
+                        for (w, iw) in d.bits.iter_mut().zip(&inbox.bits) {
+                            *w &= !iw;
+                        }
+                        writes.push((
+                            cluster_rec(&self.ds, c, false),
+                            d.encode(self.ds.uuid(), false, dg + 1),
+                        ));
+                        writes.push((
+                            cluster_rec(&self.ds, c, true),
+                            ClusterRec::empty(c).encode(self.ds.uuid(), true, ig + 1),
+                        ));
+                        took.push((c, inbox.clone(), dg + 1, None));
+                    }
+                }
+            }
+            if writes.is_empty() {
+                // A cluster nobody live owns, with the most free blocks.
+                let mut best: Option<(u32, u32)> = None;
+                for (c, pair) in all.iter().enumerate() {
+                    let c = c as u32;
+                    let (Decoded::Valid((u, _)), Decoded::Valid((i, _))) = pair else {
+                        continue;
+                    };
+                    if u.owner == self.me || (!u.owner.is_none() && obs.owner_valid(u.owner)) {
+                        continue;
+                    }
+                    let n = self.ds.superblock().cluster_blocks(c);
+                    let free = (0..n).filter(|&b| !u.get(b) || i.get(b)).count() as u32;
+                    if free > 0 && best.is_none_or(|(_, f)| free > f) {
+                        best = Some((c, free));
+                    }
+                }
+                let Some((c, _)) = best else {
+                    return Err(Error::NoSpace {
+                        object: self.ds.path().to_path_buf(),
+                        detail: "every resource cluster is full or owned by another live host"
+                            .into(),
+                    });
+                };
+                let (Decoded::Valid((u, ug)), Decoded::Valid((i, ig))) = &all[c as usize] else {
+                    unreachable!("checked above");
+                };
+                let mut d = u.clone();
+                d.owner = self.me;
+                for (w, iw) in d.bits.iter_mut().zip(&i.bits) {
+                    *w &= !iw;
+                }
+                writes.push((
+                    cluster_rec(&self.ds, c, false),
+                    d.encode(self.ds.uuid(), false, ug + 1),
+                ));
+                writes.push((
+                    cluster_rec(&self.ds, c, true),
+                    ClusterRec::empty(c).encode(self.ds.uuid(), true, ig + 1),
+                ));
+                took.push((c, i.clone(), ug + 1, Some(d)));
+            }
+            *seq += 1;
+            journal::commit(&self.ds, self.me, *seq, &writes)?;
+            let _cut = self.cut.read().expect("cut");
+            let mut sp = lock(&self.space);
+            for (c, inbox, generation, claimed) in took {
+                match claimed {
+                    Some(d) => {
+                        sp.owned.insert(
+                            c,
+                            OwnedCluster {
+                                used: d,
+                                generation,
+                                dirty: false,
+                            },
+                        );
+                    }
+                    None => {
+                        if let Some(oc) = sp.owned.get_mut(&c) {
+                            for (w, iw) in oc.used.bits.iter_mut().zip(&inbox.bits) {
+                                *w &= !iw;
+                            }
+                            oc.generation = generation;
+                        }
+                    }
+                }
+            }
+            Ok(())
+        })();
+        let released = lease.release();
+        out?;
+        released
+    }
+
+    /// Makes every completed write and metadata change of this session durable.
+    pub fn commit(&self) -> Result<()> {
+        let mut seq = lock(&self.commit_lock);
+        let needs_lease = {
+            let sp = lock(&self.space);
+            !sp.foreign.is_empty()
+        } || lock(&self.files)
+            .iter()
+            .filter_map(|w| w.upgrade())
+            .any(|f| f.needs_merge());
+        let lease = if needs_lease {
+            let mut obs = lock(&self.obs);
+            Some(VolumeLease::acquire(
+                &self.ds,
+                self.me,
+                &mut obs,
+                self.lease_wait(),
+            )?)
+        } else {
+            None
+        };
+        let snap = {
+            let _cut = self.cut.write().expect("cut");
+            self.snapshot()
+        };
+        let out = self
+            .sync_data()
+            .and_then(|_| self.write_snapshot(&mut seq, &snap));
+        let released = lease.map(|l| l.release()).unwrap_or(Ok(()));
+        match out {
+            Ok(()) => {
+                let _cut = self.cut.read().expect("cut");
+                let mut sp = lock(&self.space);
+                for (c, bits, generation) in &snap.final_bits {
+                    if let Some(oc) = sp.owned.get_mut(c) {
+                        for &b in &snap.frees {
+                            let (bc, i) = cluster_of(&self.ds, b);
+                            if bc == *c {
+                                oc.used.set(i, false);
+                            }
+                        }
+                        let _ = bits;
+                        oc.generation = *generation;
+                    }
+                }
+            }
+            Err(ref _e) => {
+                for (f, desc, ptrs) in &snap.restore {
+                    f.mark_dirty(*desc, ptrs);
+                }
+                let mut sp = lock(&self.space);
+                sp.pending.extend(&snap.frees);
+                sp.foreign.extend(&snap.foreign);
+                for (c, _, _) in &snap.final_bits {
+                    if let Some(oc) = sp.owned.get_mut(c) {
+                        oc.dirty = true;
+                    }
+                }
+            }
+        }
+        out?;
+        released
+    }
+
+    fn sync_data(&self) -> Result<()> {
+        self.sync
+            .sync_data()
+            .map_err(|e| Error::io(self.ds.path(), "flush", e))
+    }
+
+    /// Under the cut: every dirty record, encoded.
+    fn snapshot(&self) -> Snapshot {
+        let files: Vec<_> = lock(&self.files)
+            .iter()
+            .filter_map(|w| w.upgrade())
+            .collect();
+        let mut snap = Snapshot {
+            files: Vec::new(),
+            restore: Vec::new(),
+            merge: Vec::new(),
+            clusters_keep: Vec::new(),
+            clusters_final: Vec::new(),
+            final_bits: Vec::new(),
+            frees: Vec::new(),
+            foreign: Vec::new(),
+        };
+        for f in files {
+            let (writes, merge, desc, ptrs) = f.take_dirty(&self.ds);
+            if !writes.is_empty() || !merge.is_empty() {
+                snap.files.extend(writes);
+                snap.merge.extend(merge);
+                snap.restore.push((f, desc, ptrs));
+            }
+        }
+        let mut sp = lock(&self.space);
+        snap.frees = std::mem::take(&mut sp.pending);
+        snap.foreign = std::mem::take(&mut sp.foreign);
+        let freed: BTreeSet<u32> = snap
+            .frees
+            .iter()
+            .map(|&b| cluster_of(&self.ds, b).0)
+            .collect();
+        for (c, oc) in sp.owned.iter_mut() {
+            if !oc.dirty && !freed.contains(c) {
+                continue;
+            }
+            oc.dirty = false;
+            let g = oc.generation + 1;
+            snap.clusters_keep.push((
+                cluster_rec(&self.ds, *c, false),
+                oc.used.encode(self.ds.uuid(), false, g),
+            ));
+            let mut fin = oc.used.clone();
+            for &b in &snap.frees {
+                let (bc, i) = cluster_of(&self.ds, b);
+                if bc == *c {
+                    fin.set(i, false);
+                }
+            }
+            snap.clusters_final.push((
+                cluster_rec(&self.ds, *c, false),
+                fin.encode(self.ds.uuid(), false, g + 1),
+            ));
+            snap.final_bits.push((*c, fin, g + 1));
+        }
+        snap
+    }
+
+    fn write_snapshot(&self, seq: &mut u64, snap: &Snapshot) -> Result<()> {
+        let mut txn = |writes: &[(u64, Box<Block>)]| -> Result<()> {
+            for chunk in writes.chunks(MAX_TXN_RECORDS) {
+                *seq += 1;
+                journal::commit(&self.ds, self.me, *seq, chunk)?;
+            }
+            Ok(())
+        };
+        // Foreign frees into their clusters' inboxes, and multi-writer maps merged with
+        // what the other writers committed (the volume lease is held).
+        let mut shared = Vec::new();
+        let mut by_cluster: BTreeMap<u32, Vec<u32>> = BTreeMap::new();
+        for &b in &snap.foreign {
+            let (c, i) = cluster_of(&self.ds, b);
+            by_cluster.entry(c).or_default().push(i);
+        }
+        for (c, idx) in by_cluster {
+            let rec = cluster_rec(&self.ds, c, true);
+            let (mut inbox, g) =
+                match ClusterRec::decode(&*self.ds.read(rec)?, self.ds.uuid(), true, c) {
+                    Decoded::Valid(x) => x,
+                    _ => (ClusterRec::empty(c), 0),
+                };
+            for i in idx {
+                inbox.set(i, true);
+            }
+            shared.push((rec, inbox.encode(self.ds.uuid(), true, g + 1)));
+        }
+        for (rec, mine) in &snap.merge {
+            let merged =
+                match crate::filerec::PointerRec::decode(&*self.ds.read(*rec)?, self.ds.uuid()) {
+                    Decoded::Valid((disk, g))
+                        if disk.file == mine.file
+                            && disk.seq == mine.seq
+                            && disk.index == mine.index =>
+                    {
+                        let mut m = disk.clone();
+                        for (e, mine_e) in m.entries.iter_mut().zip(&mine.entries) {
+                            for w in 0..4 {
+                                e.written[w] |= mine_e.written[w];
+                            }
+                        }
+                        m.encode(self.ds.uuid(), g + 1)
+                    }
+                    _ => mine.encode(self.ds.uuid(), 1),
+                };
+            shared.push((*rec, merged));
+        }
+        let total = snap.files.len() + snap.clusters_final.len() + shared.len();
+        if total <= MAX_TXN_RECORDS {
+            let mut all = Vec::with_capacity(total);
+            all.extend(snap.clusters_final.iter().cloned());
+            all.extend(snap.files.iter().cloned());
+            all.extend(shared);
+            return txn(&all);
+        }
+        txn(&snap.clusters_keep)?;
+        txn(&snap.files)?;
+        let mut last = snap.clusters_final.clone();
+        last.extend(shared);
+        txn(&last)
+    }
+}
