@@ -5,7 +5,7 @@ use std::io::Write;
 use std::os::unix::fs::FileTypeExt;
 use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -18,6 +18,7 @@ use datastore::store::{probe_signature, Liveness, Signature};
 use datastore::{locks, Datastore, LockMode, Observer, Profile};
 use serde_json::json;
 
+use crate::host::current_cgroup;
 use crate::units::{human, parse_size};
 
 #[derive(Subcommand, Debug)]
@@ -54,6 +55,43 @@ pub enum DatastoreCommand {
         device: PathBuf,
         #[arg(long)]
         json: bool,
+    },
+    /// List a folder of a datastore (DEVICE or DEVICE:/folder), or one file.
+    Ls {
+        target: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Verify every invariant of a datastore; exit 1 if anything is wrong.
+    Check {
+        device: PathBuf,
+        /// Free leaked blocks and finish gone hosts' transactions (joins as this host).
+        #[arg(long)]
+        repair: bool,
+        /// Host name to join as with --repair (default: FERRY_HOST, else the host name).
+        #[arg(long)]
+        host: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Create a folder (DEVICE:/folder).
+    Mkdir {
+        path: String,
+        #[arg(long)]
+        host: Option<String>,
+    },
+    /// Remove a file (open nowhere) or an empty folder (DEVICE:/path).
+    Rm {
+        path: String,
+        #[arg(long)]
+        host: Option<String>,
+    },
+    /// Rename or move a file or folder inside its datastore.
+    Mv {
+        from: String,
+        to: String,
+        #[arg(long)]
+        host: Option<String>,
     },
 }
 
@@ -97,8 +135,23 @@ pub struct SuperviseArgs {
     report: Option<PathBuf>,
 }
 
-pub fn run_datastore(cmd: DatastoreCommand) -> Result<u8> {
+pub fn run_datastore(cmd: DatastoreCommand, rt: &tokio::runtime::Runtime) -> Result<u8> {
+    use crate::dsfiles;
     match cmd {
+        DatastoreCommand::Ls { target, json } => rt.block_on(dsfiles::ls(&target, json)),
+        DatastoreCommand::Check {
+            device,
+            repair,
+            host,
+            json,
+        } => rt.block_on(dsfiles::check_cmd(&device, repair, host.as_deref(), json)),
+        DatastoreCommand::Mkdir { path, host } => {
+            rt.block_on(dsfiles::mkdir(&path, host.as_deref()))
+        }
+        DatastoreCommand::Rm { path, host } => rt.block_on(dsfiles::rm(&path, host.as_deref())),
+        DatastoreCommand::Mv { from, to, host } => {
+            rt.block_on(dsfiles::mv(&from, &to, host.as_deref()))
+        }
         DatastoreCommand::Create {
             device,
             label,
@@ -233,6 +286,7 @@ fn info(device: &Path, observe: Option<f64>, json: bool) -> Result<u8> {
         })
         .collect();
     let dev = Device::open(device)?;
+    let space = datastore::files::space_info(&ds)?;
     let v = json!({
         "device": device,
         "label": sb.label,
@@ -249,6 +303,11 @@ fn info(device: &Path, observe: Option<f64>, json: bool) -> Result<u8> {
         "renew_interval_ms": sb.renew_interval().as_millis() as u64,
         "fence_after_ms": sb.fence_after().as_millis() as u64,
         "host_dead_ms": sb.host_dead().as_millis() as u64,
+        "block_size": space.block_size,
+        "total_blocks": space.total_blocks,
+        "free_blocks": space.free_blocks,
+        "blocks_per_cluster": sb.blocks_per_cluster,
+        "file_descriptors": sb.desc_count,
         "observed_ms": window.as_millis() as u64,
         "hosts": hosts,
     });
@@ -267,6 +326,12 @@ fn info(device: &Path, observe: Option<f64>, json: bool) -> Result<u8> {
         "size:          {} ({} metadata)",
         human(sb.size),
         human(sb.metadata_bytes())
+    );
+    println!(
+        "space:         {} free of {} in 1 MiB blocks, clusters of {} blocks",
+        human(space.free_blocks * space.block_size),
+        human(space.total_blocks * space.block_size),
+        sb.blocks_per_cluster
     );
     println!(
         "profile:       {:?}: io_timeout {} s, renew every {} s, fence after {} s, host dead after {} s",
@@ -371,38 +436,14 @@ fn list_locks(device: &Path, json: bool) -> Result<u8> {
     Ok(0)
 }
 
-/// The cgroup v2 path this process is in (`0::/path` in /proc/self/cgroup).
-fn current_cgroup() -> Result<PathBuf> {
-    let s = std::fs::read_to_string("/proc/self/cgroup")?;
-    let rel = s
-        .lines()
-        .find_map(|l| l.strip_prefix("0::"))
-        .context("no cgroup v2 entry in /proc/self/cgroup")?;
-    Ok(fence::cgroup2_root()?.join(rel.trim_start_matches('/')))
-}
-
 pub fn run_lock(args: LockArgs) -> Result<u8> {
     let unsafe_no_fence = std::env::var("FERRY_UNSAFE_NO_FENCE").is_ok_and(|v| v == "1");
     let ds = Arc::new(Datastore::open(&args.datastore)?);
-    let sb = ds.superblock().clone();
 
     // The host cgroup holds this process and the command; the supervisor stays outside.
     let home = current_cgroup()?;
     let cg = HostCgroup::create(&format!("host-{}-{}", args.host, std::process::id()))?;
-    let mut sup = Command::new(std::env::current_exe()?);
-    sup.arg("supervise")
-        .arg("--cgroup")
-        .arg(cg.path())
-        .arg("--fence-after-ms")
-        .arg(sb.fence_after().as_millis().to_string())
-        .stdin(Stdio::piped());
-    if unsafe_no_fence {
-        sup.arg("--no-fence");
-    }
-    if let Ok(r) = std::env::var("FERRY_FENCE_REPORT") {
-        sup.arg("--report").arg(r);
-    }
-    let mut supervisor = sup.spawn().context("cannot start the fencing supervisor")?;
+    let mut supervisor = crate::host::spawn_supervisor(&ds, &cg, unsafe_no_fence)?;
     let pipe = Arc::new(Mutex::new(
         supervisor.stdin.take().context("supervisor stdin")?,
     ));

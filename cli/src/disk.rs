@@ -1,4 +1,7 @@
-//! `ferry disk ...`: image files users bring (raw, qcow2), outside any datastore.
+//! `ferry disk ...`: image files users bring (raw, qcow2), and datastore files
+//! (`DEVICE:/folder/file`): create, inspect, convert between them (import into and export
+//! out of a datastore), compare, hash. Reading a datastore file needs no host identity
+//! (it reads the committed state); creating one joins the datastore as this host.
 
 use std::io::IsTerminal;
 use std::os::unix::fs::FileTypeExt;
@@ -8,12 +11,15 @@ use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use clap::Subcommand;
+use datastore::files::DsFile;
 use diskfmt::convert::{self, ConvertOptions};
 use diskfmt::image::CreateSpec;
 use diskfmt::ops::{self, Comparison};
-use diskfmt::{qcow2, Engine, Format, Image, Provisioning};
+use diskfmt::{qcow2, BlockDev, Engine, Format, Image, Provisioning};
 use serde_json::json;
 
+use crate::dsfiles::ds_path;
+use crate::host::{host_name, HostSession};
 use crate::units::{human, parse_size};
 
 #[derive(Subcommand, Debug)]
@@ -40,6 +46,9 @@ pub enum DiskCommand {
         /// Overwrite an existing file.
         #[arg(long)]
         force: bool,
+        /// Host name to join a datastore as (default: FERRY_HOST, else the host name).
+        #[arg(long)]
+        host: Option<String>,
     },
     /// Show format, sizes and provisioning of an image.
     Info {
@@ -73,6 +82,10 @@ pub enum DiskCommand {
         /// Overwrite an existing target file.
         #[arg(long)]
         force: bool,
+        /// Host name to join a target datastore as (default: FERRY_HOST, else the host
+        /// name).
+        #[arg(long)]
+        host: Option<String>,
         #[arg(long)]
         json: bool,
     },
@@ -89,6 +102,86 @@ pub enum DiskCommand {
         #[arg(long)]
         json: bool,
     },
+}
+
+/// An opened image file or datastore file.
+enum Dev {
+    Img(Image),
+    Ds(DsFile, Option<HostSession>),
+}
+
+impl Dev {
+    fn dev(&self) -> &dyn BlockDev {
+        match self {
+            Dev::Img(i) => i.dev(),
+            Dev::Ds(f, _) => f,
+        }
+    }
+
+    fn allocated_bytes(&self) -> Result<u64> {
+        Ok(match self {
+            Dev::Img(i) => i.allocated_bytes()?,
+            Dev::Ds(f, _) => {
+                let (dev, path) = ds_path(&f.name().display().to_string())?;
+                datastore::files::stat(&datastore::Datastore::open(&dev)?, &path)?.allocated_bytes
+            }
+        })
+    }
+
+    async fn close(self) -> Result<()> {
+        match self {
+            Dev::Img(i) => Ok(i.close().await?),
+            Dev::Ds(f, hs) => {
+                let closed = f.close().await;
+                if let Some(hs) = hs {
+                    hs.check()?;
+                    hs.leave()?;
+                }
+                Ok(closed?)
+            }
+        }
+    }
+}
+
+/// The datastore part of a path argument, if it is one.
+fn as_ds(p: &Path) -> Option<(PathBuf, String)> {
+    let s = p.to_str()?;
+    datastore::files::split_ds_path(s).map(|(d, q)| (d, q.to_string()))
+}
+
+/// Opens an image or datastore file for reading.
+async fn open_ro(p: &Path) -> Result<Dev> {
+    match as_ds(p) {
+        Some((dev, path)) => {
+            let f =
+                tokio::task::spawn_blocking(move || DsFile::open_readonly(&dev, &path)).await??;
+            Ok(Dev::Ds(f, None))
+        }
+        None => Ok(Dev::Img(Image::open(p, None, false, engine()?).await?)),
+    }
+}
+
+/// Joins the datastore as this host and creates a file there (replacing one with
+/// `force`).
+async fn create_ds(
+    dev: &Path,
+    path: &str,
+    size: u64,
+    provisioning: Provisioning,
+    force: bool,
+    host: Option<&str>,
+) -> Result<Dev> {
+    let name = host_name(host)?;
+    let device = dev.to_path_buf();
+    let hs = tokio::task::spawn_blocking(move || HostSession::join(&device, &name)).await??;
+    if force {
+        match hs.session.remove(path).await {
+            Ok(()) | Err(datastore::Error::NotFound { .. }) => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    let f = hs.session.create(path, size, provisioning).await?;
+    Ok(Dev::Ds(f, Some(hs)))
 }
 
 fn engine() -> Result<Engine> {
@@ -112,7 +205,32 @@ pub async fn run(cmd: DiskCommand) -> Result<u8> {
             backing,
             backing_format,
             force,
+            host,
         } => {
+            if let Some((dev, p)) = as_ds(&path) {
+                if format != Format::Raw || backing.is_some() {
+                    bail!(
+                        "{}: datastore files have their own format: drop --format and --backing",
+                        path.display()
+                    );
+                }
+                let f = create_ds(
+                    &dev,
+                    &p,
+                    size.div_ceil(512) * 512,
+                    provisioning,
+                    force,
+                    host.as_deref(),
+                )
+                .await?;
+                f.close().await?;
+                println!(
+                    "Created {} (datastore file, {}, {provisioning})",
+                    path.display(),
+                    human(size)
+                );
+                return Ok(0);
+            }
             let backing_format = match (&backing, backing_format) {
                 (Some(_), Some(f)) => Some(f.as_str().to_string()),
                 (Some(b), None) => {
@@ -151,6 +269,32 @@ pub async fn run(cmd: DiskCommand) -> Result<u8> {
             );
             Ok(0)
         }
+        DiskCommand::Info { path, json } if as_ds(&path).is_some() => {
+            let f = open_ro(&path).await?;
+            let extents = ops::extents(f.dev()).await?;
+            let data: u64 = extents
+                .iter()
+                .filter(|e| e.kind == diskfmt::ExtentKind::Data)
+                .map(|e| e.length)
+                .sum();
+            let (size, prov, allocated) =
+                (f.dev().size(), f.dev().provisioning(), f.allocated_bytes()?);
+            f.close().await?;
+            if json {
+                print_json(&json!({
+                    "path": path, "format": "datastore", "virtual_size": size,
+                    "allocated_bytes": allocated, "data_bytes": data, "provisioning": prov,
+                }))?;
+            } else {
+                println!("image:            {}", path.display());
+                println!("format:           datastore file");
+                println!("virtual size:     {} ({size} bytes)", human(size));
+                println!("allocated:        {}", human(allocated));
+                println!("data:             {}", human(data));
+                println!("provisioning:     {prov}");
+            }
+            Ok(0)
+        }
         DiskCommand::Info { path, json } => {
             let img = Image::open(&path, None, false, engine()?).await?;
             let info = img.info().await?;
@@ -182,7 +326,7 @@ pub async fn run(cmd: DiskCommand) -> Result<u8> {
             Ok(0)
         }
         DiskCommand::Map { path, json } => {
-            let img = Image::open(&path, None, false, engine()?).await?;
+            let img = open_ro(&path).await?;
             let extents = ops::extents(img.dev()).await?;
             img.close().await?;
             if json {
@@ -221,6 +365,7 @@ pub async fn run(cmd: DiskCommand) -> Result<u8> {
             cluster_size,
             in_flight,
             force,
+            host,
             json,
         } => {
             let spec = CreateSpec {
@@ -238,12 +383,11 @@ pub async fn run(cmd: DiskCommand) -> Result<u8> {
                 Format::Qcow2 => 16,
                 Format::Raw => 8,
             });
-            convert_cmd(&src, &dst, spec, in_flight, json).await
+            convert_cmd(&src, &dst, spec, in_flight, host.as_deref(), json).await
         }
         DiskCommand::Compare { a, b, json } => {
-            let e = engine()?;
-            let ia = Image::open(&a, None, false, e.clone()).await?;
-            let ib = Image::open(&b, None, false, e).await?;
+            let ia = open_ro(&a).await?;
+            let ib = open_ro(&b).await?;
             let r = ops::compare(ia.dev(), ib.dev()).await?;
             ia.close().await?;
             ib.close().await?;
@@ -271,7 +415,7 @@ pub async fn run(cmd: DiskCommand) -> Result<u8> {
             }
         }
         DiskCommand::Hash { path, json } => {
-            let img = Image::open(&path, None, false, engine()?).await?;
+            let img = open_ro(&path).await?;
             let h = ops::hash(img.dev()).await?;
             let size = img.dev().size();
             img.close().await?;
@@ -294,6 +438,7 @@ async fn convert_cmd(
     dst: &Path,
     mut spec: CreateSpec,
     in_flight: usize,
+    host: Option<&str>,
     json: bool,
 ) -> Result<u8> {
     let e = engine()?;
@@ -302,11 +447,27 @@ async fn convert_cmd(
             bail!("{}: source and target are the same file", dst.display());
         }
     }
-    let source = Image::open(src, None, false, e.clone()).await?;
+    if src == dst {
+        bail!("{}: source and target are the same file", dst.display());
+    }
+    let source = open_ro(src).await?;
     let started = Instant::now();
-    // A block device is written in place; a file is created (round the size up to 512
-    // bytes, as every image size must be).
-    let (target, target_is_zero) = if is_blockdev(dst) {
+    // A datastore file or image file is created (size rounded up to 512 bytes, as every
+    // image size must be); a block device is written in place.
+    let dst_ds = as_ds(dst);
+    let (target, target_is_zero) = if let Some((dev, p)) = &dst_ds {
+        if spec.format != Format::Raw {
+            bail!(
+                "{}: datastore files have their own format: drop --format",
+                dst.display()
+            );
+        }
+        let size = source.dev().size().div_ceil(512) * 512;
+        (
+            create_ds(dev, p, size, spec.provisioning, spec.overwrite, host).await?,
+            true,
+        )
+    } else if is_blockdev(dst) {
         if spec.format != Format::Raw {
             bail!(
                 "{}: a block device target must be --format raw",
@@ -314,7 +475,7 @@ async fn convert_cmd(
             );
         }
         (
-            Image::open(dst, Some(Format::Raw), true, e.clone()).await?,
+            Dev::Img(Image::open(dst, Some(Format::Raw), true, e.clone()).await?),
             false,
         )
     } else {
@@ -324,7 +485,7 @@ async fn convert_cmd(
             // Nobody reads the new target before the conversion flushes it.
             q.enable_unordered_allocation();
         }
-        (img, true)
+        (Dev::Img(img), true)
     };
     let total = source.dev().size();
     let reporter = Reporter::new(total, !json);
@@ -341,18 +502,34 @@ async fn convert_cmd(
     reporter.finish();
     let stats = match stats {
         Ok(s) => s,
-        Err(e) => {
+        Err(err) => {
             // Do not leave a half-written image behind that looks like a good one.
-            let _ = target.close().await;
-            if target_is_zero {
-                let _ = std::fs::remove_file(dst);
+            match (target, &dst_ds) {
+                (Dev::Ds(f, Some(hs)), Some((_, p))) => {
+                    let _ = f.close().await;
+                    let _ = hs.session.remove(p).await;
+                    let _ = hs.leave();
+                }
+                (t, _) => {
+                    let _ = t.close().await;
+                    if target_is_zero {
+                        let _ = std::fs::remove_file(dst);
+                    }
+                }
             }
-            return Err(e.into());
+            return Err(err.into());
         }
     };
     source.close().await?;
-    let allocated = target.allocated_bytes()?;
-    target.close().await?;
+    // A datastore target commits on close: count its blocks after that.
+    let allocated = if dst_ds.is_some() {
+        target.close().await?;
+        open_ro(dst).await?.allocated_bytes()?
+    } else {
+        let a = target.allocated_bytes()?;
+        target.close().await?;
+        a
+    };
     let secs = started.elapsed().as_secs_f64();
     if json {
         print_json(&json!({

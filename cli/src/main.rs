@@ -4,6 +4,8 @@
 
 mod cluster;
 mod disk;
+mod dsfiles;
+mod host;
 mod units;
 
 use std::process::ExitCode;
@@ -30,7 +32,7 @@ enum Command {
     /// Create, inspect, convert and compare disk images (raw, qcow2).
     #[command(subcommand)]
     Disk(disk::DiskCommand),
-    /// Create and inspect clustered datastores.
+    /// Create and inspect clustered datastores, and the files and folders in them.
     #[command(subcommand)]
     Datastore(cluster::DatastoreCommand),
     /// Join a datastore as a host, hold a lock while a command runs (like flock(1)).
@@ -66,7 +68,7 @@ fn main() -> ExitCode {
     };
     let result = match cli.command {
         Command::Disk(cmd) => rt.block_on(disk::run(cmd)),
-        Command::Datastore(cmd) => cluster::run_datastore(cmd),
+        Command::Datastore(cmd) => cluster::run_datastore(cmd, &rt),
         Command::Lock(args) => cluster::run_lock(args),
         Command::Supervise(args) => cluster::run_supervise(args),
     };
