@@ -29,6 +29,8 @@ pub struct Report {
     pub free_blocks: u64,
     /// Blocks marked used that no file uses (repairable).
     pub leaked_blocks: Vec<u64>,
+    /// Where the leaks are: "cluster C (owner host H generation G): N block(s)".
+    pub leaks: Vec<String>,
     /// Inbox bits for blocks not in use (repairable).
     pub stray_inbox_bits: Vec<u64>,
     /// Hosts with an unapplied journal transaction: (host id, whether its writer is gone).
@@ -139,6 +141,7 @@ pub fn check(ds: &Datastore) -> Result<Report> {
                 continue;
             }
         };
+        let leaks_before = r.leaked_blocks.len();
         if u.owner.host_id > sb.max_hosts {
             r.problems.push(format!(
                 "cluster {c}: owner host {} does not exist",
@@ -161,6 +164,14 @@ pub fn check(ds: &Datastore) -> Result<Report> {
                 (false, false) => r.free_blocks += 1,
             }
         }
+        if r.leaked_blocks.len() > leaks_before {
+            r.leaks.push(format!(
+                "cluster {c} (owner host {} generation {}): {} block(s)",
+                u.owner.host_id,
+                u.owner.generation,
+                r.leaked_blocks.len() - leaks_before
+            ));
+        }
     }
     // Lock records.
     for idx in sb.lock_start..sb.lock_start + sb.lock_count as u64 {
@@ -176,7 +187,10 @@ pub fn check(ds: &Datastore) -> Result<Report> {
         if let Decoded::Valid(h) =
             JournalHeader::decode(&*ds.read(sb.journal_rec(v.host_id))?, ds.uuid())
         {
-            if h.state == TxnState::Committed {
+            let images = ds.read_many(sb.journal_rec(v.host_id) + 1, h.targets.len() as u64)?;
+            // A torn journal write never committed: nothing to finish.
+            if h.state == TxnState::Committed && crate::journal::images_crc(&images) == h.images_crc
+            {
                 let gone = match v.liveness {
                     Liveness::Free | Liveness::Dead => true,
                     _ => v

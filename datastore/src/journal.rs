@@ -12,8 +12,8 @@
 //! by any host about to break the locks or claim the clusters of a dead host, so no
 //! record of the transaction is changed by anyone else before it is finished.
 //!
-//! Failpoints (`FERRY_FAILPOINT=<name>`, tests): `journal-written`, `apply-partial`,
-//! `applied` kill the process (SIGKILL) at that step.
+//! Failpoints (`FERRY_FAILPOINT=<name>[@N]`, tests): `journal-written`, `apply-partial`,
+//! `applied` kill the process (SIGKILL) at that step (of its N-th transaction).
 
 use crate::filerec::{JournalHeader, TxnState, MAX_TXN_RECORDS};
 use crate::format::{Block, Decoded, Owner};
@@ -21,15 +21,24 @@ use crate::store::Datastore;
 use crate::store::{Liveness, Observer};
 use crate::{Error, Result};
 
-/// Kills this process with SIGKILL if `FERRY_FAILPOINT` names `point` (crash tests).
+/// Kills this process with SIGKILL if `FERRY_FAILPOINT` names `point` (crash tests):
+/// `point` kills the first time it is reached, `point@N` the N-th time.
 pub fn failpoint(point: &str) {
-    if std::env::var("FERRY_FAILPOINT").is_ok_and(|v| v == point) {
+    static HITS: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let Ok(v) = std::env::var("FERRY_FAILPOINT") else {
+        return;
+    };
+    let (name, nth) = match v.split_once('@') {
+        Some((n, k)) => (n, k.parse().unwrap_or(1)),
+        None => (v.as_str(), 1),
+    };
+    if name == point && HITS.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1 >= nth {
         eprintln!("ferry: failpoint {point}: killing myself");
         let _ = nix::sys::signal::raise(nix::sys::signal::Signal::SIGKILL);
     }
 }
 
-fn images_crc(images: &[Box<Block>]) -> u32 {
+pub(crate) fn images_crc(images: &[Box<Block>]) -> u32 {
     images
         .iter()
         .fold(0u32, |crc, b| crc32c::crc32c_append(crc, &b.0))
@@ -127,7 +136,15 @@ pub fn replay_if(ds: &Datastore, host_id: u32, gone: impl Fn(Owner) -> bool) -> 
     };
     let images = ds.read_many(jrec + 1, header.targets.len() as u64)?;
     if images_crc(&images) != header.images_crc {
-        // A torn journal write: the transaction never committed, nothing was applied.
+        // A torn journal write: the transaction never committed and nothing of it was
+        // applied. Retire it so nobody looks at it again.
+        tracing::info!(
+            "{}: journal transaction {} of host {host_id} was torn (never committed); retiring it",
+            ds.path().display(),
+            header.seq
+        );
+        header.state = TxnState::Applied;
+        ds.write(jrec, &header.encode(ds.uuid()))?;
         return Ok(false);
     }
     let end = ds.superblock().size / crate::format::RECORD as u64;

@@ -151,15 +151,15 @@ pub struct DsFile {
 fn to_block(e: Error, name: &Path, offset: u64) -> diskfmt::Error {
     match e {
         Error::Block(b) => b,
-        Error::NoSpace { detail, .. } => diskfmt::Error::Io {
-            object: name.to_path_buf(),
-            op: "allocate a block",
-            offset,
-            err: std::io::Error::new(
-                std::io::ErrorKind::StorageFull,
-                format!("{detail} (os error {})", libc::ENOSPC),
-            ),
-        },
+        Error::NoSpace { detail, .. } => {
+            tracing::warn!("{}: no space: {detail}", name.display());
+            diskfmt::Error::Io {
+                object: name.to_path_buf(),
+                op: "allocate a block",
+                offset,
+                err: std::io::Error::from_raw_os_error(libc::ENOSPC),
+            }
+        }
         other => diskfmt::Error::Invalid {
             object: name.to_path_buf(),
             detail: other.to_string(),

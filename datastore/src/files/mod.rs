@@ -386,12 +386,7 @@ impl Session {
         let seq = crate::journal::last_seq(&ds, me.host_id)?;
         let engine = diskfmt::Engine::global()
             .map_err(|e| Error::io(ds.path(), "start the I/O engine", e))?;
-        let data =
-            diskfmt::file::DirectFile::open(ds.path(), diskfmt::file::OpenMode::ReadWrite, engine)?;
-        let sync = std::fs::OpenOptions::new()
-            .write(true)
-            .open(ds.path())
-            .map_err(|e| Error::io(ds.path(), "open", e))?;
+        let (data, sync) = open_data_path(&ds, engine)?;
         Ok(Arc::new(Session {
             ds,
             me,
@@ -738,6 +733,50 @@ impl Session {
     pub fn space(&self) -> Result<SpaceInfo> {
         space::space_info(&self.ds)
     }
+}
+
+/// Opens the device path again for data I/O and for flushes, and proves it is still
+/// the same datastore: a device path can be re-bound to another device between opens
+/// (a loop device detached and attached to another image), and data written there
+/// would land in someone else's blocks.
+fn open_data_path(
+    ds: &Datastore,
+    engine: diskfmt::Engine,
+) -> Result<(diskfmt::file::DirectFile, std::fs::File)> {
+    use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt};
+    let path = ds.path();
+    let sync = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .custom_flags(libc::O_DIRECT)
+        .open(path)
+        .map_err(|e| Error::io(path, "open", e))?;
+    let mut sb = crate::format::Block::zeroed();
+    sync.read_exact_at(&mut sb.0, 0)
+        .map_err(|e| Error::io(path, "read the superblock", e))?;
+    let same = matches!(
+        crate::format::Superblock::decode(&sb),
+        Decoded::Valid(s) if s.uuid == *ds.uuid()
+    );
+    let data = diskfmt::file::DirectFile::open(path, diskfmt::file::OpenMode::ReadWrite, engine)?;
+    let id = |m: std::fs::Metadata| (m.dev(), m.ino(), m.rdev());
+    let data_meta = data
+        .fd()
+        .try_clone_to_owned()
+        .map(std::fs::File::from)
+        .and_then(|f| f.metadata())
+        .map_err(|e| Error::io(path, "stat", e))?;
+    let sync_meta = sync.metadata().map_err(|e| Error::io(path, "stat", e))?;
+    if !same || id(data_meta) != id(sync_meta) {
+        return Err(Error::Invalid {
+            object: path.to_path_buf(),
+            detail: format!(
+                "no longer holds datastore {} (the path now leads elsewhere): open it again",
+                ds.uuid()
+            ),
+        });
+    }
+    Ok((data, sync))
 }
 
 fn exists(ds: &Datastore, p: &DsPath) -> Error {

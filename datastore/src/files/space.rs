@@ -6,7 +6,8 @@
 //! freed in one of its own clusters becomes reusable only once the free is committed (so
 //! no committed map can still point at it); a block freed in a cluster another host owns
 //! goes to that cluster's inbox under the volume lease, and the owner takes it back when
-//! it next claims space.
+//! it next claims space. A cluster left with nothing of its owner's in it is given back
+//! (owner none) by the commit that frees its last block, so other hosts can claim it.
 //!
 //! A commit snapshots every dirty record of the session's open files and clusters at one
 //! cut, flushes the data device, then writes the snapshot through the journal. Record
@@ -143,6 +144,10 @@ struct Snapshot {
     final_bits: Vec<(u32, ClusterRec, u64)>,
     frees: Vec<u64>,
     foreign: Vec<u64>,
+    /// Clusters given back (owner none in the final image), and their state to restore
+    /// if the commit fails.
+    released: Vec<u32>,
+    released_state: Vec<(u32, OwnedCluster)>,
 }
 
 impl Session {
@@ -274,7 +279,7 @@ impl Session {
         } else {
             None
         };
-        let snap = {
+        let mut snap = {
             let _cut = self.cut.write().expect("cut");
             self.snapshot()
         };
@@ -303,7 +308,11 @@ impl Session {
                 for (f, desc, ptrs) in &snap.restore {
                     f.mark_dirty(*desc, ptrs);
                 }
+                let _cut = self.cut.read().expect("cut");
                 let mut sp = lock(&self.space);
+                for (c, oc) in snap.released_state.drain(..) {
+                    sp.owned.insert(c, oc);
+                }
                 sp.pending.extend(&snap.frees);
                 sp.foreign.extend(&snap.foreign);
                 for (c, _, _) in &snap.final_bits {
@@ -338,6 +347,8 @@ impl Session {
             final_bits: Vec::new(),
             frees: Vec::new(),
             foreign: Vec::new(),
+            released: Vec::new(),
+            released_state: Vec::new(),
         };
         for f in files {
             let (writes, merge, desc, ptrs) = f.take_dirty(&self.ds);
@@ -372,11 +383,23 @@ impl Session {
                     fin.set(i, false);
                 }
             }
+            if fin.count() == 0 {
+                // Nothing of ours is left in it: give the cluster back, so any host can
+                // claim it. It leaves `owned` now, under the cut: nothing allocates from it
+                // any more.
+                fin.owner = crate::format::Owner::NONE;
+                snap.released.push(*c);
+            }
             snap.clusters_final.push((
                 cluster_rec(&self.ds, *c, false),
                 fin.encode(self.ds.uuid(), false, g + 1),
             ));
             snap.final_bits.push((*c, fin, g + 1));
+        }
+        for c in &snap.released {
+            if let Some(oc) = sp.owned.remove(c) {
+                snap.released_state.push((*c, oc));
+            }
         }
         snap
     }

@@ -1,0 +1,344 @@
+//! Datastore file semantics between two hosts (each its own handle on one image): lock
+//! modes on open, names, folders, rename rules, running out of space.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use datastore::files::{self, Session};
+use datastore::hostlease::HostLease;
+use datastore::{check, Datastore, Error, LockMode, Profile};
+use diskfmt::{BlockDev, ErrorKind, Provisioning, WriteFlags};
+
+const MIB: u64 = 1 << 20;
+
+struct Hosts {
+    _dir: tempfile::TempDir,
+    image: PathBuf,
+    hosts: Vec<(HostLease, Arc<Session>)>,
+}
+
+impl Drop for Hosts {
+    fn drop(&mut self) {
+        for (l, _) in self.hosts.drain(..) {
+            let _ = l.leave();
+        }
+    }
+}
+
+fn hosts(size: u64, names: &[&str]) -> Hosts {
+    let dir = tempfile::tempdir().unwrap();
+    let image = dir.path().join("lun.img");
+    std::fs::File::create(&image)
+        .unwrap()
+        .set_len(size)
+        .unwrap();
+    let dev = datastore::device::Device::open(&image).unwrap();
+    Datastore::format(&dev, dev.size(), "sem", 4, Profile::Test).unwrap();
+    let joins: Vec<_> = names
+        .iter()
+        .map(|n| {
+            let (image, n) = (image.clone(), n.to_string());
+            std::thread::spawn(move || {
+                let ds = Arc::new(Datastore::open(&image).unwrap());
+                let lease = HostLease::join(Arc::clone(&ds), &n, "", Box::new(|_| {})).unwrap();
+                let s = Session::start(ds, lease.owner()).unwrap();
+                (lease, s)
+            })
+        })
+        .collect();
+    Hosts {
+        _dir: dir,
+        image,
+        hosts: joins.into_iter().map(|j| j.join().unwrap()).collect(),
+    }
+}
+
+fn rt() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+fn held_by(e: Error, who: &str) {
+    match e {
+        Error::LockHeld {
+            holders, object, ..
+        } => {
+            assert!(holders.contains(who), "{holders}");
+            assert!(object.contains(":/"), "the error names the file: {object}");
+        }
+        e => panic!("expected a lock conflict naming {who}, got {e}"),
+    }
+}
+
+#[test]
+fn exclusive_shared_and_multi_writer_opens_across_hosts() {
+    let h = hosts(256 * MIB, &["ha", "hb"]);
+    let (a, b) = (&h.hosts[0].1, &h.hosts[1].1);
+    rt().block_on(async {
+        let f = a
+            .create("/disk", 8 * MIB, Provisioning::Thin)
+            .await
+            .unwrap();
+        // Exclusive on one host: no open for write, nor shared, on another.
+        held_by(
+            b.open("/disk", LockMode::Exclusive).await.unwrap_err(),
+            "ha",
+        );
+        held_by(b.open("/disk", LockMode::Shared).await.unwrap_err(), "ha");
+        // Nor a delete or a rename.
+        held_by(b.remove("/disk").await.unwrap_err(), "ha");
+        held_by(b.rename("/disk", "/other").await.unwrap_err(), "ha");
+        f.write(0, &[7u8; 4096], WriteFlags::NONE).await.unwrap();
+        f.close().await.unwrap();
+
+        // Shared readers on both hosts; they cannot write; exclusive waits for them.
+        let ra = a.open("/disk", LockMode::Shared).await.unwrap();
+        let rb = b.open("/disk", LockMode::Shared).await.unwrap();
+        let mut buf = [0u8; 4096];
+        rb.read(0, &mut buf).await.unwrap();
+        assert_eq!(buf, [7u8; 4096]);
+        assert!(!rb.writable());
+        let e = rb.write(0, &buf, WriteFlags::NONE).await.unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::InvalidInput);
+        held_by(
+            b.open("/disk", LockMode::Exclusive).await.unwrap_err(),
+            "ha",
+        );
+        ra.close().await.unwrap();
+        rb.close().await.unwrap();
+
+        // Multi-writer needs eager-thick (blocks that never move).
+        match b.open("/disk", LockMode::MultiWriter).await {
+            Err(Error::Invalid { detail, .. }) => {
+                assert!(detail.contains("eager-thick"), "{detail}")
+            }
+            r => panic!("multi-writer on a thin file: {r:?}"),
+        }
+        a.create("/shared", 4 * MIB, Provisioning::EagerThick)
+            .await
+            .unwrap()
+            .close()
+            .await
+            .unwrap();
+        let wa = a.open("/shared", LockMode::MultiWriter).await.unwrap();
+        let wb = b.open("/shared", LockMode::MultiWriter).await.unwrap();
+        held_by(
+            b.open("/shared", LockMode::Exclusive).await.unwrap_err(),
+            "ha",
+        );
+        // Concurrent writers to different ranges, each sees the other's data.
+        let (x, y) = (vec![0xaau8; 65536], vec![0xbbu8; 65536]);
+        let (r1, r2) = tokio::join!(
+            wa.write(MIB, &x, WriteFlags::NONE),
+            wb.write(2 * MIB + 512, &y, WriteFlags::NONE)
+        );
+        r1.unwrap();
+        r2.unwrap();
+        wa.flush().await.unwrap();
+        wb.flush().await.unwrap();
+        let mut got = vec![0u8; 65536];
+        wa.read(2 * MIB + 512, &mut got).await.unwrap();
+        assert_eq!(got, y);
+        wb.read(MIB, &mut got).await.unwrap();
+        assert_eq!(got, x);
+        assert!(
+            wa.grow(8 * MIB).await.is_err(),
+            "grow needs an exclusive open"
+        );
+        wa.close().await.unwrap();
+        wb.close().await.unwrap();
+        // Both hosts' marks were merged: the data reads back, and block status shows it.
+        let ro = files::DsFile::open_readonly(&h.image, "/shared").unwrap();
+        let ext = ro.block_status(0, 4 * MIB).await.unwrap();
+        let data: u64 = ext
+            .iter()
+            .filter(|e| e.kind == diskfmt::ExtentKind::Data)
+            .map(|e| e.length)
+            .sum();
+        assert_eq!(data, 65536 + 69632, "{ext:?}");
+    });
+    let ds = Datastore::open(&h.image).unwrap();
+    let r = check::check(&ds).unwrap();
+    assert!(r.clean(), "{r:#?}");
+}
+
+#[test]
+fn names_folders_and_renames() {
+    let h = hosts(128 * MIB, &["hn"]);
+    let s = &h.hosts[0].1;
+    rt().block_on(async {
+        for bad in ["a//b", "/a/../b", "./a", "/..", &"x".repeat(256), "a\nb"] {
+            match s.create(bad, MIB, Provisioning::Thin).await {
+                Err(Error::Invalid { detail, .. }) => assert!(detail.contains("path"), "{detail}"),
+                r => panic!("{bad:?} was accepted: {r:?}"),
+            }
+        }
+        assert!(matches!(
+            s.create("/nofolder/f", MIB, Provisioning::Thin).await,
+            Err(Error::NotFound { .. })
+        ));
+        s.mkdir("/vm1").unwrap();
+        assert!(matches!(s.mkdir("/vm1"), Err(Error::Exists { .. })));
+        s.mkdir("/vm1/sub").unwrap();
+        let name = "ä".repeat(127); // 254 bytes of UTF-8: allowed
+        s.create(&format!("/vm1/{name}"), MIB, Provisioning::LazyThick)
+            .await
+            .unwrap()
+            .close()
+            .await
+            .unwrap();
+        assert!(matches!(
+            s.create(&format!("/vm1/{name}"), MIB, Provisioning::Thin)
+                .await,
+            Err(Error::Exists { .. })
+        ));
+        assert!(matches!(
+            s.create("/vm1/odd", 1000, Provisioning::Thin).await,
+            Err(Error::Invalid { .. })
+        ));
+        // A folder cannot move into itself; a non-empty folder cannot be removed.
+        assert!(matches!(
+            s.rename("/vm1", "/vm1/sub/x").await,
+            Err(Error::Invalid { .. })
+        ));
+        assert!(matches!(s.remove("/vm1").await, Err(Error::Invalid { .. })));
+        s.rename(&format!("/vm1/{name}"), "/vm1/sub/disk")
+            .await
+            .unwrap();
+        s.rename("/vm1", "/vm2").await.unwrap();
+        let listed = files::list(s.datastore(), "/vm2/sub").unwrap();
+        assert_eq!(listed.len(), 1);
+        assert_eq!(listed[0].path, "/vm2/sub/disk");
+        assert_eq!(listed[0].size, MIB);
+        assert_eq!(listed[0].allocated_bytes, MIB);
+        s.remove("/vm2/sub/disk").await.unwrap();
+        s.remove("/vm2/sub").await.unwrap();
+        s.remove("/vm2").await.unwrap();
+        assert!(files::list(s.datastore(), "/").unwrap().is_empty());
+    });
+    let r = check::check(s.datastore()).unwrap();
+    assert!(r.clean(), "{r:#?}");
+}
+
+#[test]
+fn running_out_of_space_is_a_clean_no_space_error() {
+    let h = hosts(96 * MIB, &["hs", "ht"]);
+    let (a, b) = (&h.hosts[0].1, &h.hosts[1].1);
+    let free = a.space().unwrap().free_blocks;
+    rt().block_on(async {
+        // A thick file larger than the datastore cannot be created, and leaves nothing.
+        let e = a
+            .create("/huge", (free + 8) * MIB, Provisioning::LazyThick)
+            .await
+            .unwrap_err();
+        assert!(matches!(e, Error::NoSpace { .. }), "{e}");
+        assert!(files::list(a.datastore(), "/").unwrap().is_empty());
+        assert_eq!(a.space().unwrap().free_blocks, free);
+        // A thin file fills up: the write that finds no block gets NoSpace.
+        let f = a
+            .create("/fill", (free + 8) * MIB, Provisioning::Thin)
+            .await
+            .unwrap();
+        let chunk = vec![0x5au8; MIB as usize];
+        let mut written = 0u64;
+        let err = loop {
+            match f.write(written * MIB, &chunk, WriteFlags::NONE).await {
+                Ok(()) => written += 1,
+                Err(e) => break e,
+            }
+            assert!(written <= free, "wrote more blocks than were free");
+        };
+        assert_eq!(err.kind(), ErrorKind::NoSpace, "{err}");
+        f.flush().await.unwrap();
+        // Everything written before is intact; the other host cannot allocate either.
+        let mut back = vec![0u8; MIB as usize];
+        f.read((written - 1) * MIB, &mut back).await.unwrap();
+        assert_eq!(back, chunk);
+        let g = b
+            .create("/small", 4 * MIB, Provisioning::Thin)
+            .await
+            .unwrap();
+        let e = g.write(0, &chunk, WriteFlags::NONE).await.unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::NoSpace, "{e}");
+        f.close().await.unwrap();
+        let r = check::check(a.datastore()).unwrap();
+        assert!(r.clean(), "{r:#?}");
+        // Deleting frees the space, and the other host can write again.
+        a.remove("/fill").await.unwrap();
+        g.write(0, &chunk, WriteFlags::FUA).await.unwrap();
+        g.close().await.unwrap();
+    });
+    let r = check::check(a.datastore()).unwrap();
+    assert!(r.clean(), "{r:#?}");
+    assert!(r.free_blocks > free / 2, "{r:#?}");
+}
+
+#[test]
+fn check_finds_leaks_and_damage_and_repair_frees_leaks() {
+    use datastore::filerec::{ClusterRec, Descriptor};
+    use datastore::format::Decoded;
+    let h = hosts(128 * MIB, &["hr"]);
+    let s = &h.hosts[0].1;
+    rt().block_on(async {
+        let f = s
+            .create("/f", 4 * MIB, Provisioning::LazyThick)
+            .await
+            .unwrap();
+        f.close().await.unwrap();
+    });
+    let ds = Datastore::open(&h.image).unwrap();
+    assert!(check::check(&ds).unwrap().clean());
+    let sb = ds.superblock().clone();
+    // Leak: mark the last block of the last cluster used in an unowned cluster.
+    let c = sb.cluster_count - 1;
+    let rec = sb.cluster_start + 2 * c as u64;
+    let Decoded::Valid((mut cr, g)) =
+        ClusterRec::decode(&ds.read(rec).unwrap(), ds.uuid(), false, c)
+    else {
+        panic!("cluster record");
+    };
+    let last = sb.cluster_blocks(c) - 1;
+    assert!(!cr.get(last));
+    cr.set(last, true);
+    ds.write(rec, &cr.encode(ds.uuid(), false, g + 1)).unwrap();
+    let r = check::check(&ds).unwrap();
+    assert_eq!(
+        r.leaked_blocks,
+        vec![c as u64 * sb.blocks_per_cluster as u64 + last as u64]
+    );
+    assert!(r.problems.is_empty(), "{r:#?}");
+    let r = check::repair(s).unwrap();
+    assert!(r.clean(), "{r:#?}");
+    assert_eq!(r.repaired.len(), 1, "{r:#?}");
+    // Damage that needs a person: a file whose block is marked free; repair refuses.
+    let (d, _) = files::Table::read(&ds).unwrap().get(1).unwrap().clone();
+    let Decoded::Valid((d2, g2)) =
+        Descriptor::decode(&ds.read(sb.desc_start + 1).unwrap(), ds.uuid())
+    else {
+        panic!("descriptor");
+    };
+    assert_eq!(d, d2);
+    let mb = d.maps[0].block;
+    let (mc, mi) = (
+        (mb / sb.blocks_per_cluster as u64) as u32,
+        (mb % sb.blocks_per_cluster as u64) as u32,
+    );
+    let rec = sb.cluster_start + 2 * mc as u64;
+    let Decoded::Valid((mut cr, g)) =
+        ClusterRec::decode(&ds.read(rec).unwrap(), ds.uuid(), false, mc)
+    else {
+        panic!("cluster record");
+    };
+    cr.set(mi, false);
+    ds.write(rec, &cr.encode(ds.uuid(), false, g + 1)).unwrap();
+    let r = check::check(&ds).unwrap();
+    assert!(
+        r.problems.iter().any(|p| p.contains("marked free")),
+        "{r:#?}"
+    );
+    assert!(check::repair(s).is_err());
+    let _ = g2;
+}
