@@ -51,17 +51,16 @@ fn read_leader(ds: &Datastore) -> Result<Option<Leader>> {
 
 fn read_ballots(ds: &Datastore) -> Result<Vec<Option<Ballot>>> {
     let sb = ds.superblock();
-    (0..sb.max_hosts as u64)
-        .map(|i| {
-            Ok(
-                match Ballot::decode(&*ds.read(sb.ballot_start + i)?, ds.uuid()) {
-                    Decoded::Valid(b) => Some(b),
-                    Decoded::Blank => Some(Ballot::default()),
-                    Decoded::Unknown(_) => None,
-                },
-            )
+    // One read of every ballot: each record in it is still read atomically.
+    Ok(ds
+        .read_many(sb.ballot_start, sb.max_hosts as u64)?
+        .iter()
+        .map(|b| match Ballot::decode(b, ds.uuid()) {
+            Decoded::Valid(b) => Some(b),
+            Decoded::Blank => Some(Ballot::default()),
+            Decoded::Unknown(_) => None,
         })
-        .collect()
+        .collect())
 }
 
 /// Pseudo-random jitter without a random crate: the clock's nanoseconds mixed with the id.

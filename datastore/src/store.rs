@@ -285,13 +285,14 @@ impl Observer {
     pub fn observe(&mut self, ds: &Datastore) -> Result<&[SlotView]> {
         let host_dead = ds.sb.host_dead();
         let mut views = Vec::with_capacity(self.seen.len());
-        for i in 0..self.seen.len() {
+        // One read of the whole heartbeat region.
+        let slots = ds.read_many(ds.slot_rec(1), self.seen.len() as u64)?;
+        // The clock is read *after* the slots: what we saw was written no later than now.
+        // A time taken before the read could predate the write (this process may be
+        // stopped in between), making a live host look dead too early.
+        let now = ds.clock.now();
+        for (i, raw) in slots.into_iter().enumerate() {
             let host_id = i as u32 + 1;
-            let raw = ds.read(ds.slot_rec(host_id))?;
-            // The clock is read *after* the slot: what we saw was written no later than
-            // now. A time taken before the read could predate the write (this process
-            // may be stopped mid-loop), making a live host look dead too early.
-            let now = ds.clock.now();
             let fingerprint = crc32c::crc32c(&raw.0);
             let seen = match &mut self.seen[i] {
                 Some(s) if s.fingerprint == fingerprint => s,

@@ -342,3 +342,35 @@ fn check_finds_leaks_and_damage_and_repair_frees_leaks() {
     assert!(check::repair(s).is_err());
     let _ = g2;
 }
+
+#[test]
+fn concurrent_first_writes_claim_only_the_space_they_need() {
+    // Nearly all of a small datastore, written by many concurrent first writes: one
+    // claim serves them all (a claim per writer would run out of clusters and fail).
+    let h = hosts(96 * MIB, &["hc"]);
+    let s = &h.hosts[0].1;
+    let free = s.space().unwrap().free_blocks;
+    let n = free - 2; // one map block, one spare
+    rt().block_on(async {
+        let f = s
+            .create("/fresh", n * MIB, Provisioning::Thin)
+            .await
+            .unwrap();
+        let writes: Vec<_> = (0..n)
+            .map(|i| {
+                let f = &f;
+                async move {
+                    f.write(i * MIB + 8192, &[i as u8; 4096], WriteFlags::NONE)
+                        .await
+                }
+            })
+            .collect();
+        for r in futures::future::join_all(writes).await {
+            r.unwrap();
+        }
+        f.close().await.unwrap();
+    });
+    let r = check::check(s.datastore()).unwrap();
+    assert!(r.clean(), "{r:#?}");
+    assert_eq!(r.used_blocks, n + 1);
+}

@@ -121,6 +121,13 @@ impl Space {
         out
     }
 
+    /// Whether an owned cluster has a free block.
+    pub fn has_free(&self, ds: &Datastore) -> bool {
+        self.owned
+            .iter()
+            .any(|(c, oc)| (0..ds.superblock().cluster_blocks(*c)).any(|i| !oc.used.get(i)))
+    }
+
     /// Frees `block` (reusable after the next commit).
     pub fn free(&mut self, ds: &Datastore, block: u64) {
         let (c, _) = cluster_of(ds, block);
@@ -155,6 +162,11 @@ impl Session {
     /// claims a cluster with free blocks. `NoSpace` if neither finds any.
     pub(crate) fn claim(&self) -> Result<()> {
         let mut seq = lock(&self.commit_lock);
+        // Concurrent writers all run short at once: the first claim may have served the
+        // others already.
+        if lock(&self.space).has_free(&self.ds) {
+            return Ok(());
+        }
         let mut obs = lock(&self.obs);
         let lease = VolumeLease::acquire(&self.ds, self.me, &mut obs, self.lease_wait())?;
         let out = (|| {
