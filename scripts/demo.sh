@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # ferry's demo. For now it shows the disk layer (Step 1: a sparse image converted between
-# formats and provisionings, checked against qemu-img) and the datastore's locking (Step 2:
-# two hosts, a lock, a host killed and fenced, the lock taken over). Later steps grow it
-# into the live relocation demo. Sets the machine up first (scripts/setup.sh). Run as root.
+# formats and provisionings, checked against qemu-img), the datastore's locking (Step 2:
+# two hosts, a lock, a host killed and fenced, the lock taken over) and files in the
+# datastore (Step 3: a qcow2 imported thin, opened by one host and refused to the other,
+# exported back identical, checked). Later steps grow it into the live relocation demo.
+# Sets the machine up first (scripts/setup.sh). Run as root.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh
@@ -80,5 +82,26 @@ wait "$beta"
 t1=$(cut -d' ' -f1 /proc/uptime)
 echo "beta held vm1 $(echo "$t1 - $t0" | bc) s after the kill; alpha's command was killed by its supervisor first"
 show $F datastore locks "$l1"
+
+step "Files in the datastore: the qcow2 imported thin by a third host, gamma, in a folder"
+show $F datastore mkdir "$l1:/vm1" --host gamma
+show $F disk convert "$work/thin.qcow2" "$l1:/vm1/disk0" --provisioning thin --host gamma
+show $F datastore ls "$l2:/vm1"
+show $F disk map "$l2:/vm1/disk0"
+
+step "While gamma holds disk0 open, beta cannot delete it (the error names the holder)"
+$F lock --datastore "$l1" --host gamma --object "file:$($F datastore ls --json "$l1:/vm1/disk0" | sed -n 's/.*"uuid": "\(.*\)".*/\1/p')" -- sleep 6 &
+lock_pids+=($!)
+sleep 3
+set +e
+show $F datastore rm "$l2:/vm1/disk0" --host beta
+echo "exit status: $?"
+set -e
+wait "${lock_pids[-1]}"
+
+step "Exported back to qcow2 by beta: identical to the original; the datastore checks clean"
+show $F disk convert "$l2:/vm1/disk0" "$work/back.qcow2" --format qcow2
+show qemu-img compare "$work/thin.qcow2" "$work/back.qcow2"
+show $F datastore check "$l2"
 
 printf '\nDemo finished.\n'

@@ -43,7 +43,7 @@ pub async fn ls(what: &str, json: bool) -> Result<u8> {
         return Ok(0);
     }
     println!(
-        "{:<8}{:>12}{:>12}  {:<12}{:<40}lock",
+        "{:<8}{:>12}{:>12}  {:<14}{:<40}lock",
         "kind", "size", "allocated", "provisioning", "path"
     );
     for Stat {
@@ -58,7 +58,7 @@ pub async fn ls(what: &str, json: bool) -> Result<u8> {
     {
         let kind = serde_json::to_value(kind)?;
         println!(
-            "{:<8}{:>12}{:>12}  {:<12}{:<40}{}",
+            "{:<8}{:>12}{:>12}  {:<14}{:<40}{}",
             kind.as_str().unwrap_or("?"),
             human(size),
             human(allocated_bytes),
