@@ -104,9 +104,17 @@ impl HostSession {
                     "pet {}",
                     lease.last_good().as_nanos()
                 );
-                lease.check()?;
-                let session = Session::start(Arc::clone(&ds), lease.owner())?;
-                Ok((lease, session))
+                let started = lease
+                    .check()
+                    .and_then(|_| Session::start(Arc::clone(&ds), lease.owner()));
+                match started {
+                    Ok(session) => Ok((lease, session)),
+                    Err(e) => {
+                        // Give the slot back rather than leave it to be seen dead.
+                        let _ = lease.leave();
+                        Err(e.into())
+                    }
+                }
             });
         match joined {
             Ok((lease, session)) => Ok(HostSession {

@@ -174,8 +174,9 @@ pub fn check(ds: &Datastore) -> Result<Report> {
         }
     }
     // Lock records.
-    for idx in sb.lock_start..sb.lock_start + sb.lock_count as u64 {
-        if let Decoded::Unknown(why) = LockRecord::decode(&*ds.read(idx)?, ds.uuid()) {
+    let recs = ds.read_many(sb.lock_start, sb.lock_count as u64)?;
+    for (idx, b) in (sb.lock_start..).zip(recs.iter()) {
+        if let Decoded::Unknown(why) = LockRecord::decode(b, ds.uuid()) {
             r.problems
                 .push(format!("lock record {idx} is unreadable ({why})"));
         }

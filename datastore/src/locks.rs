@@ -238,11 +238,12 @@ pub fn handoff(
 /// Every lock record in use.
 pub fn list(ds: &Datastore) -> Result<Vec<LockEntry>> {
     let sb = ds.superblock();
-    let mut out = Vec::new();
-    for idx in sb.lock_start..sb.lock_start + sb.lock_count as u64 {
-        if let Decoded::Valid(lock) = LockRecord::decode(&*ds.read(idx)?, ds.uuid()) {
-            out.push(LockEntry { record: idx, lock });
-        }
-    }
-    Ok(out)
+    let recs = ds.read_many(sb.lock_start, sb.lock_count as u64)?;
+    Ok((sb.lock_start..)
+        .zip(recs.iter())
+        .filter_map(|(record, b)| match LockRecord::decode(b, ds.uuid()) {
+            Decoded::Valid(lock) => Some(LockEntry { record, lock }),
+            _ => None,
+        })
+        .collect())
 }

@@ -293,7 +293,7 @@ impl Session {
         };
         let mut snap = {
             let _cut = self.cut.write().expect("cut");
-            self.snapshot()
+            self.snapshot(needs_lease)
         };
         let out = self
             .sync_data()
@@ -344,8 +344,10 @@ impl Session {
             .map_err(|e| Error::io(self.ds.path(), "flush", e))
     }
 
-    /// Under the cut: every dirty record, encoded.
-    fn snapshot(&self) -> Snapshot {
+    /// Under the cut: every dirty record, encoded. Records that may only be written under
+    /// the volume lease (foreign inboxes, multi-writer maps) are taken only when
+    /// `have_lease`; otherwise they wait for a commit that takes it.
+    fn snapshot(&self, have_lease: bool) -> Snapshot {
         let files: Vec<_> = lock(&self.files)
             .iter()
             .filter_map(|w| w.upgrade())
@@ -363,6 +365,9 @@ impl Session {
             released_state: Vec::new(),
         };
         for f in files {
+            if f.mode == Some(crate::format::LockMode::MultiWriter) && !have_lease {
+                continue;
+            }
             let (writes, merge, desc, ptrs) = f.take_dirty(&self.ds);
             if !writes.is_empty() || !merge.is_empty() {
                 snap.files.extend(writes);
@@ -372,7 +377,9 @@ impl Session {
         }
         let mut sp = lock(&self.space);
         snap.frees = std::mem::take(&mut sp.pending);
-        snap.foreign = std::mem::take(&mut sp.foreign);
+        if have_lease {
+            snap.foreign = std::mem::take(&mut sp.foreign);
+        }
         let freed: BTreeSet<u32> = snap
             .frees
             .iter()
