@@ -2,5 +2,7 @@
 //! QEMU launcher, QMP client and VM spec; the NBD server and client; the host agent and
 //! its control API; relocation orchestration (storage pivot, compute handoff, rollback).
 //!
-//! It is empty until Step 4.
+//! Today: [`nbd`], the NBD server (Step 4, in progress).
 #![forbid(unsafe_code)]
+
+pub mod nbd;

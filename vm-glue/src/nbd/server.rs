@@ -1,0 +1,552 @@
+//! ferry's NBD server: any [`BlockDev`] served to QEMU and to other hosts.
+//!
+//! Fixed newstyle handshake only; options EXPORT_NAME, GO, INFO, LIST, ABORT,
+//! STRUCTURED_REPLY, SET_META_CONTEXT and LIST_META_CONTEXT (`base:allocation`), others
+//! answered ERR_UNSUP. Commands READ, WRITE (FUA), FLUSH, TRIM, WRITE_ZEROES (NO_HOLE,
+//! FAST_ZERO), BLOCK_STATUS, DISC. Requests are pipelined: each runs as its own task and
+//! writes its whole reply under the connection's write lock, so replies of different
+//! requests never interleave mid-chunk. Memory is bounded per connection by a byte budget
+//! for payloads in flight; a request larger than [`MAX_REQUEST`] or any stream that is out
+//! of step (bad magic, a huge option) ends that connection only.
+
+use std::collections::HashMap;
+use std::sync::{Arc, RwLock};
+
+use diskfmt::{BlockDev, ErrorKind, ExtentKind, Provisioning, WriteFlags};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::sync::{Mutex, Semaphore};
+
+use super::proto::*;
+
+/// One export: a name clients ask for, and the device behind it.
+#[derive(Debug)]
+pub struct Export {
+    pub name: String,
+    pub description: String,
+    pub dev: Arc<dyn BlockDev>,
+    pub read_only: bool,
+}
+
+/// Exports by name; connections look their export up at handshake time.
+#[derive(Debug, Default)]
+pub struct Server {
+    exports: RwLock<HashMap<String, Arc<Export>>>,
+}
+
+/// Bytes of payload a connection may have in flight (reads and writes together).
+const BUDGET: u32 = 256 << 20;
+/// Budget unit: 4 KiB.
+const UNIT: u32 = 4096;
+
+fn errno(e: &diskfmt::Error) -> u32 {
+    match e.kind() {
+        ErrorKind::NoSpace => ENOSPC,
+        ErrorKind::InvalidInput => EINVAL,
+        ErrorKind::Unsupported => ENOTSUP,
+        _ => EIO,
+    }
+}
+
+impl Server {
+    pub fn new() -> Arc<Server> {
+        Arc::new(Server::default())
+    }
+
+    /// Adds (or replaces) an export.
+    pub fn add(&self, e: Export) {
+        self.exports
+            .write()
+            .expect("exports lock")
+            .insert(e.name.clone(), Arc::new(e));
+    }
+
+    /// Removes an export; open connections keep serving it until they end.
+    pub fn remove(&self, name: &str) -> Option<Arc<Export>> {
+        self.exports.write().expect("exports lock").remove(name)
+    }
+
+    pub fn names(&self) -> Vec<String> {
+        let mut v: Vec<_> = self
+            .exports
+            .read()
+            .expect("exports lock")
+            .keys()
+            .cloned()
+            .collect();
+        v.sort();
+        v
+    }
+
+    fn get(&self, name: &str) -> Option<Arc<Export>> {
+        self.exports
+            .read()
+            .expect("exports lock")
+            .get(name)
+            .cloned()
+    }
+
+    /// Accepts connections on a unix socket until the listener fails.
+    pub async fn serve_unix(self: Arc<Self>, l: tokio::net::UnixListener) -> std::io::Result<()> {
+        loop {
+            let (s, _) = l.accept().await?;
+            let me = Arc::clone(&self);
+            tokio::spawn(async move {
+                if let Err(e) = me.handle(s).await {
+                    tracing::debug!("nbd connection ended: {e}");
+                }
+            });
+        }
+    }
+
+    /// Accepts connections on TCP until the listener fails.
+    pub async fn serve_tcp(self: Arc<Self>, l: tokio::net::TcpListener) -> std::io::Result<()> {
+        loop {
+            let (s, peer) = l.accept().await?;
+            let _ = s.set_nodelay(true);
+            let me = Arc::clone(&self);
+            tokio::spawn(async move {
+                if let Err(e) = me.handle(s).await {
+                    tracing::debug!("nbd connection from {peer} ended: {e}");
+                }
+            });
+        }
+    }
+
+    /// Serves one connection: handshake, then transmission until DISC or EOF.
+    pub async fn handle<S>(self: Arc<Self>, stream: S) -> std::io::Result<()>
+    where
+        S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        let (mut rd, mut wr) = tokio::io::split(stream);
+        let Some(neg) = self.negotiate(&mut rd, &mut wr).await? else {
+            return Ok(());
+        };
+        transmit(neg, rd, wr).await
+    }
+
+    fn tflags(e: &Export, structured: bool) -> u16 {
+        let mut f = TF_HAS_FLAGS
+            | TF_SEND_FLUSH
+            | TF_SEND_FUA
+            | TF_SEND_TRIM
+            | TF_SEND_WRITE_ZEROES
+            | TF_SEND_FAST_ZERO
+            | TF_CAN_MULTI_CONN;
+        if structured {
+            f |= TF_SEND_DF;
+        }
+        if e.read_only {
+            f |= TF_READ_ONLY;
+        }
+        f
+    }
+
+    /// The option haggling. None: the client went away or aborted.
+    async fn negotiate<R, W>(&self, rd: &mut R, wr: &mut W) -> std::io::Result<Option<Negotiated>>
+    where
+        R: AsyncRead + Unpin,
+        W: AsyncWrite + Unpin,
+    {
+        let mut hello = Vec::with_capacity(18);
+        hello.extend_from_slice(&NBDMAGIC.to_be_bytes());
+        hello.extend_from_slice(&IHAVEOPT.to_be_bytes());
+        hello.extend_from_slice(&(FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES).to_be_bytes());
+        wr.write_all(&hello).await?;
+        let cflags = rd.read_u32().await?;
+        if cflags & CLIENT_FIXED_NEWSTYLE == 0
+            || cflags & !(CLIENT_FIXED_NEWSTYLE | CLIENT_NO_ZEROES) != 0
+        {
+            return Err(invalid(
+                "client does not speak fixed newstyle, or sent unknown flags",
+            ));
+        }
+        let no_zeroes = cflags & CLIENT_NO_ZEROES != 0;
+        let mut structured = false;
+        let mut meta = false;
+        loop {
+            let mut h = [0u8; OptionHeader::LEN];
+            rd.read_exact(&mut h).await?;
+            let Some(h) = OptionHeader::parse(&h) else {
+                return Err(invalid("option without IHAVEOPT"));
+            };
+            if h.length > MAX_OPTION_LEN {
+                return Err(invalid("option payload too large"));
+            }
+            let mut data = vec![0u8; h.length as usize];
+            rd.read_exact(&mut data).await?;
+            let reply = |kind: u32, d: &[u8]| option_reply(h.option, kind, d);
+            match h.option {
+                OPT_EXPORT_NAME => {
+                    let name = String::from_utf8_lossy(&data).into_owned();
+                    let Some(e) = self.get(&name) else {
+                        return Err(invalid("EXPORT_NAME of an unknown export"));
+                    };
+                    let mut out = Vec::with_capacity(134);
+                    out.extend_from_slice(&e.dev.size().to_be_bytes());
+                    out.extend_from_slice(&Self::tflags(&e, structured).to_be_bytes());
+                    if !no_zeroes {
+                        out.extend_from_slice(&[0u8; 124]);
+                    }
+                    wr.write_all(&out).await?;
+                    return Ok(Some(Negotiated {
+                        export: e,
+                        structured,
+                        meta,
+                    }));
+                }
+                OPT_ABORT => {
+                    let _ = wr.write_all(&reply(REP_ACK, &[])).await;
+                    return Ok(None);
+                }
+                OPT_LIST => {
+                    if !data.is_empty() {
+                        wr.write_all(&reply(REP_ERR_INVALID, &[])).await?;
+                        continue;
+                    }
+                    for n in self.names() {
+                        let mut d = (n.len() as u32).to_be_bytes().to_vec();
+                        d.extend_from_slice(n.as_bytes());
+                        wr.write_all(&reply(REP_SERVER, &d)).await?;
+                    }
+                    wr.write_all(&reply(REP_ACK, &[])).await?;
+                }
+                OPT_STRUCTURED_REPLY => {
+                    if !data.is_empty() {
+                        wr.write_all(&reply(REP_ERR_INVALID, &[])).await?;
+                        continue;
+                    }
+                    structured = true;
+                    wr.write_all(&reply(REP_ACK, &[])).await?;
+                }
+                OPT_INFO | OPT_GO => {
+                    let Some(req) = InfoRequest::parse(&data) else {
+                        wr.write_all(&reply(REP_ERR_INVALID, &[])).await?;
+                        continue;
+                    };
+                    let Some(e) = self.get(&req.name) else {
+                        let msg = format!("no export named {:?}", req.name);
+                        wr.write_all(&reply(REP_ERR_UNKNOWN, msg.as_bytes()))
+                            .await?;
+                        continue;
+                    };
+                    let mut info = INFO_EXPORT.to_be_bytes().to_vec();
+                    info.extend_from_slice(&e.dev.size().to_be_bytes());
+                    info.extend_from_slice(&Self::tflags(&e, structured).to_be_bytes());
+                    wr.write_all(&reply(REP_INFO, &info)).await?;
+                    if req.infos.contains(&INFO_NAME) {
+                        let mut d = INFO_NAME.to_be_bytes().to_vec();
+                        d.extend_from_slice(e.name.as_bytes());
+                        wr.write_all(&reply(REP_INFO, &d)).await?;
+                    }
+                    if req.infos.contains(&INFO_DESCRIPTION) && !e.description.is_empty() {
+                        let mut d = INFO_DESCRIPTION.to_be_bytes().to_vec();
+                        d.extend_from_slice(e.description.as_bytes());
+                        wr.write_all(&reply(REP_INFO, &d)).await?;
+                    }
+                    let mut d = INFO_BLOCK_SIZE.to_be_bytes().to_vec();
+                    d.extend_from_slice(&e.dev.logical_block_size().to_be_bytes());
+                    d.extend_from_slice(&e.dev.physical_block_size().max(4096).to_be_bytes());
+                    d.extend_from_slice(&MAX_REQUEST.to_be_bytes());
+                    wr.write_all(&reply(REP_INFO, &d)).await?;
+                    wr.write_all(&reply(REP_ACK, &[])).await?;
+                    if h.option == OPT_GO {
+                        return Ok(Some(Negotiated {
+                            export: e,
+                            structured,
+                            meta,
+                        }));
+                    }
+                }
+                OPT_SET_META_CONTEXT | OPT_LIST_META_CONTEXT => {
+                    let set = h.option == OPT_SET_META_CONTEXT;
+                    if !structured {
+                        wr.write_all(&reply(
+                            REP_ERR_INVALID,
+                            b"negotiate structured replies first",
+                        ))
+                        .await?;
+                        continue;
+                    }
+                    let Some(req) = MetaRequest::parse(&data) else {
+                        wr.write_all(&reply(REP_ERR_INVALID, &[])).await?;
+                        continue;
+                    };
+                    if self.get(&req.export).is_none() {
+                        wr.write_all(&reply(REP_ERR_UNKNOWN, &[])).await?;
+                        continue;
+                    }
+                    let wanted = (!set && req.queries.is_empty())
+                        || req
+                            .queries
+                            .iter()
+                            .any(|q| q == BASE_ALLOCATION || (!set && q == "base:"));
+                    if set {
+                        meta = wanted;
+                    }
+                    if wanted {
+                        let mut d = BASE_ALLOCATION_ID.to_be_bytes().to_vec();
+                        d.extend_from_slice(BASE_ALLOCATION.as_bytes());
+                        wr.write_all(&reply(REP_META_CONTEXT, &d)).await?;
+                    }
+                    wr.write_all(&reply(REP_ACK, &[])).await?;
+                }
+                _ => {
+                    wr.write_all(&reply(REP_ERR_UNSUP, &[])).await?;
+                }
+            }
+        }
+    }
+}
+
+fn invalid(msg: &str) -> std::io::Error {
+    std::io::Error::new(std::io::ErrorKind::InvalidData, msg.to_string())
+}
+
+/// What the handshake settled.
+#[derive(Debug)]
+struct Negotiated {
+    export: Arc<Export>,
+    structured: bool,
+    meta: bool,
+}
+
+/// The transmission phase: read requests, run each as a task, until DISC or EOF.
+async fn transmit<R, W>(neg: Negotiated, mut rd: R, wr: W) -> std::io::Result<()>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin + Send + 'static,
+{
+    let wr = Arc::new(Mutex::new(wr));
+    let budget = Arc::new(Semaphore::new((BUDGET / UNIT) as usize));
+    let neg = Arc::new(neg);
+    let mut tasks = tokio::task::JoinSet::new();
+    let result = loop {
+        // Reap finished requests as we go.
+        while tasks.try_join_next().is_some() {}
+        let mut h = [0u8; Request::LEN];
+        if let Err(e) = rd.read_exact(&mut h).await {
+            break if e.kind() == std::io::ErrorKind::UnexpectedEof {
+                Ok(())
+            } else {
+                Err(e)
+            };
+        }
+        let req = match Request::parse(&h) {
+            Ok(r) => r,
+            Err(HeaderError::BadMagic(m)) => {
+                break Err(invalid(&format!("bad request magic {m:#x}")))
+            }
+        };
+        if req.kind == CMD_DISC {
+            break Ok(());
+        }
+        let payload_len = if req.kind == CMD_WRITE { req.length } else { 0 };
+        if req.length > MAX_REQUEST && matches!(req.kind, CMD_READ | CMD_WRITE) {
+            if req.kind == CMD_WRITE {
+                // The payload cannot be skipped safely: end the connection.
+                break Err(invalid("write larger than the advertised maximum"));
+            }
+            reply_error(&neg, &wr, req.cookie, EOVERFLOW, "request too large").await;
+            continue;
+        }
+        let units = (req.length.div_ceil(UNIT)).max(1) as u32;
+        let permit = match Arc::clone(&budget)
+            .acquire_many_owned(units.min(BUDGET / UNIT))
+            .await
+        {
+            Ok(p) => p,
+            Err(_) => break Ok(()),
+        };
+        let mut payload = vec![0u8; payload_len as usize];
+        if let Err(e) = rd.read_exact(&mut payload).await {
+            break Err(e);
+        }
+        let (neg, wr) = (Arc::clone(&neg), Arc::clone(&wr));
+        tasks.spawn(async move {
+            run(&neg, &wr, req, payload).await;
+            drop(permit);
+        });
+    };
+    // Finish what was asked before the client went away, then make it durable.
+    while tasks.join_next().await.is_some() {}
+    if !neg.export.read_only {
+        let _ = neg.export.dev.flush().await;
+    }
+    let _ = wr.lock().await.shutdown().await;
+    result
+}
+
+async fn send<W: AsyncWrite + Unpin>(wr: &Mutex<W>, parts: &[&[u8]]) {
+    let mut w = wr.lock().await;
+    for p in parts {
+        if w.write_all(p).await.is_err() {
+            return;
+        }
+    }
+}
+
+async fn reply_error<W: AsyncWrite + Unpin>(
+    neg: &Negotiated,
+    wr: &Mutex<W>,
+    cookie: u64,
+    errno: u32,
+    msg: &str,
+) {
+    if neg.structured {
+        send(wr, &[&error_chunk(cookie, errno, msg)]).await;
+    } else {
+        send(wr, &[&simple_reply(cookie, errno)]).await;
+    }
+}
+
+async fn reply_ok<W: AsyncWrite + Unpin>(neg: &Negotiated, wr: &Mutex<W>, cookie: u64) {
+    if neg.structured {
+        send(
+            wr,
+            &[&chunk_header(cookie, REPLY_FLAG_DONE, REPLY_TYPE_NONE, 0)],
+        )
+        .await;
+    } else {
+        send(wr, &[&simple_reply(cookie, 0)]).await;
+    }
+}
+
+/// Runs one request and sends its reply.
+async fn run<W: AsyncWrite + Unpin>(
+    neg: &Negotiated,
+    wr: &Mutex<W>,
+    req: Request,
+    payload: Vec<u8>,
+) {
+    let e = &neg.export;
+    let dev = &*e.dev;
+    let writes = matches!(req.kind, CMD_WRITE | CMD_TRIM | CMD_WRITE_ZEROES);
+    if writes && e.read_only {
+        return reply_error(neg, wr, req.cookie, EPERM, "the export is read-only").await;
+    }
+    let ranged = matches!(
+        req.kind,
+        CMD_READ | CMD_WRITE | CMD_TRIM | CMD_WRITE_ZEROES | CMD_BLOCK_STATUS
+    );
+    if ranged && !req.in_range(dev.size()) {
+        return reply_error(
+            neg,
+            wr,
+            req.cookie,
+            EINVAL,
+            "request beyond the end of the export",
+        )
+        .await;
+    }
+    let fua = req.flags & CMD_FLAG_FUA != 0;
+    let done = |r: diskfmt::Result<()>| r;
+    match req.kind {
+        CMD_READ => {
+            let mut buf = vec![0u8; req.length as usize];
+            match dev.read(req.offset, &mut buf).await {
+                Ok(()) if neg.structured => {
+                    let hdr = chunk_header(
+                        req.cookie,
+                        REPLY_FLAG_DONE,
+                        REPLY_TYPE_OFFSET_DATA,
+                        8 + req.length,
+                    );
+                    send(wr, &[&hdr, &req.offset.to_be_bytes(), &buf]).await;
+                }
+                Ok(()) => send(wr, &[&simple_reply(req.cookie, 0), &buf]).await,
+                Err(err) => reply_error(neg, wr, req.cookie, errno(&err), &err.to_string()).await,
+            }
+        }
+        CMD_WRITE => {
+            let flags = if fua {
+                WriteFlags::FUA
+            } else {
+                WriteFlags::NONE
+            };
+            finish(
+                neg,
+                wr,
+                req.cookie,
+                dev.write(req.offset, &payload, flags).await,
+            )
+            .await;
+        }
+        CMD_FLUSH => finish(neg, wr, req.cookie, dev.flush().await).await,
+        CMD_TRIM => {
+            let mut r = done(dev.discard(req.offset, req.length as u64).await);
+            if r.is_ok() && fua {
+                r = dev.flush().await;
+            }
+            finish(neg, wr, req.cookie, r).await;
+        }
+        CMD_WRITE_ZEROES => {
+            if req.flags & CMD_FLAG_FAST_ZERO != 0 && dev.provisioning() == Provisioning::EagerThick
+            {
+                // Zeroing eager-thick space writes zeros: not faster than the client's own.
+                return reply_error(neg, wr, req.cookie, ENOTSUP, "zeroing is not fast here").await;
+            }
+            let unmap = req.flags & CMD_FLAG_NO_HOLE == 0;
+            let mut r = dev.write_zeroes(req.offset, req.length as u64, unmap).await;
+            if r.is_ok() && fua {
+                r = dev.flush().await;
+            }
+            finish(neg, wr, req.cookie, r).await;
+        }
+        CMD_BLOCK_STATUS => {
+            if !neg.structured || !neg.meta {
+                return reply_error(
+                    neg,
+                    wr,
+                    req.cookie,
+                    EINVAL,
+                    "no meta context was negotiated",
+                )
+                .await;
+            }
+            if req.length == 0 {
+                return reply_error(neg, wr, req.cookie, EINVAL, "empty block status request")
+                    .await;
+            }
+            match dev.block_status(req.offset, req.length as u64).await {
+                Ok(ext) => {
+                    let end = req.offset + req.length as u64;
+                    let mut d = BASE_ALLOCATION_ID.to_be_bytes().to_vec();
+                    for x in ext.iter().filter(|x| x.offset < end) {
+                        let len = (x.end().min(end) - x.offset) as u32;
+                        let flags = match x.kind {
+                            ExtentKind::Data => 0,
+                            ExtentKind::Zero => STATE_ZERO,
+                            ExtentKind::Hole => STATE_HOLE | STATE_ZERO,
+                        };
+                        d.extend_from_slice(&len.to_be_bytes());
+                        d.extend_from_slice(&flags.to_be_bytes());
+                        if req.flags & CMD_FLAG_REQ_ONE != 0 {
+                            break;
+                        }
+                    }
+                    let hdr = chunk_header(
+                        req.cookie,
+                        REPLY_FLAG_DONE,
+                        REPLY_TYPE_BLOCK_STATUS,
+                        d.len() as u32,
+                    );
+                    send(wr, &[&hdr, &d]).await;
+                }
+                Err(err) => reply_error(neg, wr, req.cookie, errno(&err), &err.to_string()).await,
+            }
+        }
+        _ => reply_error(neg, wr, req.cookie, EINVAL, "unknown command").await,
+    }
+}
+
+async fn finish<W: AsyncWrite + Unpin>(
+    neg: &Negotiated,
+    wr: &Mutex<W>,
+    cookie: u64,
+    r: diskfmt::Result<()>,
+) {
+    match r {
+        Ok(()) => reply_ok(neg, wr, cookie).await,
+        Err(err) => reply_error(neg, wr, cookie, errno(&err), &err.to_string()).await,
+    }
+}
