@@ -4,8 +4,8 @@
 //! STRUCTURED_REPLY, SET_META_CONTEXT and LIST_META_CONTEXT (`base:allocation`), others
 //! answered ERR_UNSUP. Commands READ, WRITE (FUA), FLUSH, TRIM, WRITE_ZEROES (NO_HOLE,
 //! FAST_ZERO), BLOCK_STATUS, DISC. Requests are pipelined: each runs as its own task and
-//! writes its whole reply under the connection's write lock, so replies of different
-//! requests never interleave mid-chunk. Memory is bounded per connection by a byte budget
+//! hands its whole reply to the connection's writer task, which batches queued replies
+//! into few system calls; replies of different requests never interleave mid-chunk. Memory is bounded per connection by a byte budget
 //! for payloads in flight; a request larger than [`MAX_REQUEST`] or any stream that is out
 //! of step (bad magic, a huge option) ends that connection only.
 
@@ -14,7 +14,7 @@ use std::sync::{Arc, RwLock};
 
 use diskfmt::{BlockDev, ErrorKind, ExtentKind, Provisioning, WriteFlags};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::sync::{Mutex, Semaphore};
+use tokio::sync::Semaphore;
 
 use super::proto::*;
 
@@ -91,7 +91,8 @@ impl Server {
             let (s, _) = l.accept().await?;
             let me = Arc::clone(&self);
             tokio::spawn(async move {
-                if let Err(e) = me.handle(s).await {
+                let (rd, wr) = s.into_split();
+                if let Err(e) = me.handle_split(rd, wr).await {
                     tracing::debug!("nbd connection ended: {e}");
                 }
             });
@@ -105,7 +106,8 @@ impl Server {
             let _ = s.set_nodelay(true);
             let me = Arc::clone(&self);
             tokio::spawn(async move {
-                if let Err(e) = me.handle(s).await {
+                let (rd, wr) = s.into_split();
+                if let Err(e) = me.handle_split(rd, wr).await {
                     tracing::debug!("nbd connection from {peer} ended: {e}");
                 }
             });
@@ -117,7 +119,17 @@ impl Server {
     where
         S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
-        let (mut rd, mut wr) = tokio::io::split(stream);
+        let (rd, wr) = tokio::io::split(stream);
+        self.handle_split(rd, wr).await
+    }
+
+    /// Serves one connection given as separate read and write halves.
+    pub async fn handle_split<R, W>(self: Arc<Self>, rd: R, mut wr: W) -> std::io::Result<()>
+    where
+        R: AsyncRead + Unpin + Send + 'static,
+        W: AsyncWrite + Unpin + Send + 'static,
+    {
+        let mut rd = tokio::io::BufReader::with_capacity(256 << 10, rd);
         let Some(neg) = self.negotiate(&mut rd, &mut wr).await? else {
             return Ok(());
         };
@@ -310,13 +322,31 @@ struct Negotiated {
     meta: bool,
 }
 
+/// The connection's writer: sends the replies request tasks queue, batching whatever is
+/// queued into as few system calls as it can.
+async fn writer<W: AsyncWrite + Unpin>(
+    mut rx: tokio::sync::mpsc::UnboundedReceiver<Vec<u8>>,
+    wr: W,
+) -> std::io::Result<W> {
+    let mut w = tokio::io::BufWriter::with_capacity(256 << 10, wr);
+    while let Some(first) = rx.recv().await {
+        w.write_all(&first).await?;
+        while let Ok(more) = rx.try_recv() {
+            w.write_all(&more).await?;
+        }
+        w.flush().await?;
+    }
+    Ok(w.into_inner())
+}
+
 /// The transmission phase: read requests, run each as a task, until DISC or EOF.
 async fn transmit<R, W>(neg: Negotiated, mut rd: R, wr: W) -> std::io::Result<()>
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin + Send + 'static,
 {
-    let wr = Arc::new(Mutex::new(wr));
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    let writer = tokio::spawn(writer(rx, wr));
     let budget = Arc::new(Semaphore::new((BUDGET / UNIT) as usize));
     let neg = Arc::new(neg);
     let mut tasks = tokio::task::JoinSet::new();
@@ -346,10 +376,15 @@ where
                 // The payload cannot be skipped safely: end the connection.
                 break Err(invalid("write larger than the advertised maximum"));
             }
-            reply_error(&neg, &wr, req.cookie, EOVERFLOW, "request too large").await;
+            let _ = tx.send(error_reply(
+                &neg,
+                req.cookie,
+                EOVERFLOW,
+                "request too large",
+            ));
             continue;
         }
-        let units = (req.length.div_ceil(UNIT)).max(1) as u32;
+        let units = (req.length.div_ceil(UNIT)).max(1);
         let permit = match Arc::clone(&budget)
             .acquire_many_owned(units.min(BUDGET / UNIT))
             .await
@@ -361,9 +396,10 @@ where
         if let Err(e) = rd.read_exact(&mut payload).await {
             break Err(e);
         }
-        let (neg, wr) = (Arc::clone(&neg), Arc::clone(&wr));
+        let (neg, tx) = (Arc::clone(&neg), tx.clone());
         tasks.spawn(async move {
-            run(&neg, &wr, req, payload).await;
+            let reply = run(&neg, req, payload).await;
+            let _ = tx.send(reply);
             drop(permit);
         });
     };
@@ -372,89 +408,78 @@ where
     if !neg.export.read_only {
         let _ = neg.export.dev.flush().await;
     }
-    let _ = wr.lock().await.shutdown().await;
+    drop(tx);
+    if let Ok(Ok(mut w)) = writer.await {
+        let _ = w.shutdown().await;
+    }
     result
 }
 
-async fn send<W: AsyncWrite + Unpin>(wr: &Mutex<W>, parts: &[&[u8]]) {
-    let mut w = wr.lock().await;
-    for p in parts {
-        if w.write_all(p).await.is_err() {
-            return;
-        }
-    }
-}
-
-async fn reply_error<W: AsyncWrite + Unpin>(
-    neg: &Negotiated,
-    wr: &Mutex<W>,
-    cookie: u64,
-    errno: u32,
-    msg: &str,
-) {
+fn error_reply(neg: &Negotiated, cookie: u64, errno: u32, msg: &str) -> Vec<u8> {
     if neg.structured {
-        send(wr, &[&error_chunk(cookie, errno, msg)]).await;
+        error_chunk(cookie, errno, msg)
     } else {
-        send(wr, &[&simple_reply(cookie, errno)]).await;
+        simple_reply(cookie, errno).to_vec()
     }
 }
 
-async fn reply_ok<W: AsyncWrite + Unpin>(neg: &Negotiated, wr: &Mutex<W>, cookie: u64) {
+fn ok_reply(neg: &Negotiated, cookie: u64) -> Vec<u8> {
     if neg.structured {
-        send(
-            wr,
-            &[&chunk_header(cookie, REPLY_FLAG_DONE, REPLY_TYPE_NONE, 0)],
-        )
-        .await;
+        chunk_header(cookie, REPLY_FLAG_DONE, REPLY_TYPE_NONE, 0).to_vec()
     } else {
-        send(wr, &[&simple_reply(cookie, 0)]).await;
+        simple_reply(cookie, 0).to_vec()
     }
 }
 
-/// Runs one request and sends its reply.
-async fn run<W: AsyncWrite + Unpin>(
-    neg: &Negotiated,
-    wr: &Mutex<W>,
-    req: Request,
-    payload: Vec<u8>,
-) {
+fn finish(neg: &Negotiated, cookie: u64, r: diskfmt::Result<()>) -> Vec<u8> {
+    match r {
+        Ok(()) => ok_reply(neg, cookie),
+        Err(err) => error_reply(neg, cookie, errno(&err), &err.to_string()),
+    }
+}
+
+/// Runs one request; returns its whole reply.
+async fn run(neg: &Negotiated, req: Request, payload: Vec<u8>) -> Vec<u8> {
     let e = &neg.export;
     let dev = &*e.dev;
     let writes = matches!(req.kind, CMD_WRITE | CMD_TRIM | CMD_WRITE_ZEROES);
     if writes && e.read_only {
-        return reply_error(neg, wr, req.cookie, EPERM, "the export is read-only").await;
+        return error_reply(neg, req.cookie, EPERM, "the export is read-only");
     }
     let ranged = matches!(
         req.kind,
         CMD_READ | CMD_WRITE | CMD_TRIM | CMD_WRITE_ZEROES | CMD_BLOCK_STATUS
     );
     if ranged && !req.in_range(dev.size()) {
-        return reply_error(
+        return error_reply(
             neg,
-            wr,
             req.cookie,
             EINVAL,
             "request beyond the end of the export",
-        )
-        .await;
+        );
     }
     let fua = req.flags & CMD_FLAG_FUA != 0;
-    let done = |r: diskfmt::Result<()>| r;
     match req.kind {
         CMD_READ => {
-            let mut buf = vec![0u8; req.length as usize];
-            match dev.read(req.offset, &mut buf).await {
-                Ok(()) if neg.structured => {
-                    let hdr = chunk_header(
-                        req.cookie,
-                        REPLY_FLAG_DONE,
-                        REPLY_TYPE_OFFSET_DATA,
-                        8 + req.length,
-                    );
-                    send(wr, &[&hdr, &req.offset.to_be_bytes(), &buf]).await;
+            // The reply header and the data in one buffer: the data is read in place.
+            let head = if neg.structured { 28 } else { 16 };
+            let mut v = vec![0u8; head + req.length as usize];
+            match dev.read(req.offset, &mut v[head..]).await {
+                Ok(()) => {
+                    if neg.structured {
+                        v[..20].copy_from_slice(&chunk_header(
+                            req.cookie,
+                            REPLY_FLAG_DONE,
+                            REPLY_TYPE_OFFSET_DATA,
+                            8 + req.length,
+                        ));
+                        v[20..28].copy_from_slice(&req.offset.to_be_bytes());
+                    } else {
+                        v[..16].copy_from_slice(&simple_reply(req.cookie, 0));
+                    }
+                    v
                 }
-                Ok(()) => send(wr, &[&simple_reply(req.cookie, 0), &buf]).await,
-                Err(err) => reply_error(neg, wr, req.cookie, errno(&err), &err.to_string()).await,
+                Err(err) => error_reply(neg, req.cookie, errno(&err), &err.to_string()),
             }
         }
         CMD_WRITE => {
@@ -465,47 +490,37 @@ async fn run<W: AsyncWrite + Unpin>(
             };
             finish(
                 neg,
-                wr,
                 req.cookie,
                 dev.write(req.offset, &payload, flags).await,
             )
-            .await;
         }
-        CMD_FLUSH => finish(neg, wr, req.cookie, dev.flush().await).await,
+        CMD_FLUSH => finish(neg, req.cookie, dev.flush().await),
         CMD_TRIM => {
-            let mut r = done(dev.discard(req.offset, req.length as u64).await);
+            let mut r = dev.discard(req.offset, req.length as u64).await;
             if r.is_ok() && fua {
                 r = dev.flush().await;
             }
-            finish(neg, wr, req.cookie, r).await;
+            finish(neg, req.cookie, r)
         }
         CMD_WRITE_ZEROES => {
             if req.flags & CMD_FLAG_FAST_ZERO != 0 && dev.provisioning() == Provisioning::EagerThick
             {
                 // Zeroing eager-thick space writes zeros: not faster than the client's own.
-                return reply_error(neg, wr, req.cookie, ENOTSUP, "zeroing is not fast here").await;
+                return error_reply(neg, req.cookie, ENOTSUP, "zeroing is not fast here");
             }
             let unmap = req.flags & CMD_FLAG_NO_HOLE == 0;
             let mut r = dev.write_zeroes(req.offset, req.length as u64, unmap).await;
             if r.is_ok() && fua {
                 r = dev.flush().await;
             }
-            finish(neg, wr, req.cookie, r).await;
+            finish(neg, req.cookie, r)
         }
         CMD_BLOCK_STATUS => {
             if !neg.structured || !neg.meta {
-                return reply_error(
-                    neg,
-                    wr,
-                    req.cookie,
-                    EINVAL,
-                    "no meta context was negotiated",
-                )
-                .await;
+                return error_reply(neg, req.cookie, EINVAL, "no meta context was negotiated");
             }
             if req.length == 0 {
-                return reply_error(neg, wr, req.cookie, EINVAL, "empty block status request")
-                    .await;
+                return error_reply(neg, req.cookie, EINVAL, "empty block status request");
             }
             match dev.block_status(req.offset, req.length as u64).await {
                 Ok(ext) => {
@@ -524,29 +539,19 @@ async fn run<W: AsyncWrite + Unpin>(
                             break;
                         }
                     }
-                    let hdr = chunk_header(
+                    let mut v = chunk_header(
                         req.cookie,
                         REPLY_FLAG_DONE,
                         REPLY_TYPE_BLOCK_STATUS,
                         d.len() as u32,
-                    );
-                    send(wr, &[&hdr, &d]).await;
+                    )
+                    .to_vec();
+                    v.extend_from_slice(&d);
+                    v
                 }
-                Err(err) => reply_error(neg, wr, req.cookie, errno(&err), &err.to_string()).await,
+                Err(err) => error_reply(neg, req.cookie, errno(&err), &err.to_string()),
             }
         }
-        _ => reply_error(neg, wr, req.cookie, EINVAL, "unknown command").await,
-    }
-}
-
-async fn finish<W: AsyncWrite + Unpin>(
-    neg: &Negotiated,
-    wr: &Mutex<W>,
-    cookie: u64,
-    r: diskfmt::Result<()>,
-) {
-    match r {
-        Ok(()) => reply_ok(neg, wr, cookie).await,
-        Err(err) => reply_error(neg, wr, cookie, errno(&err), &err.to_string()).await,
+        _ => error_reply(neg, req.cookie, EINVAL, "unknown command"),
     }
 }
