@@ -1,0 +1,202 @@
+//! ferry's NBD client as a BlockDev, against `qemu-nbd` and against ferry's own server:
+//! reads, writes (FUA, unaligned), zeroes, discards, flushes and block status agree with
+//! the file beneath; a lost server fails requests instead of hanging them.
+
+use std::path::Path;
+use std::process::{Child, Command};
+use std::sync::Arc;
+use std::time::Duration;
+
+use diskfmt::raw::RawImage;
+use diskfmt::{ops, BlockDev, Engine, ExtentKind, WriteFlags};
+use vm_glue::nbd::{Export, NbdClient, Server};
+
+const MIB: u64 = 1 << 20;
+
+fn rt() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+fn thin(dir: &Path) -> std::path::PathBuf {
+    let p = dir.join("disk.raw");
+    std::fs::File::create(&p)
+        .unwrap()
+        .set_len(32 * MIB)
+        .unwrap();
+    p
+}
+
+struct Kill(Child);
+impl Drop for Kill {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn qemu_nbd(image: &Path, sock: &Path) -> Kill {
+    let c = Command::new("qemu-nbd")
+        .args([
+            "-f",
+            "raw",
+            "--cache=none",
+            "-x",
+            "disk",
+            "--persistent",
+            "--shared=4",
+        ])
+        .arg(format!("--socket={}", sock.display()))
+        .arg(image)
+        .spawn()
+        .expect("qemu-nbd");
+    for _ in 0..100 {
+        if sock.exists() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Kill(c)
+}
+
+/// A fixed sequence through `dev`; then its content must equal the file `image`.
+async fn exercise(dev: &NbdClient, image: &Path) {
+    assert_eq!(dev.size(), 32 * MIB);
+    assert!(dev.writable());
+    let pat = |seed: u8, n: usize| {
+        (0..n)
+            .map(|i| seed.wrapping_add((i / 512) as u8))
+            .collect::<Vec<u8>>()
+    };
+    dev.write(0, &pat(1, 3 * MIB as usize), WriteFlags::NONE)
+        .await
+        .unwrap();
+    dev.write(
+        4 * MIB + 512,
+        &pat(2, 5000 - 5000 % 512 + 512),
+        WriteFlags::FUA,
+    )
+    .await
+    .unwrap();
+    dev.write(20 * MIB, &pat(3, 64 << 10), WriteFlags::NONE)
+        .await
+        .unwrap();
+    dev.write_zeroes(MIB, 64 << 10, false).await.unwrap();
+    dev.discard(2 * MIB, MIB).await.unwrap();
+    dev.flush().await.unwrap();
+    let mut back = vec![0u8; 64 << 10];
+    dev.read(20 * MIB, &mut back).await.unwrap();
+    assert_eq!(back, pat(3, 64 << 10));
+    let mut z = vec![1u8; 64 << 10];
+    dev.read(MIB, &mut z).await.unwrap();
+    assert!(z.iter().all(|b| *b == 0));
+    // Block status: data where written, zeros/holes where zeroed and never written.
+    let ext = ops::extents(dev).await.unwrap();
+    let kind_at = |o: u64| {
+        ext.iter()
+            .find(|e| e.offset <= o && o < e.end())
+            .unwrap()
+            .kind
+    };
+    assert_eq!(kind_at(0), ExtentKind::Data);
+    assert_eq!(kind_at(20 * MIB), ExtentKind::Data);
+    assert!(kind_at(10 * MIB).reads_zero(), "{ext:?}");
+    assert!(kind_at(2 * MIB + 4096).reads_zero(), "{ext:?}");
+    // Many requests in flight at once.
+    let reads: Vec<_> = (0..32u64)
+        .map(|i| async move {
+            let mut b = vec![0u8; 4096];
+            dev.read(i * 4096, &mut b).await.map(|_| b)
+        })
+        .collect();
+    for (i, r) in futures::future::join_all(reads)
+        .await
+        .into_iter()
+        .enumerate()
+    {
+        assert_eq!(
+            r.unwrap(),
+            pat(1, 3 * MIB as usize)[i * 4096..(i + 1) * 4096]
+        );
+    }
+    // The whole export equals the file beneath.
+    let local = RawImage::open(image, false, Engine::global().unwrap()).unwrap();
+    assert!(matches!(
+        ops::compare(dev, &local).await.unwrap(),
+        ops::Comparison::Identical {
+            size_mismatch: false
+        }
+    ));
+    // Out of range is refused here, before the wire.
+    assert!(dev.read(32 * MIB - 10, &mut [0u8; 20]).await.is_err());
+}
+
+#[test]
+fn against_qemu_nbd() {
+    let dir = tempfile::tempdir().unwrap();
+    let image = thin(dir.path());
+    let sock = dir.path().join("q.sock");
+    let q = qemu_nbd(&image, &sock);
+    let rt = rt();
+    rt.block_on(async {
+        let c = NbdClient::connect_unix(&sock, "disk").await.unwrap();
+        exercise(&c, &image).await;
+        // An unknown export is refused with a clear error.
+        let e = NbdClient::connect_unix(&sock, "nope").await.unwrap_err();
+        assert!(e.to_string().contains("nope"), "{e}");
+        // The server goes away: requests fail, they do not hang.
+        drop(q);
+        let mut b = vec![0u8; 4096];
+        let r = tokio::time::timeout(Duration::from_secs(10), c.read(0, &mut b)).await;
+        assert!(matches!(r, Ok(Err(_))), "{r:?}");
+    });
+}
+
+#[test]
+fn against_our_own_server_and_converting_from_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let image = thin(dir.path());
+    let sock = dir.path().join("f.sock");
+    let rt = rt();
+    let server = Server::new();
+    let dev: Arc<dyn BlockDev> =
+        Arc::new(RawImage::open(&image, true, Engine::global().unwrap()).unwrap());
+    server.add(Export {
+        name: "disk".into(),
+        description: String::new(),
+        dev,
+        read_only: false,
+    });
+    let l = rt.block_on(async { tokio::net::UnixListener::bind(&sock).unwrap() });
+    rt.spawn(Arc::clone(&server).serve_unix(l));
+    rt.block_on(async {
+        let c = NbdClient::connect_unix(&sock, "disk").await.unwrap();
+        exercise(&c, &image).await;
+        // Convert out of the export into a local image: identical.
+        let out = dir.path().join("out.raw");
+        std::fs::File::create(&out)
+            .unwrap()
+            .set_len(32 * MIB)
+            .unwrap();
+        let target = RawImage::open(&out, true, Engine::global().unwrap()).unwrap();
+        diskfmt::convert::convert(
+            &c,
+            &target,
+            diskfmt::convert::ConvertOptions {
+                in_flight: 8,
+                target_is_zero: true,
+            },
+            &|_, _| {},
+        )
+        .await
+        .unwrap();
+        target.flush().await.unwrap();
+        assert!(matches!(
+            ops::compare(&c, &target).await.unwrap(),
+            ops::Comparison::Identical { .. }
+        ));
+    });
+}
