@@ -471,3 +471,47 @@ fn a_datastore_file_served_to_fio_verifies_and_maps_as_allocated() {
     lease.leave().unwrap();
     drop(rt);
 }
+
+#[test]
+fn qemu_system_opens_an_export_as_a_blockdev() {
+    use std::io::Write;
+    let s = served();
+    let arg = format!(
+        "driver=nbd,server.type=unix,server.path={},export=disk,node-name=n0",
+        s.sock.display()
+    );
+    let mut q = Command::new("qemu-system-x86_64")
+        .args([
+            "-machine",
+            "none",
+            "-nodefaults",
+            "-display",
+            "none",
+            "-blockdev",
+            &arg,
+            "-qmp",
+            "stdio",
+        ])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("qemu-system-x86_64");
+    let mut stdin = q.stdin.take().unwrap();
+    for cmd in [
+        r#"{"execute":"qmp_capabilities"}"#,
+        r#"{"execute":"query-named-block-nodes"}"#,
+        r#"{"execute":"quit"}"#,
+    ] {
+        writeln!(stdin, "{cmd}").unwrap();
+    }
+    drop(stdin);
+    let out = q.wait_with_output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("\"drv\": \"nbd\"") && text.contains("\"virtual-size\": 67108864"),
+        "{text}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    drop(s.rt);
+}
