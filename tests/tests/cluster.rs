@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 use ferry_tests::cluster::{
     check_log, ferry_bin, parse_log, populated, read_counter, read_record, Cluster, Event, SERIAL,
 };
+use ferry_tests::Rng;
 use nix::sys::signal::Signal;
 
 const HOST_DEAD: f64 = 10.0;
@@ -287,17 +288,6 @@ fn renewals_slower_than_8x_io_timeout_fence_the_host_before_anyone_breaks_its_lo
         "host 0 was still running when host 1 took the lock"
     );
     assert!(c.cgroups(0).iter().all(|cg| !populated(cg)));
-}
-
-/// A tiny deterministic generator (seed printed for reproduction).
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self, n: u64) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0 % n
-    }
 }
 
 #[test]

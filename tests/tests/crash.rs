@@ -162,13 +162,8 @@ fn killed_writers_lose_no_flushed_write_and_check_stays_clean() {
     );
     // Writers use one path to the LUN, rescuers another.
     let (wdev, rdev) = (LoopDev::attach(&image, None), LoopDev::attach(&image, None));
-    let mut rng = seed | 1;
-    let mut next = |n: u64| {
-        rng ^= rng << 13;
-        rng ^= rng >> 7;
-        rng ^= rng << 17;
-        rng % n
-    };
+    let mut rng = ferry_tests::Rng(seed | 1);
+    let mut next = |n: u64| rng.next(n);
     // Random kills: four writers at once, killed at random moments.
     for round in 0..2 {
         let mut writers: Vec<Writer> = (0..4)

@@ -22,6 +22,7 @@ use datastore::hostlease::HostLease;
 use datastore::{Datastore, Profile};
 use diskfmt::raw::RawImage;
 use diskfmt::{BlockDev, Engine, Provisioning, WriteFlags};
+use ferry_tests::Rng;
 use futures::stream::{self, StreamExt};
 
 const MIB: u64 = 1 << 20;
@@ -42,16 +43,6 @@ fn attach(file: &Path) -> Loop {
         .expect("losetup");
     assert!(out.status.success(), "losetup failed");
     Loop(PathBuf::from(String::from_utf8_lossy(&out.stdout).trim()))
-}
-
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self, n: u64) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0 % n
-    }
 }
 
 /// Bytes per second of a 1 MiB sequential pass (write or read) at queue depth 4.

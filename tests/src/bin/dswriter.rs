@@ -22,6 +22,7 @@ use datastore::files::Session;
 use datastore::hostlease::HostLease;
 use datastore::{Datastore, LockMode};
 use diskfmt::{BlockDev, Provisioning, WriteFlags};
+use ferry_tests::Rng;
 
 const SIZE: u64 = 64 << 20;
 
@@ -46,16 +47,6 @@ fn main() {
     };
     lease.leave().expect("leave");
     std::process::exit(code);
-}
-
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self, n: u64) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0 % n
-    }
 }
 
 fn log_line(log: &mut std::fs::File, line: String) {
