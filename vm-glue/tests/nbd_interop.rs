@@ -439,6 +439,8 @@ fn a_datastore_file_served_to_fio_verifies_and_maps_as_allocated() {
             "--verify=crc32c",
             "--verify_fatal=1",
             "--do_verify=1",
+            // No verify state file left in the working directory.
+            "--verify_state_save=0",
             "--randrepeat=0",
             "--output-format=terse",
         ],
