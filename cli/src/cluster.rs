@@ -56,9 +56,12 @@ pub enum DatastoreCommand {
         #[arg(long)]
         json: bool,
     },
-    /// List a folder of a datastore (DEVICE or DEVICE:/folder), or one file.
+    /// List the local agent's datastores (no argument), or a folder of a datastore
+    /// (DEVICE or DEVICE:/folder), or one file.
     Ls {
-        target: String,
+        target: Option<String>,
+        #[command(flatten)]
+        agent: crate::agentctl::AgentArgs,
         #[arg(long)]
         json: bool,
     },
@@ -133,12 +136,25 @@ pub struct SuperviseArgs {
     /// Append `fenced <CLOCK_BOOTTIME ns>` here when the cgroup was emptied.
     #[arg(long)]
     report: Option<PathBuf>,
+    /// Read pets from this FIFO instead of stdin (the agent's watchdog: it outlives an
+    /// agent process, and the agent's next incarnation pets it through the same FIFO).
+    #[arg(long)]
+    fifo: Option<PathBuf>,
 }
 
 pub fn run_datastore(cmd: DatastoreCommand, rt: &tokio::runtime::Runtime) -> Result<u8> {
     use crate::dsfiles;
     match cmd {
-        DatastoreCommand::Ls { target, json } => rt.block_on(dsfiles::ls(&target, json)),
+        DatastoreCommand::Ls {
+            target: Some(target),
+            json,
+            ..
+        } => rt.block_on(dsfiles::ls(&target, json)),
+        DatastoreCommand::Ls {
+            target: None,
+            agent,
+            json,
+        } => rt.block_on(crate::agentctl::datastores(&agent, json)),
         DatastoreCommand::Check {
             device,
             repair,
@@ -573,8 +589,19 @@ fn kill_cgroup_except_self() {
 
 pub fn run_supervise(args: SuperviseArgs) -> Result<u8> {
     let cg = HostCgroup::at(args.cgroup.clone());
+    let input: Box<dyn std::io::Read + Send> = match &args.fifo {
+        // Opened read-write, the FIFO never reports end of file when a writer goes away.
+        Some(f) => Box::new(
+            std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open(f)
+                .with_context(|| format!("{}: cannot open the watchdog FIFO", f.display()))?,
+        ),
+        None => Box::new(std::io::stdin()),
+    };
     let outcome = fence::supervise(
-        std::io::stdin(),
+        input,
         &cg,
         Duration::from_millis(args.fence_after_ms),
         !args.no_fence,

@@ -2,6 +2,7 @@
 //! output. Errors print as one line on stderr and exit with status 2 (`disk compare`
 //! exits 1 when the images differ, like `qemu-img compare`).
 
+mod agentctl;
 mod cluster;
 mod disk;
 mod dsfiles;
@@ -37,7 +38,18 @@ enum Command {
     Datastore(cluster::DatastoreCommand),
     /// Join a datastore as a host, hold a lock while a command runs (like flock(1)).
     Lock(cluster::LockArgs),
-    /// Internal: the fencing watchdog started by `ferry lock`.
+    /// Run the host agent (joins datastores, serves NBD exports and the control API).
+    Agent(agentctl::AgentCmd),
+    /// Hosts of the cluster, as the local agent sees them.
+    #[command(subcommand)]
+    Host(agentctl::HostCommand),
+    /// NBD exports of datastore files, served by an agent.
+    #[command(subcommand)]
+    Export(agentctl::ExportCommand),
+    /// Long-running work of an agent.
+    #[command(subcommand)]
+    Task(agentctl::TaskCommand),
+    /// Internal: the fencing watchdog started by `ferry lock` and `ferry agent`.
     #[command(hide = true)]
     Supervise(cluster::SuperviseArgs),
 }
@@ -71,6 +83,10 @@ fn main() -> ExitCode {
         Command::Datastore(cmd) => cluster::run_datastore(cmd, &rt),
         Command::Lock(args) => cluster::run_lock(args),
         Command::Supervise(args) => cluster::run_supervise(args),
+        Command::Agent(cmd) => agentctl::run_agent(cmd, &rt),
+        Command::Host(cmd) => rt.block_on(agentctl::run_host(cmd)),
+        Command::Export(cmd) => rt.block_on(agentctl::run_export(cmd)),
+        Command::Task(cmd) => rt.block_on(agentctl::run_task(cmd)),
     };
     match result {
         Ok(code) => ExitCode::from(code),

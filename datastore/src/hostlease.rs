@@ -198,6 +198,92 @@ impl HostLease {
         })
     }
 
+    /// Resumes a slot this host joined in an earlier process (an agent restart): same
+    /// slot, generation and incarnation, so every lock it held stays held. The caller
+    /// must have local proof that the earlier process has exited (it held a host-local
+    /// lock file that is now free) and give the issue time of that process's last good
+    /// renewal (`last_good`, `CLOCK_BOOTTIME`; an earlier time than the true one is
+    /// safe). The first renewal is issued at once; resuming is refused once
+    /// `fence_after - io_timeout` has passed since `last_good`, when the watchdog may
+    /// already be emptying the host's cgroup and other hosts may soon see it dead.
+    pub fn resume(
+        ds: Arc<Datastore>,
+        host_id: u32,
+        incarnation: Uuid,
+        address: &str,
+        last_good: Duration,
+        pet: PetFn,
+    ) -> Result<HostLease> {
+        let sb = ds.superblock().clone();
+        let too_late = |detail: String| Error::LeaseLost {
+            object: ds.path().to_path_buf(),
+            detail,
+        };
+        if host_id == 0 || host_id > sb.max_hosts {
+            return Err(too_late(format!("slot {host_id} does not exist")));
+        }
+        let mut slot = match ds.read_slot(host_id)? {
+            Decoded::Valid(s) if s.incarnation == incarnation && s.state == SlotState::Joined => s,
+            _ => {
+                return Err(too_late(format!(
+                    "slot {host_id} no longer holds our incarnation: join again"
+                )))
+            }
+        };
+        check_name(&ds, &slot.name, address)?;
+        let since = ds.clock().now().saturating_sub(last_good);
+        if since + sb.io_timeout() >= sb.fence_after() {
+            return Err(too_late(format!(
+                "the last renewal was {:.1}s ago, too close to the fencing deadline ({:.1}s)                  to resume: join again",
+                since.as_secs_f64(),
+                sb.fence_after().as_secs_f64()
+            )));
+        }
+        slot.address = address.to_string();
+        let owner = Owner {
+            host_id,
+            generation: slot.host_generation,
+        };
+        let shared = Arc::new(Shared {
+            slot: Mutex::new(slot),
+            last_good: Mutex::new(last_good),
+            lost: Mutex::new(None),
+            stop: AtomicBool::new(false),
+            enforce: true,
+        });
+        // Renew once now, synchronously, so the caller knows the slot is ours again.
+        renew_once(&ds, &shared, &pet);
+        if let Some(why) = shared.lost.lock().expect("lease state").clone() {
+            return Err(too_late(why));
+        }
+        if *shared.last_good.lock().expect("lease state") == last_good {
+            return Err(too_late("the resuming renewal failed".into()));
+        }
+        tracing::info!(
+            "{}: resumed slot {host_id} (generation {})",
+            ds.path().display(),
+            owner.generation
+        );
+        ds.arm_faults();
+        let t_ds = Arc::clone(&ds);
+        let t_shared = Arc::clone(&shared);
+        let thread = std::thread::Builder::new()
+            .name("ferry-renew".into())
+            .spawn(move || renew_loop(&t_ds, &t_shared, pet))
+            .map_err(|e| Error::io(ds.path(), "start the renewal thread", e))?;
+        Ok(HostLease {
+            ds,
+            owner,
+            shared,
+            thread: Some(thread),
+        })
+    }
+
+    /// The slot's incarnation (what [`HostLease::resume`] needs).
+    pub fn incarnation(&self) -> Uuid {
+        self.shared.slot.lock().expect("lease state").incarnation
+    }
+
     /// Writes our record into slot `host_id` and checks nobody else did the same.
     fn take_slot(
         ds: &Datastore,
@@ -360,39 +446,48 @@ fn renew_loop(ds: &Datastore, sh: &Shared, pet: PetFn) {
             continue;
         }
         next = now + sb.renew_interval();
-        let issue = clock.now();
-        let since_good = issue.saturating_sub(*sh.last_good.lock().expect("lease state"));
-        if sh.enforce && since_good > sb.fence_after() {
+        renew_once(ds, sh, &pet);
+        if sh.lost.lock().expect("lease state").is_some() {
+            return;
+        }
+    }
+}
+
+/// One renewal: read the slot (it must still be ours), write it with the counter raised.
+fn renew_once(ds: &Datastore, sh: &Shared, pet: &PetFn) {
+    let sb = ds.superblock();
+    let issue = ds.clock().now();
+    let since_good = issue.saturating_sub(*sh.last_good.lock().expect("lease state"));
+    if sh.enforce && since_good > sb.fence_after() {
+        lose(
+            sh,
+            format!("no good renewal for {:.1}s", since_good.as_secs_f64()),
+        );
+        return;
+    }
+    let mut slot = sh.slot.lock().expect("lease state").clone();
+    match ds.read_slot(slot.host_id) {
+        Ok(Decoded::Valid(s)) if s.incarnation == slot.incarnation => {}
+        Ok(_) => {
             lose(
                 sh,
-                format!("no good renewal for {:.1}s", since_good.as_secs_f64()),
+                format!("slot {} was taken over by another host", slot.host_id),
             );
             return;
         }
-        let mut slot = sh.slot.lock().expect("lease state").clone();
-        match ds.read_slot(slot.host_id) {
-            Ok(Decoded::Valid(s)) if s.incarnation == slot.incarnation => {}
-            Ok(_) => {
-                lose(
-                    sh,
-                    format!("slot {} was taken over by another host", slot.host_id),
-                );
-                return;
-            }
-            Err(e) => {
-                tracing::warn!("renewal read failed: {e}");
-                continue;
-            }
+        Err(e) => {
+            tracing::warn!("renewal read failed: {e}");
+            return;
         }
-        slot.renewal += 1;
-        match ds.write(ds.slot_rec(slot.host_id), &slot.encode(ds.uuid())) {
-            Ok(()) => {
-                *sh.slot.lock().expect("lease state") = slot;
-                *sh.last_good.lock().expect("lease state") = issue;
-                pet(issue);
-            }
-            Err(e) => tracing::warn!("renewal write failed: {e}"),
+    }
+    slot.renewal += 1;
+    match ds.write(ds.slot_rec(slot.host_id), &slot.encode(ds.uuid())) {
+        Ok(()) => {
+            *sh.slot.lock().expect("lease state") = slot;
+            *sh.last_good.lock().expect("lease state") = issue;
+            pet(issue);
         }
+        Err(e) => tracing::warn!("renewal write failed: {e}"),
     }
 }
 

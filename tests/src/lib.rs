@@ -5,6 +5,7 @@
 //! The oracles are installed by `scripts/setup.sh`; a test that needs one fails (never
 //! skips) when it is missing.
 
+pub mod agents;
 pub mod cluster;
 
 use std::path::{Path, PathBuf};

@@ -1,8 +1,9 @@
-//! `vm-glue` will own everything that talks to QEMU and to other hosts (DESIGN §2): the
-//! QEMU launcher, QMP client and VM spec; the NBD server and client; the host agent and
-//! its control API; relocation orchestration (storage pivot, compute handoff, rollback).
-//!
-//! Today: [`nbd`], the NBD server (Step 4, in progress).
+//! `vm-glue` owns everything that talks to QEMU and to other hosts (DESIGN §2): the NBD
+//! server and client ([`nbd`]), the host agent and its control API ([`agent`], over the
+//! small HTTP subset in [`http`]); later the QEMU launcher, QMP client and VM spec, and
+//! relocation orchestration (storage pivot, compute handoff, rollback).
 #![forbid(unsafe_code)]
 
+pub mod agent;
+pub mod http;
 pub mod nbd;

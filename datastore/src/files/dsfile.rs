@@ -456,6 +456,17 @@ impl DsFile {
         unlocked
     }
 
+    /// Commits and closes the handle but keeps the lock: for an agent that stops and
+    /// comes back (its next incarnation opens the file again under the same lock), or
+    /// that hands the lock to another host next.
+    pub async fn detach(self) -> Result<()> {
+        self.done.store(true, Ordering::SeqCst);
+        if self.sess.is_some() && self.sh.mode.is_some_and(|m| m != LockMode::Shared) {
+            self.commit().await?;
+        }
+        Ok(())
+    }
+
     /// Drops the handle without committing or unlocking (the caller does both).
     pub(crate) fn forget(self) {
         self.done.store(true, Ordering::SeqCst);

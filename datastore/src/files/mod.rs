@@ -404,6 +404,86 @@ impl Session {
         &self.ds
     }
 
+    /// Starts a session for a host that resumed its slot after a process restart (see
+    /// `HostLease::resume`): the earlier process has exited, so its unapplied journal
+    /// transaction is finished now, and the resource clusters it owned (same host id and
+    /// generation) are this session's again, as committed on disk. Blocks it had
+    /// allocated but not committed read as free: no committed map points at them.
+    pub fn resume(ds: Arc<Datastore>, me: Owner) -> Result<Arc<Session>> {
+        let mut obs = Observer::new(&ds);
+        let wait = ds.superblock().host_dead() + 4 * ds.superblock().io_timeout();
+        let lease = VolumeLease::acquire(&ds, me, &mut obs, wait)?;
+        let loaded = (|| -> Result<space::Space> {
+            crate::journal::replay_if(&ds, me.host_id, |w| {
+                w.host_id == me.host_id && w.generation <= me.generation
+            })?;
+            let mut sp = space::Space::default();
+            for (c, (used, _)) in space::read_clusters(&ds)?.into_iter().enumerate() {
+                if let Decoded::Valid((u, g)) = used {
+                    if u.owner == me {
+                        sp.owned.insert(
+                            c as u32,
+                            space::OwnedCluster {
+                                used: u,
+                                generation: g,
+                                dirty: false,
+                            },
+                        );
+                    }
+                }
+            }
+            Ok(sp)
+        })();
+        let released = lease.release();
+        let sp = loaded?;
+        released?;
+        let seq = crate::journal::last_seq(&ds, me.host_id)?;
+        let engine = diskfmt::Engine::global()
+            .map_err(|e| Error::io(ds.path(), "start the I/O engine", e))?;
+        let (data, sync) = open_data_path(&ds, engine)?;
+        Ok(Arc::new(Session {
+            ds,
+            me,
+            obs: Mutex::new(obs),
+            commit_lock: Mutex::new(seq),
+            cut: RwLock::new(()),
+            space: Mutex::new(sp),
+            files: Mutex::new(Vec::new()),
+            data: Arc::new(data),
+            sync,
+        }))
+    }
+
+    /// This host's lock on a file (opened by us): the lock version, for a handoff by
+    /// expected version.
+    pub fn lock_version(&self, uuid: &Uuid) -> Result<Option<u64>> {
+        let obj = lock_object(uuid);
+        Ok(locks::list(&self.ds)?
+            .into_iter()
+            .find(|e| e.lock.object == obj && e.lock.holders.contains(&self.me))
+            .map(|e| e.lock.version))
+    }
+
+    /// Hands this host's exclusive lock on a file to host `to` if it is still at
+    /// `expected` (None: whatever version it has now, as long as we alone hold it).
+    pub fn handoff(&self, uuid: &Uuid, to: Owner, expected: Option<u64>) -> Result<u64> {
+        let expected = match expected {
+            Some(v) => v,
+            None => self.lock_version(uuid)?.ok_or_else(|| Error::Invalid {
+                object: self.ds.path().to_path_buf(),
+                detail: format!("this host does not hold file {uuid}"),
+            })?,
+        };
+        locks::handoff(
+            &self.ds,
+            self.me,
+            &mut lock(&self.obs),
+            &lock_object(uuid),
+            to,
+            expected,
+        )
+    }
+
     pub fn owner(&self) -> Owner {
         self.me
     }

@@ -31,6 +31,8 @@ pub struct Export {
 #[derive(Debug, Default)]
 pub struct Server {
     exports: RwLock<HashMap<String, Arc<Export>>>,
+    /// LIST is refused (a TCP server whose export names carry a secret).
+    private: bool,
 }
 
 /// Bytes of payload a connection may have in flight (reads and writes together).
@@ -50,6 +52,15 @@ fn errno(e: &diskfmt::Error) -> u32 {
 impl Server {
     pub fn new() -> Arc<Server> {
         Arc::new(Server::default())
+    }
+
+    /// A server that never lists its exports: a client must know an export's name,
+    /// which for the agent's TCP exports carries the cluster secret.
+    pub fn new_private() -> Arc<Server> {
+        Arc::new(Server {
+            exports: RwLock::default(),
+            private: true,
+        })
     }
 
     /// Adds (or replaces) an export.
@@ -213,6 +224,11 @@ impl Server {
                 OPT_LIST => {
                     if !data.is_empty() {
                         wr.write_all(&reply(REP_ERR_INVALID, &[])).await?;
+                        continue;
+                    }
+                    if self.private {
+                        wr.write_all(&reply(REP_ERR_POLICY, b"exports are not listed here"))
+                            .await?;
                         continue;
                     }
                     for n in self.names() {

@@ -1,0 +1,360 @@
+//! Agent test bed: one datastore image, one loop device and one `ferry agent` process
+//! per host (each with its own run directory and TCP ports), and a control-API client.
+//!
+//! `Drop` ends everything a test started, also after a failure: agent processes, their
+//! watchdogs (found by run directory), the host cgroups (emptied, removed), loop devices.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use datastore::fence::HostCgroup;
+use serde_json::Value;
+
+use crate::cluster::ferry_bin;
+use crate::{run_ok, LoopDev};
+
+/// The cluster secret every test agent shares.
+pub const SECRET: &str = "test-cluster-secret-0123456789";
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
+}
+
+/// One host's agent.
+#[derive(Debug)]
+pub struct AgentHost {
+    pub name: String,
+    pub run_dir: PathBuf,
+    pub config: PathBuf,
+    pub mgmt: String,
+    pub nbd: String,
+    pub log: PathBuf,
+    child: Option<Child>,
+}
+
+impl AgentHost {
+    pub fn control_socket(&self) -> PathBuf {
+        self.run_dir.join("agent.sock")
+    }
+
+    pub fn nbd_socket(&self) -> PathBuf {
+        self.run_dir.join("nbd.sock")
+    }
+
+    pub fn cgroup(&self) -> PathBuf {
+        let h = blake3::hash(self.run_dir.as_os_str().as_encoded_bytes());
+        datastore::fence::cgroup2_root()
+            .expect("cgroup2")
+            .join("ferry")
+            .join(format!("agent-{}-{}", self.name, &h.to_hex()[..8]))
+    }
+
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(|c| c.id())
+    }
+}
+
+/// Several hosts over one datastore image.
+#[derive(Debug)]
+pub struct AgentBed {
+    pub dir: tempfile::TempDir,
+    pub image: PathBuf,
+    pub devices: Vec<LoopDev>,
+    pub hosts: Vec<AgentHost>,
+}
+
+/// Runs `f` on a small runtime (test code is synchronous).
+pub fn block_on<F: std::future::Future>(f: F) -> F::Output {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime")
+        .block_on(f)
+}
+
+/// One control-API call over a unix socket: (status, body).
+pub fn call_unix(sock: &Path, method: &str, path: &str, body: Option<Value>) -> (u16, Value) {
+    block_on(async {
+        let s = tokio::net::UnixStream::connect(sock)
+            .await
+            .unwrap_or_else(|e| panic!("{}: {e}", sock.display()));
+        let r = vm_glue::http::call(s, method, path, &[], body.as_ref())
+            .await
+            .expect("control call");
+        (r.status, r.body)
+    })
+}
+
+/// One control-API call over TCP with an optional bearer token.
+pub fn call_tcp(
+    addr: &str,
+    token: Option<&str>,
+    method: &str,
+    path: &str,
+    body: Option<Value>,
+) -> (u16, Value) {
+    block_on(async {
+        let s = tokio::net::TcpStream::connect(addr).await.expect("connect");
+        let auth = token.map(|t| format!("Bearer {t}"));
+        let headers: Vec<(&str, &str)> = auth
+            .as_deref()
+            .map(|a| vec![("Authorization", a)])
+            .unwrap_or_default();
+        let r = vm_glue::http::call(s, method, path, &headers, body.as_ref())
+            .await
+            .expect("control call");
+        (r.status, r.body)
+    })
+}
+
+impl AgentBed {
+    /// Formats a 256 MiB test-profile datastore `ds0` and prepares `n` hosts (not started).
+    pub fn new(n: usize) -> AgentBed {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let image = dir.path().join("lun.img");
+        run_ok(
+            ferry_bin().to_str().unwrap(),
+            &[
+                "datastore",
+                "create",
+                image.to_str().unwrap(),
+                "--label",
+                "ds0",
+                "--size",
+                "256M",
+                "--profile",
+                "test",
+                "--max-hosts",
+                "8",
+            ],
+        );
+        let devices: Vec<LoopDev> = (0..n).map(|_| LoopDev::attach(&image, None)).collect();
+        let tag = format!(
+            "a{}x{}",
+            std::process::id(),
+            COUNTER.fetch_add(1, std::sync::atomic::Ordering::SeqCst)
+        );
+        let hosts = (0..n)
+            .map(|i| {
+                let name = format!("{tag}h{i}");
+                let run_dir = dir.path().join(format!("run{i}"));
+                let config = dir.path().join(format!("agent{i}.toml"));
+                let mgmt = format!("127.0.0.1:{}", free_port());
+                let nbd = format!("127.0.0.1:{}", free_port());
+                std::fs::write(
+                    &config,
+                    format!(
+                        "host = \"{name}\"\nrun_dir = \"{}\"\nmanagement_listen = \"{mgmt}\"\n\
+                         nbd_listen = \"{nbd}\"\nsecret = \"{SECRET}\"\nprofile = \"test\"\n\
+                         [[datastore]]\ndevice = \"{}\"\n",
+                        run_dir.display(),
+                        devices[i].path().display()
+                    ),
+                )
+                .expect("config");
+                AgentHost {
+                    log: dir.path().join(format!("agent{i}.log")),
+                    name,
+                    run_dir,
+                    config,
+                    mgmt,
+                    nbd,
+                    child: None,
+                }
+            })
+            .collect();
+        AgentBed {
+            dir,
+            image,
+            devices,
+            hosts,
+        }
+    }
+
+    /// Starts host `i`'s agent and waits until its control API answers.
+    pub fn start(&mut self, i: usize) {
+        let h = &mut self.hosts[i];
+        assert!(h.child.is_none(), "agent {i} already runs");
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&h.log)
+            .expect("log");
+        let child = Command::new(ferry_bin())
+            .arg("agent")
+            .arg("--config")
+            .arg(&h.config)
+            .env("FERRY_LOG", "info")
+            .env("NO_COLOR", "1")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("log"))
+            .stderr(log)
+            .spawn()
+            .expect("start ferry agent");
+        h.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Some(st) = h.child.as_mut().unwrap().try_wait().expect("wait") {
+                panic!(
+                    "agent {} exited ({st}) while starting:\n{}",
+                    h.name,
+                    std::fs::read_to_string(&h.log).unwrap_or_default()
+                );
+            }
+            if std::os::unix::net::UnixStream::connect(h.control_socket()).is_ok() {
+                let (s, _) = call_unix(&h.control_socket(), "GET", "/v1/host", None);
+                if s == 200 {
+                    return;
+                }
+            }
+            assert!(
+                Instant::now() < deadline,
+                "agent {} did not come up:\n{}",
+                h.name,
+                std::fs::read_to_string(&h.log).unwrap_or_default()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Starts an agent that must fail; returns its output.
+    pub fn start_failing(&self, config: &Path) -> String {
+        let out = Command::new(ferry_bin())
+            .arg("agent")
+            .arg("--config")
+            .arg(config)
+            .env("NO_COLOR", "1")
+            .output()
+            .expect("run ferry agent");
+        assert!(!out.status.success(), "the agent was expected to fail");
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    }
+
+    /// Kills host `i`'s agent with `sig` and reaps it.
+    pub fn signal(&mut self, i: usize, sig: nix::sys::signal::Signal) -> std::process::ExitStatus {
+        let mut c = self.hosts[i].child.take().expect("agent runs");
+        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(c.id() as i32), sig);
+        c.wait().expect("wait agent")
+    }
+
+    /// Waits for host `i`'s agent to exit by itself.
+    pub fn wait_exit(&mut self, i: usize, within: Duration) -> std::process::ExitStatus {
+        let c = self.hosts[i].child.as_mut().expect("agent runs");
+        let deadline = Instant::now() + within;
+        loop {
+            if let Some(st) = c.try_wait().expect("wait") {
+                self.hosts[i].child = None;
+                return st;
+            }
+            assert!(Instant::now() < deadline, "agent {i} did not exit");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// A control call to host `i` over its unix socket.
+    pub fn call(&self, i: usize, method: &str, path: &str, body: Option<Value>) -> (u16, Value) {
+        call_unix(&self.hosts[i].control_socket(), method, path, body)
+    }
+
+    /// A control call that must succeed.
+    pub fn call_ok(&self, i: usize, method: &str, path: &str, body: Option<Value>) -> Value {
+        let (s, v) = self.call(i, method, path, body);
+        assert!(s < 300, "{method} {path} on host {i}: {s} {v}");
+        v
+    }
+
+    /// Waits until host `i` sees host `j` in `state` (live/dead).
+    pub fn wait_host_state(&self, i: usize, j: usize, state: &str, within: Duration) -> Duration {
+        let t0 = Instant::now();
+        loop {
+            let v = self.call_ok(i, "GET", "/v1/hosts", None);
+            let now = v
+                .as_array()
+                .into_iter()
+                .flatten()
+                .find(|h| h["name"] == self.hosts[j].name.as_str())
+                .map(|h| h["state"].as_str().unwrap_or("").to_string());
+            if now.as_deref() == Some(state) {
+                return t0.elapsed();
+            }
+            assert!(
+                t0.elapsed() < within,
+                "host {i} never saw host {j} {state} (last: {now:?})"
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    /// The log of host `i`'s agent so far.
+    pub fn log(&self, i: usize) -> String {
+        std::fs::read_to_string(&self.hosts[i].log).unwrap_or_default()
+    }
+}
+
+static COUNTER: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+
+/// `ferry supervise` processes reading a FIFO under `dir`.
+fn watchdogs(dir: &Path) -> Vec<i32> {
+    let mut out = Vec::new();
+    let Ok(rd) = std::fs::read_dir("/proc") else {
+        return out;
+    };
+    let needle = dir.to_string_lossy().into_owned();
+    for e in rd.flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        if let Ok(cmd) = std::fs::read(e.path().join("cmdline")) {
+            let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
+            if cmd.contains(" supervise ") && cmd.contains(&needle) {
+                out.push(pid);
+            }
+        }
+    }
+    out
+}
+
+/// Whether any watchdog of this bed still runs.
+pub fn watchdog_count(dir: &Path) -> usize {
+    watchdogs(dir).len()
+}
+
+impl Drop for AgentBed {
+    fn drop(&mut self) {
+        use nix::sys::signal::{kill, Signal};
+        use nix::unistd::Pid;
+        for h in &mut self.hosts {
+            if let Some(mut c) = h.child.take() {
+                let _ = c.kill();
+                let _ = c.wait();
+            }
+        }
+        for pid in watchdogs(self.dir.path()) {
+            let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
+        }
+        // Every host cgroup of this bed (also those of refused duplicate agents).
+        let root = datastore::fence::cgroup2_root()
+            .expect("cgroup2")
+            .join("ferry");
+        let tag = self
+            .hosts
+            .first()
+            .map(|h| h.name.trim_end_matches(char::is_numeric).to_string());
+        if let (Ok(rd), Some(tag)) = (std::fs::read_dir(&root), tag) {
+            for e in rd.flatten() {
+                if e.file_name()
+                    .to_string_lossy()
+                    .starts_with(&format!("agent-{tag}"))
+                {
+                    let cg = HostCgroup::at(e.path());
+                    let _ = cg.kill(Duration::from_secs(2));
+                    cg.remove();
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,618 @@
+//! The control API: HTTP/JSON routes over the agent's unix socket (trusted by file
+//! permissions) and TCP management address (every call needs `Authorization: Bearer
+//! <cluster secret>`). Documented route by route in `docs/api.md`.
+
+use std::sync::Arc;
+
+use datastore::files::Stat;
+use datastore::store::Liveness;
+use diskfmt::Provisioning;
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+use super::exports::{self, ExportSpec, Gate};
+use super::membership::Member;
+use super::{Agent, ExportEntry};
+use crate::http::{self, Request, Response};
+
+/// An API error: status and message.
+#[derive(Debug)]
+struct ApiError(u16, String);
+
+type ApiResult = Result<Response, ApiError>;
+
+fn ok(body: Value) -> ApiResult {
+    Ok(Response { status: 200, body })
+}
+
+fn err(status: u16, msg: impl Into<String>) -> ApiError {
+    ApiError(status, msg.into())
+}
+
+/// Maps a datastore error to a status: 404 missing, 409 conflicts, 400 bad input.
+fn ds_err(e: datastore::Error) -> ApiError {
+    use datastore::Error as E;
+    let status = match &e {
+        E::NotFound { .. } => 404,
+        E::LockHeld { .. } | E::Exists { .. } => 409,
+        E::Invalid { .. } => 400,
+        E::NoSpace { .. } => 507,
+        _ => 500,
+    };
+    ApiError(status, e.to_string())
+}
+
+fn any_err(e: anyhow::Error) -> ApiError {
+    match e.downcast::<datastore::Error>() {
+        Ok(d) => ds_err(d),
+        Err(e) => ApiError(500, format!("{e:#}")),
+    }
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+async fn serve_one<S>(agent: Arc<Agent>, stream: S, tcp: bool)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let (rd, wr) = tokio::io::split(stream);
+    let req = match tokio::time::timeout(http::REQUEST_TIMEOUT, http::read_request(rd)).await {
+        Ok(Ok(r)) => r,
+        Ok(Err(e)) => {
+            let _ = http::write_response(
+                wr,
+                &Response {
+                    status: 400,
+                    body: json!({"error": format!("bad request: {e}")}),
+                },
+            )
+            .await;
+            return;
+        }
+        Err(_) => return,
+    };
+    let resp = match route(&agent, &req, tcp).await {
+        Ok(r) => r,
+        Err(ApiError(status, msg)) => Response {
+            status,
+            body: json!({ "error": msg }),
+        },
+    };
+    if resp.status >= 400 {
+        tracing::debug!("{} {}: {} {}", req.method, req.path, resp.status, resp.body);
+    }
+    let _ = http::write_response(wr, &resp).await;
+}
+
+/// Serves the control API on the unix socket.
+pub async fn serve_unix(agent: Arc<Agent>, l: tokio::net::UnixListener) {
+    loop {
+        match l.accept().await {
+            Ok((s, _)) => {
+                tokio::spawn(serve_one(Arc::clone(&agent), s, false));
+            }
+            Err(e) => {
+                tracing::error!("control socket: {e}");
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            }
+        }
+    }
+}
+
+/// Serves the control API on TCP (cluster secret required).
+pub async fn serve_tcp(agent: Arc<Agent>, l: tokio::net::TcpListener) {
+    loop {
+        match l.accept().await {
+            Ok((s, _)) => {
+                tokio::spawn(serve_one(Arc::clone(&agent), s, true));
+            }
+            Err(e) => {
+                tracing::error!("management listener: {e}");
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            }
+        }
+    }
+}
+
+fn body<T: for<'de> Deserialize<'de>>(req: &Request) -> Result<T, ApiError> {
+    let b: &[u8] = if req.body.is_empty() {
+        b"{}"
+    } else {
+        &req.body
+    };
+    serde_json::from_slice(b).map_err(|e| err(400, format!("request body: {e}")))
+}
+
+async fn route(agent: &Arc<Agent>, req: &Request, tcp: bool) -> ApiResult {
+    if tcp {
+        let secret = agent.cfg.secret.as_deref().unwrap_or_default();
+        let given = req
+            .header("authorization")
+            .and_then(|h| h.strip_prefix("Bearer "))
+            .unwrap_or_default();
+        if secret.is_empty() || !constant_time_eq(given.as_bytes(), secret.as_bytes()) {
+            return Err(err(
+                401,
+                "TCP control calls need the cluster secret (Authorization: Bearer SECRET)",
+            ));
+        }
+    }
+    let parts: Vec<&str> = req
+        .path
+        .trim_matches('/')
+        .split('/')
+        .filter(|s| !s.is_empty())
+        .collect();
+    let m = req.method.as_str();
+    match (m, parts.as_slice()) {
+        ("GET", ["v1", "host"]) => host(agent),
+        ("GET", ["v1", "hosts"]) => hosts(agent),
+        ("POST", ["v1", "host", "leave"]) => {
+            super::leave(agent)
+                .await
+                .map_err(|e| err(409, format!("{e:#}")))?;
+            ok(
+                json!({"left": agent.members.iter().map(|m| m.label().to_string()).collect::<Vec<_>>()}),
+            )
+        }
+        ("GET", ["v1", "datastores"]) => datastores(agent).await,
+        ("GET", ["v1", "datastores", ds]) => {
+            let m = member(agent, ds)?;
+            ok(datastore_json(&m).await?)
+        }
+        ("GET", ["v1", "datastores", ds, "files"]) => list_files(agent, ds, req).await,
+        ("GET", ["v1", "datastores", ds, "stat"]) => stat_file(agent, ds, req).await,
+        ("POST", ["v1", "datastores", ds, "files"]) => create_file(agent, ds, req).await,
+        ("DELETE", ["v1", "datastores", ds, "files"]) => delete_file(agent, ds, req).await,
+        ("GET", ["v1", "exports"]) => {
+            let table = agent.exports.lock().await;
+            let mut out = Vec::new();
+            for e in table.values() {
+                out.push(export_json(agent, e).await);
+            }
+            ok(Value::Array(out))
+        }
+        ("POST", ["v1", "exports"]) => add_export(agent, req).await,
+        ("GET", ["v1", "exports", name]) => {
+            let table = agent.exports.lock().await;
+            let e = table
+                .get(*name)
+                .ok_or_else(|| err(404, format!("no export named {name:?}")))?;
+            ok(export_json(agent, e).await)
+        }
+        ("DELETE", ["v1", "exports", name]) => remove_export(agent, name).await,
+        ("POST", ["v1", "exports", name, "activate"]) => activate(agent, name).await,
+        ("POST", ["v1", "exports", name, "deactivate"]) => deactivate(agent, name, req).await,
+        ("GET", ["v1", "tasks"]) => ok(Value::Array(
+            agent.tasks.list().iter().map(|t| t.to_json()).collect(),
+        )),
+        ("GET", ["v1", "tasks", id]) => {
+            let t = task_id(id).and_then(|id| {
+                agent
+                    .tasks
+                    .get(id)
+                    .ok_or_else(|| err(404, format!("no task {id}")))
+            })?;
+            ok(t.to_json())
+        }
+        ("POST", ["v1", "tasks", id, "cancel"]) => {
+            let id = task_id(id)?;
+            let t = agent.tasks.cancel(id).map_err(|e| err(409, e))?;
+            ok(t.to_json())
+        }
+        (_, ["v1", ..]) => Err(err(
+            404,
+            format!("no route {m} {} (see docs/api.md)", req.path),
+        )),
+        _ => Err(err(
+            404,
+            format!("unknown path {} (the API lives under /v1)", req.path),
+        )),
+    }
+}
+
+fn task_id(s: &str) -> Result<u64, ApiError> {
+    s.parse()
+        .map_err(|_| err(400, format!("task id {s:?} is not a number")))
+}
+
+fn member(agent: &Agent, key: &str) -> Result<Arc<Member>, ApiError> {
+    agent.member(key).ok_or_else(|| {
+        err(
+            404,
+            format!(
+                "this host has no datastore {key:?} (it has: {})",
+                agent
+                    .members
+                    .iter()
+                    .map(|m| m.label().to_string())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+        )
+    })
+}
+
+fn host(agent: &Agent) -> ApiResult {
+    let dss: Vec<Value> = agent
+        .members
+        .iter()
+        .map(|m| {
+            let o = m.owner();
+            json!({
+                "datastore": m.label(),
+                "uuid": m.ds.uuid().to_string(),
+                "device": m.device,
+                "host_id": o.host_id,
+                "generation": o.generation,
+                "resumed": m.resumed,
+            })
+        })
+        .collect();
+    ok(json!({
+        "name": agent.cfg.host,
+        "pid": std::process::id(),
+        "version": env!("CARGO_PKG_VERSION"),
+        "uptime_s": agent.started.elapsed().as_secs_f64(),
+        "control_socket": agent.cfg.control_socket,
+        "nbd_socket": agent.cfg.nbd_socket(),
+        "management_address": agent.mgmt_addr.lock().expect("addr").map(|a| a.to_string()),
+        "nbd_address": agent.nbd_tcp_addr.lock().expect("addr").map(|a| a.to_string()),
+        "datastores": dss,
+    }))
+}
+
+fn liveness(l: Liveness) -> &'static str {
+    match l {
+        Liveness::Free => "free",
+        Liveness::Live => "live",
+        Liveness::Dead => "dead",
+        Liveness::Unknown => "unknown",
+    }
+}
+
+/// Every host any of our datastores knows, merged by name.
+fn hosts(agent: &Agent) -> ApiResult {
+    let mut by_name: std::collections::BTreeMap<String, Value> = Default::default();
+    for m in &agent.members {
+        for v in m.views() {
+            let Some(s) = &v.slot else { continue };
+            if v.liveness == Liveness::Free {
+                continue;
+            }
+            let entry = by_name.entry(s.name.clone()).or_insert_with(
+                || json!({"name": s.name, "address": s.address, "state": "dead", "datastores": []}),
+            );
+            let state = liveness(v.liveness);
+            if state == "live" || entry["state"] == "dead" {
+                entry["state"] = json!(state);
+            }
+            if !s.address.is_empty() {
+                entry["address"] = json!(s.address);
+            }
+            entry["datastores"]
+                .as_array_mut()
+                .expect("array")
+                .push(json!({
+                    "datastore": m.label(),
+                    "host_id": v.host_id,
+                    "generation": s.host_generation,
+                    "state": state,
+                    "unchanged_ms": v.unchanged_ms,
+                }));
+        }
+    }
+    ok(Value::Array(by_name.into_values().collect()))
+}
+
+async fn datastore_json(m: &Arc<Member>) -> Result<Value, ApiError> {
+    let s = Arc::clone(&m.session);
+    let space = tokio::task::spawn_blocking(move || s.space())
+        .await
+        .expect("space task")
+        .map_err(ds_err)?;
+    let sb = m.ds.superblock();
+    let o = m.owner();
+    Ok(json!({
+        "name": sb.label,
+        "uuid": m.ds.uuid().to_string(),
+        "device": m.device,
+        "size_bytes": sb.size,
+        "block_size": space.block_size,
+        "total_bytes": space.total_blocks * space.block_size,
+        "free_bytes": space.free_blocks * space.block_size,
+        "max_hosts": sb.max_hosts,
+        "host_id": o.host_id,
+        "generation": o.generation,
+        "live_hosts": m.views().iter().filter(|v| v.liveness == Liveness::Live).count(),
+    }))
+}
+
+async fn datastores(agent: &Agent) -> ApiResult {
+    let mut out = Vec::new();
+    for m in &agent.members {
+        out.push(datastore_json(m).await?);
+    }
+    ok(Value::Array(out))
+}
+
+fn path_param(req: &Request) -> Result<String, ApiError> {
+    req.param("path")
+        .map(str::to_string)
+        .ok_or_else(|| err(400, "give the file's path as ?path=/folder/name"))
+}
+
+async fn list_files(agent: &Agent, ds: &str, req: &Request) -> ApiResult {
+    let m = member(agent, ds)?;
+    let path = req.param("path").unwrap_or("/").to_string();
+    let d = Arc::clone(&m.ds);
+    let list: Vec<Stat> = tokio::task::spawn_blocking(move || datastore::files::list(&d, &path))
+        .await
+        .expect("list task")
+        .map_err(ds_err)?;
+    ok(serde_json::to_value(list).expect("json"))
+}
+
+async fn stat_file(agent: &Agent, ds: &str, req: &Request) -> ApiResult {
+    let m = member(agent, ds)?;
+    let path = path_param(req)?;
+    let d = Arc::clone(&m.ds);
+    let st = tokio::task::spawn_blocking(move || datastore::files::stat(&d, &path))
+        .await
+        .expect("stat task")
+        .map_err(ds_err)?;
+    ok(serde_json::to_value(st).expect("json"))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CreateReq {
+    path: String,
+    #[serde(default)]
+    folder: bool,
+    size: Option<u64>,
+    provisioning: Option<String>,
+    /// Answer at once with a task instead of waiting (large eager-thick files).
+    #[serde(default)]
+    no_wait: bool,
+}
+
+async fn create_file(agent: &Agent, ds: &str, req: &Request) -> ApiResult {
+    let m = member(agent, ds)?;
+    let r: CreateReq = body(req)?;
+    if r.folder {
+        let s = Arc::clone(&m.session);
+        let p = r.path.clone();
+        tokio::task::spawn_blocking(move || s.mkdir(&p))
+            .await
+            .expect("mkdir task")
+            .map_err(ds_err)?;
+        return Ok(Response {
+            status: 201,
+            body: json!({"path": r.path, "kind": "folder"}),
+        });
+    }
+    let size = r
+        .size
+        .ok_or_else(|| err(400, "a file needs `size` (bytes)"))?;
+    let prov: Provisioning = r
+        .provisioning
+        .as_deref()
+        .unwrap_or("thin")
+        .parse()
+        .map_err(|e: String| err(400, format!("provisioning: {e}")))?;
+    let task = agent
+        .tasks
+        .start("create-file", &format!("{}:{}", m.label(), r.path), false);
+    task.progress(0, size);
+    let s = Arc::clone(&m.session);
+    let d = Arc::clone(&m.ds);
+    let path = r.path.clone();
+    let t2 = Arc::clone(&task);
+    let work = async move {
+        let f = s.create(&path, size, prov).await.map_err(ds_err)?;
+        f.close().await.map_err(ds_err)?;
+        let p2 = path.clone();
+        let st = tokio::task::spawn_blocking(move || datastore::files::stat(&d, &p2))
+            .await
+            .expect("stat task")
+            .map_err(ds_err)?;
+        Ok::<Value, ApiError>(serde_json::to_value(st).expect("json"))
+    };
+    let handle = tokio::spawn(async move {
+        let out = work.await;
+        match &out {
+            Ok(v) => {
+                t2.progress(size, size);
+                t2.finish(Ok(v.clone()));
+            }
+            Err(ApiError(_, e)) => t2.finish(Err(e.clone())),
+        }
+        out
+    });
+    if r.no_wait {
+        return Ok(Response {
+            status: 202,
+            body: task.to_json(),
+        });
+    }
+    let v = handle.await.expect("create task")?;
+    Ok(Response {
+        status: 201,
+        body: v,
+    })
+}
+
+async fn delete_file(agent: &Agent, ds: &str, req: &Request) -> ApiResult {
+    let m = member(agent, ds)?;
+    let path = path_param(req)?;
+    m.session.remove(&path).await.map_err(ds_err)?;
+    ok(json!({"removed": path}))
+}
+
+async fn export_json(agent: &Agent, e: &ExportEntry) -> Value {
+    let m = agent.member_by_uuid(&e.spec.datastore);
+    let sock = agent.cfg.nbd_socket();
+    let mut v = json!({
+        "name": e.spec.name,
+        "datastore": m.as_ref().map(|m| m.label().to_string()),
+        "datastore_uuid": e.spec.datastore.to_string(),
+        "path": e.spec.path,
+        "read_only": e.spec.read_only,
+        "active": e.gate.is_active(),
+        "size": diskfmt::BlockDev::size(&*e.gate),
+        "socket": sock,
+        "uri": format!("nbd+unix:///{}?socket={}", e.spec.name, sock.display()),
+        "lock_version": match &m {
+            Some(m) => e.gate.lock_version(&m.session).await,
+            None => None,
+        },
+    });
+    if let Some(secret) = &agent.cfg.secret {
+        let tcp = exports::tcp_name(secret, &e.spec.name);
+        if let Some(addr) = *agent.nbd_tcp_addr.lock().expect("addr") {
+            v["tcp_uri"] = json!(format!("nbd://{addr}/{tcp}"));
+        }
+        v["tcp_name"] = json!(tcp);
+    }
+    v
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AddReq {
+    name: Option<String>,
+    datastore: String,
+    path: String,
+    #[serde(default)]
+    read_only: bool,
+    #[serde(default)]
+    inactive: bool,
+}
+
+async fn add_export(agent: &Agent, req: &Request) -> ApiResult {
+    let r: AddReq = body(req)?;
+    let m = member(agent, &r.datastore)?;
+    let name = match r.name {
+        Some(n) => n,
+        None => r.path.rsplit('/').next().unwrap_or_default().to_string(),
+    };
+    exports::check_name(&name).map_err(|e| err(400, e.to_string()))?;
+    if r.inactive && r.read_only {
+        return Err(err(
+            400,
+            "a read-only export is never inactive (it takes a shared lock)",
+        ));
+    }
+    let mut table = agent.exports.lock().await;
+    if let Some(e) = table.get(&name) {
+        return Err(err(
+            409,
+            format!(
+                "export {name:?} already exists ({}); remove it or choose another name",
+                e.spec.path
+            ),
+        ));
+    }
+    let gate = Gate::open(
+        &m.session,
+        &r.path,
+        r.read_only,
+        !r.inactive,
+        agent.cfg.write_hold,
+    )
+    .await
+    .map_err(any_err)?;
+    let spec = ExportSpec {
+        name: name.clone(),
+        datastore: *m.ds.uuid(),
+        path: r.path,
+        read_only: r.read_only,
+        active: !r.inactive,
+    };
+    let gate = Arc::new(gate);
+    agent.publish(&spec, &gate);
+    table.insert(name.clone(), ExportEntry { spec, gate });
+    if let Err(e) = agent.save_exports(&table).await {
+        let e2 = table.remove(&name).expect("just added");
+        agent.unpublish(&name);
+        let _ = e2.gate.shut(false).await;
+        return Err(any_err(e));
+    }
+    tracing::info!("export {name} added");
+    Ok(Response {
+        status: 201,
+        body: export_json(agent, &table[&name]).await,
+    })
+}
+
+async fn remove_export(agent: &Agent, name: &str) -> ApiResult {
+    let mut table = agent.exports.lock().await;
+    let e = table
+        .remove(name)
+        .ok_or_else(|| err(404, format!("no export named {name:?}")))?;
+    agent.unpublish(name);
+    let shut = e.gate.shut(false).await;
+    agent.save_exports(&table).await.map_err(any_err)?;
+    shut.map_err(any_err)?;
+    tracing::info!("export {name} removed");
+    ok(json!({"removed": name}))
+}
+
+async fn activate(agent: &Agent, name: &str) -> ApiResult {
+    let mut table = agent.exports.lock().await;
+    let e = table
+        .get_mut(name)
+        .ok_or_else(|| err(404, format!("no export named {name:?}")))?;
+    let m = agent
+        .member_by_uuid(&e.spec.datastore)
+        .ok_or_else(|| err(500, "datastore gone"))?;
+    e.gate.activate(&m.session).await.map_err(any_err)?;
+    e.spec.active = true;
+    agent.save_exports(&table).await.map_err(any_err)?;
+    ok(export_json(agent, &table[name]).await)
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct DeactivateReq {
+    /// Hand the lock to this host (by name) instead of releasing it.
+    handoff_to: Option<String>,
+    /// The lock version the handoff expects (default: the current one).
+    expected_version: Option<u64>,
+}
+
+async fn deactivate(agent: &Agent, name: &str, req: &Request) -> ApiResult {
+    let r: DeactivateReq = body(req)?;
+    let mut table = agent.exports.lock().await;
+    let e = table
+        .get_mut(name)
+        .ok_or_else(|| err(404, format!("no export named {name:?}")))?;
+    let m = agent
+        .member_by_uuid(&e.spec.datastore)
+        .ok_or_else(|| err(500, "datastore gone"))?;
+    let to = match &r.handoff_to {
+        Some(h) => Some(m.owner_of(h).ok_or_else(|| {
+            err(
+                409,
+                format!(
+                    "host {h:?} is not live on datastore {}: cannot hand the lock to it",
+                    m.label()
+                ),
+            )
+        })?),
+        None => None,
+    };
+    let v = e
+        .gate
+        .deactivate(&m.session, to, r.expected_version)
+        .await
+        .map_err(any_err)?;
+    e.spec.active = e.gate.is_active();
+    agent.save_exports(&table).await.map_err(any_err)?;
+    let mut out = export_json(agent, &table[name]).await;
+    out["handed_off_version"] = json!(v);
+    ok(out)
+}

@@ -1,0 +1,213 @@
+//! The agent's TOML configuration (`ferry agent --config FILE`), validated with errors
+//! that name the field. The schema is documented in `docs/api.md`.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+/// What the agent is tuned for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Profile {
+    /// Writes to an inactive export wait up to 60 s for the lock.
+    #[default]
+    Production,
+    /// Writes to an inactive export wait up to 5 s, so fault tests finish quickly.
+    Test,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DatastoreConfig {
+    /// The block device (or image file) holding the datastore.
+    pub device: PathBuf,
+}
+
+/// The file as written.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Raw {
+    host: String,
+    #[serde(default)]
+    datastore: Vec<DatastoreConfig>,
+    run_dir: PathBuf,
+    control_socket: Option<PathBuf>,
+    management_listen: Option<String>,
+    nbd_listen: Option<String>,
+    secret: Option<String>,
+    secret_file: Option<PathBuf>,
+    #[serde(default)]
+    profile: Profile,
+    write_hold_secs: Option<u64>,
+}
+
+/// The validated configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub host: String,
+    pub datastores: Vec<DatastoreConfig>,
+    pub run_dir: PathBuf,
+    pub control_socket: PathBuf,
+    pub management_listen: Option<SocketAddr>,
+    pub nbd_listen: Option<SocketAddr>,
+    /// The cluster secret: every TCP control call and TCP export needs it.
+    pub secret: Option<String>,
+    pub profile: Profile,
+    /// How long a write to an inactive export waits for the lock before failing (EIO).
+    pub write_hold: Duration,
+}
+
+fn field_err(file: &Path, field: &str, detail: impl std::fmt::Display) -> anyhow::Error {
+    anyhow::anyhow!("{}: `{field}`: {detail}", file.display())
+}
+
+impl Config {
+    pub fn load(file: &Path) -> anyhow::Result<Config> {
+        let text = std::fs::read_to_string(file).map_err(|e| {
+            anyhow::anyhow!("{}: cannot read the agent config: {e}", file.display())
+        })?;
+        Self::parse(file, &text)
+    }
+
+    pub fn parse(file: &Path, text: &str) -> anyhow::Result<Config> {
+        let raw: Raw = toml::from_str(text)
+            .map_err(|e| anyhow::anyhow!("{}: {}", file.display(), e.to_string().trim()))?;
+        if raw.host.is_empty()
+            || raw.host.len() > 64
+            || !raw
+                .host
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+        {
+            return Err(field_err(
+                file,
+                "host",
+                "must be 1 to 64 letters, digits, '-', '_' or '.'",
+            ));
+        }
+        if raw.datastore.is_empty() {
+            return Err(field_err(
+                file,
+                "datastore",
+                "name at least one [[datastore]] with a device",
+            ));
+        }
+        if !raw.run_dir.is_absolute() {
+            return Err(field_err(file, "run_dir", "must be an absolute path"));
+        }
+        let addr = |field: &str, v: &Option<String>| -> anyhow::Result<Option<SocketAddr>> {
+            v.as_ref()
+                .map(|s| {
+                    s.parse::<SocketAddr>()
+                        .map_err(|e| field_err(file, field, format!("{s:?}: {e} (want IP:PORT)")))
+                })
+                .transpose()
+        };
+        let management_listen = addr("management_listen", &raw.management_listen)?;
+        let nbd_listen = addr("nbd_listen", &raw.nbd_listen)?;
+        let secret = match (raw.secret, raw.secret_file) {
+            (Some(_), Some(_)) => {
+                return Err(field_err(
+                    file,
+                    "secret",
+                    "give `secret` or `secret_file`, not both",
+                ))
+            }
+            (Some(s), None) => Some(s),
+            (None, Some(f)) => Some(
+                std::fs::read_to_string(&f)
+                    .map_err(|e| field_err(file, "secret_file", format!("{}: {e}", f.display())))?
+                    .trim()
+                    .to_string(),
+            ),
+            (None, None) => None,
+        };
+        if let Some(s) = &secret {
+            if s.len() < 16 {
+                return Err(field_err(
+                    file,
+                    "secret",
+                    "the cluster secret must be at least 16 characters",
+                ));
+            }
+        }
+        if (management_listen.is_some() || nbd_listen.is_some()) && secret.is_none() {
+            return Err(field_err(
+                file,
+                "secret",
+                "TCP listeners (management_listen, nbd_listen) need the cluster secret",
+            ));
+        }
+        let write_hold = Duration::from_secs(raw.write_hold_secs.unwrap_or(match raw.profile {
+            Profile::Production => 60,
+            Profile::Test => 5,
+        }));
+        Ok(Config {
+            control_socket: raw
+                .control_socket
+                .unwrap_or_else(|| raw.run_dir.join("agent.sock")),
+            host: raw.host,
+            datastores: raw.datastore,
+            run_dir: raw.run_dir,
+            management_listen,
+            nbd_listen,
+            secret,
+            profile: raw.profile,
+            write_hold,
+        })
+    }
+
+    /// The unix socket every export is served on.
+    pub fn nbd_socket(&self) -> PathBuf {
+        self.run_dir.join("nbd.sock")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(s: &str) -> anyhow::Result<Config> {
+        Config::parse(Path::new("agent.toml"), s)
+    }
+
+    #[test]
+    fn a_full_config_parses() {
+        let c = parse(
+            r#"
+host = "a"
+run_dir = "/run/ferry"
+management_listen = "10.0.0.1:7700"
+nbd_listen = "10.0.0.1:10809"
+secret = "0123456789abcdef"
+profile = "test"
+[[datastore]]
+device = "/dev/loop0"
+"#,
+        )
+        .unwrap();
+        assert_eq!(c.control_socket, Path::new("/run/ferry/agent.sock"));
+        assert_eq!(c.write_hold, Duration::from_secs(5));
+        assert_eq!(c.datastores.len(), 1);
+    }
+
+    #[test]
+    fn errors_name_the_field() {
+        let base = "run_dir = \"/r\"\n[[datastore]]\ndevice = \"/d\"\n";
+        let e = parse(&format!("host = \"a b\"\n{base}")).unwrap_err();
+        assert!(e.to_string().contains("`host`"), "{e}");
+        let e = parse(&format!("host = \"a\"\nnbd_listen = \"x\"\n{base}")).unwrap_err();
+        assert!(e.to_string().contains("`nbd_listen`"), "{e}");
+        let e = parse(&format!(
+            "host = \"a\"\nnbd_listen = \"127.0.0.1:1\"\n{base}"
+        ))
+        .unwrap_err();
+        assert!(e.to_string().contains("`secret`"), "{e}");
+        let e = parse(&format!("host = \"a\"\nbogus = 1\n{base}")).unwrap_err();
+        assert!(e.to_string().contains("bogus"), "{e}");
+        let e = parse("host = \"a\"\nrun_dir = \"/r\"\n").unwrap_err();
+        assert!(e.to_string().contains("`datastore`"), "{e}");
+    }
+}

@@ -1,0 +1,437 @@
+//! Exports: datastore files the agent serves over NBD, with the locks that make that
+//! safe, and the active/inactive switch the compute handoff is built from.
+//!
+//! A writable export holds the file's exclusive lock, a read-only one a shared lock.
+//! An **inactive** export holds no lock: it serves the handshake and reads (the state
+//! last committed by whoever writes the file) and holds writes — up to the configured
+//! write hold, then EIO — until it is activated, which takes the lock or finds it handed
+//! to this host. Deactivating waits for every request in flight, flushes, and then
+//! releases the lock or hands it to another host by expected version.
+//!
+//! Every export is on the agent's unix socket under its name; with a cluster secret it
+//! is also on TCP under `NAME.TOKEN`, where the token is derived from the secret and
+//! the name, and LIST is refused there: only a holder of the secret can attach. The
+//! export table is kept in `run_dir/exports.json`, so a restarted agent serves the
+//! same names on the same sockets.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use datastore::files::{DsFile, Session};
+use datastore::{LockMode, Owner};
+use diskfmt::{BlockDev, Extent, IoFuture, Provisioning, WriteFlags};
+use serde::{Deserialize, Serialize};
+use tokio::sync::{watch, RwLock};
+use uuid::Uuid;
+
+/// What is persisted per export.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ExportSpec {
+    pub name: String,
+    /// The datastore's uuid.
+    pub datastore: Uuid,
+    pub path: String,
+    pub read_only: bool,
+    /// Whether it held its lock (was active) when last recorded.
+    pub active: bool,
+}
+
+/// Checks an export name: 1 to 64 of letters, digits, '-', '_', '.'.
+pub fn check_name(name: &str) -> Result<()> {
+    if name.is_empty()
+        || name.len() > 64
+        || !name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+    {
+        bail!("export name {name:?} must be 1 to 64 letters, digits, '-', '_' or '.'");
+    }
+    Ok(())
+}
+
+/// The TCP name of export `name`: the name and a token only a holder of the cluster
+/// secret can compute.
+pub fn tcp_name(secret: &str, name: &str) -> String {
+    let key = blake3::hash(secret.as_bytes());
+    let mac = blake3::keyed_hash(key.as_bytes(), name.as_bytes());
+    format!("{name}.{}", &mac.to_hex()[..32])
+}
+
+struct Inner {
+    /// None once the export was shut.
+    file: Option<DsFile>,
+    active: bool,
+}
+
+impl Inner {
+    fn file(&self, name: &Path) -> diskfmt::Result<&DsFile> {
+        self.file.as_ref().ok_or_else(|| diskfmt::Error::Invalid {
+            object: name.to_path_buf(),
+            detail: "the export was removed or the agent is stopping".into(),
+        })
+    }
+}
+
+/// The device behind an export: the file, and the gate that holds writes while the
+/// export is inactive.
+pub struct Gate {
+    name: PathBuf,
+    device: PathBuf,
+    path: String,
+    size: u64,
+    lbs: u32,
+    pbs: u32,
+    prov: Provisioning,
+    read_only: bool,
+    hold: Duration,
+    inner: RwLock<Inner>,
+    active: watch::Sender<bool>,
+}
+
+impl std::fmt::Debug for Gate {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Gate")
+            .field("name", &self.name)
+            .field("active", &*self.active.borrow())
+            .finish()
+    }
+}
+
+fn held_too_long(name: &Path, offset: u64, hold: Duration) -> diskfmt::Error {
+    diskfmt::Error::Io {
+        object: name.to_path_buf(),
+        op: "write",
+        offset,
+        err: std::io::Error::other(format!(
+            "the export is inactive (this host does not hold the file's lock) and was not \
+             activated within {}s",
+            hold.as_secs()
+        )),
+    }
+}
+
+impl Gate {
+    /// Opens the export's file: with its lock when `active`, else a lock-free view.
+    pub async fn open(
+        session: &Arc<Session>,
+        path: &str,
+        read_only: bool,
+        active: bool,
+        hold: Duration,
+    ) -> Result<Gate> {
+        let device = session.datastore().path().to_path_buf();
+        let file = if active {
+            let mode = if read_only {
+                LockMode::Shared
+            } else {
+                LockMode::Exclusive
+            };
+            session.open(path, mode).await?
+        } else {
+            let d = device.clone();
+            let p = path.to_string();
+            tokio::task::spawn_blocking(move || DsFile::open_readonly(&d, &p))
+                .await
+                .expect("open task")?
+        };
+        Ok(Gate {
+            name: file.name().to_path_buf(),
+            device,
+            path: path.to_string(),
+            size: file.size(),
+            lbs: file.logical_block_size(),
+            pbs: file.physical_block_size(),
+            prov: file.provisioning(),
+            read_only,
+            hold,
+            inner: RwLock::new(Inner {
+                file: Some(file),
+                active,
+            }),
+            active: watch::Sender::new(active),
+        })
+    }
+
+    pub fn is_active(&self) -> bool {
+        *self.active.borrow()
+    }
+
+    pub async fn uuid(&self) -> Uuid {
+        let g = self.inner.read().await;
+        g.file.as_ref().map(|f| f.uuid()).unwrap_or_default()
+    }
+
+    /// Takes the lock (or finds it handed to us) and lets held writes through.
+    pub async fn activate(&self, session: &Arc<Session>) -> Result<()> {
+        let mut g = self.inner.write().await;
+        if g.active {
+            return Ok(());
+        }
+        if g.file.is_none() {
+            bail!("{}: the export was removed", self.name.display());
+        }
+        let mode = if self.read_only {
+            LockMode::Shared
+        } else {
+            LockMode::Exclusive
+        };
+        let file = session.open(&self.path, mode).await?;
+        if file.size() != self.size {
+            let _ = file.close().await;
+            bail!(
+                "{}: its size changed while the export was inactive; remove and add the export again",
+                self.name.display()
+            );
+        }
+        g.file = Some(file);
+        g.active = true;
+        self.active.send_replace(true);
+        Ok(())
+    }
+
+    /// Drains requests in flight, flushes, and releases the lock — or hands it to `to`
+    /// (by `expected` lock version, or the current one). Returns the new lock version
+    /// after a handoff.
+    pub async fn deactivate(
+        &self,
+        session: &Arc<Session>,
+        to: Option<Owner>,
+        expected: Option<u64>,
+    ) -> Result<Option<u64>> {
+        let mut g = self.inner.write().await;
+        if !g.active || g.file.is_none() {
+            return Ok(None);
+        }
+        if let (Some(_), Some(want)) = (to, expected) {
+            // Check the version before anything changes, so a refused handoff leaves
+            // the export exactly as it was.
+            let uuid = g.file(&self.name)?.uuid();
+            let s = Arc::clone(session);
+            let now = tokio::task::spawn_blocking(move || s.lock_version(&uuid))
+                .await
+                .expect("lock task")?;
+            if now != Some(want) {
+                return Err(datastore::Error::LockHeld {
+                    object: self.name.display().to_string(),
+                    mode: format!(
+                        "at version {} (the handoff expected {want}; nothing was handed over)",
+                        now.map_or("(not held here)".to_string(), |v| v.to_string())
+                    ),
+                    holders: "this host".into(),
+                }
+                .into());
+            }
+        }
+        g.file(&self.name)?.flush().await?;
+        let d = self.device.clone();
+        let p = self.path.clone();
+        let view = tokio::task::spawn_blocking(move || DsFile::open_readonly(&d, &p))
+            .await
+            .expect("open task")?;
+        let old = g.file.replace(view).expect("checked above");
+        let uuid = old.uuid();
+        self.active.send_replace(false);
+        g.active = false;
+        let out = match to {
+            None => old.close().await.map(|_| None).map_err(anyhow::Error::from),
+            Some(to) => {
+                old.detach().await?;
+                let s = Arc::clone(session);
+                tokio::task::spawn_blocking(move || s.handoff(&uuid, to, expected))
+                    .await
+                    .expect("handoff task")
+                    .map(Some)
+                    .map_err(anyhow::Error::from)
+            }
+        };
+        if let Err(e) = &out {
+            // Still ours (nothing was handed over): serve writes again.
+            tracing::warn!("{}: deactivation failed: {e:#}", self.name.display());
+            if let Ok(file) = session.open(&self.path, LockMode::Exclusive).await {
+                g.file = Some(file);
+                g.active = true;
+                self.active.send_replace(true);
+            }
+        }
+        out
+    }
+
+    /// Closes the export: releases the lock (`keep_lock` false) or only commits and
+    /// keeps it, for an agent that stops and will come back.
+    pub async fn shut(&self, keep_lock: bool) -> Result<()> {
+        let mut g = self.inner.write().await;
+        let Some(file) = g.file.take() else {
+            return Ok(());
+        };
+        let active = std::mem::replace(&mut g.active, false);
+        self.active.send_replace(false);
+        match (active, keep_lock) {
+            (false, _) => {}
+            (true, true) => file.detach().await?,
+            (true, false) => file.close().await?,
+        }
+        Ok(())
+    }
+
+    pub async fn lock_version(&self, session: &Arc<Session>) -> Option<u64> {
+        if !self.is_active() {
+            return None;
+        }
+        let uuid = self.uuid().await;
+        let s = Arc::clone(session);
+        tokio::task::spawn_blocking(move || s.lock_version(&uuid).ok().flatten())
+            .await
+            .ok()
+            .flatten()
+    }
+
+    /// Waits until the export is active, or fails after the write hold.
+    async fn wait_active(&self, offset: u64) -> diskfmt::Result<()> {
+        let mut rx = self.active.subscribe();
+        let ok = matches!(
+            tokio::time::timeout(self.hold, rx.wait_for(|a| *a)).await,
+            Ok(Ok(_))
+        );
+        if ok {
+            Ok(())
+        } else {
+            Err(held_too_long(&self.name, offset, self.hold))
+        }
+    }
+}
+
+impl BlockDev for Gate {
+    fn name(&self) -> &Path {
+        &self.name
+    }
+
+    fn size(&self) -> u64 {
+        self.size
+    }
+
+    fn logical_block_size(&self) -> u32 {
+        self.lbs
+    }
+
+    fn physical_block_size(&self) -> u32 {
+        self.pbs
+    }
+
+    fn writable(&self) -> bool {
+        !self.read_only
+    }
+
+    fn provisioning(&self) -> Provisioning {
+        self.prov
+    }
+
+    fn read<'a>(&'a self, offset: u64, buf: &'a mut [u8]) -> IoFuture<'a, ()> {
+        Box::pin(async move {
+            let g = self.inner.read().await;
+            g.file(&self.name)?.read(offset, buf).await
+        })
+    }
+
+    fn write<'a>(&'a self, offset: u64, buf: &'a [u8], flags: WriteFlags) -> IoFuture<'a, ()> {
+        Box::pin(async move {
+            loop {
+                let g = self.inner.read().await;
+                if g.active {
+                    return g.file(&self.name)?.write(offset, buf, flags).await;
+                }
+                drop(g);
+                self.wait_active(offset).await?;
+            }
+        })
+    }
+
+    fn flush(&self) -> IoFuture<'_, ()> {
+        Box::pin(async move {
+            let g = self.inner.read().await;
+            if g.active {
+                g.file(&self.name)?.flush().await
+            } else {
+                // Nothing was written through an inactive export.
+                Ok(())
+            }
+        })
+    }
+
+    fn write_zeroes(&self, offset: u64, length: u64, may_unmap: bool) -> IoFuture<'_, ()> {
+        Box::pin(async move {
+            loop {
+                let g = self.inner.read().await;
+                if g.active {
+                    return g
+                        .file(&self.name)?
+                        .write_zeroes(offset, length, may_unmap)
+                        .await;
+                }
+                drop(g);
+                self.wait_active(offset).await?;
+            }
+        })
+    }
+
+    fn discard(&self, offset: u64, length: u64) -> IoFuture<'_, ()> {
+        Box::pin(async move {
+            loop {
+                let g = self.inner.read().await;
+                if g.active {
+                    return g.file(&self.name)?.discard(offset, length).await;
+                }
+                drop(g);
+                self.wait_active(offset).await?;
+            }
+        })
+    }
+
+    fn block_status(&self, offset: u64, length: u64) -> IoFuture<'_, Vec<Extent>> {
+        Box::pin(async move {
+            let g = self.inner.read().await;
+            g.file(&self.name)?.block_status(offset, length).await
+        })
+    }
+}
+
+/// Reads the persisted export table.
+pub fn load(path: &Path) -> Result<Vec<ExportSpec>> {
+    match std::fs::read(path) {
+        Ok(b) => serde_json::from_slice(&b)
+            .with_context(|| format!("{}: not an export table", path.display())),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Vec::new()),
+        Err(e) => Err(e).with_context(|| format!("{}: cannot read", path.display())),
+    }
+}
+
+/// Writes the export table (atomically).
+pub fn save(path: &Path, specs: &[ExportSpec]) -> Result<()> {
+    let tmp = path.with_extension("json.tmp");
+    std::fs::write(&tmp, serde_json::to_vec_pretty(specs)?)
+        .with_context(|| format!("{}: cannot write", tmp.display()))?;
+    std::fs::rename(&tmp, path).with_context(|| format!("{}: cannot write", path.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tcp_names_need_the_secret() {
+        let a = tcp_name("0123456789abcdef", "disk0");
+        assert!(a.starts_with("disk0."));
+        assert_eq!(a, tcp_name("0123456789abcdef", "disk0"));
+        assert_ne!(a, tcp_name("0123456789abcdeX", "disk0"));
+        assert_ne!(a, tcp_name("0123456789abcdef", "disk1"));
+    }
+
+    #[test]
+    fn export_names_are_checked() {
+        assert!(check_name("vm1-disk0.raw").is_ok());
+        for bad in ["", "a/b", "a b", &"x".repeat(65)] {
+            assert!(check_name(bad).is_err(), "{bad:?}");
+        }
+    }
+}

@@ -1,0 +1,459 @@
+//! `ferry agent`: the per-host daemon. It joins every configured datastore as its host
+//! (or resumes the slots of its previous process, see [`membership`]), serves datastore
+//! files over NBD ([`exports`]) and answers the control API ([`api`]) on a unix socket
+//! and, with the cluster secret, on TCP.
+//!
+//! Process layout: the agent moves into the host cgroup `ferry/agent-<host>` (VMs will
+//! get child cgroups of it), and one watchdog per datastore runs outside it. The run
+//! directory holds the lock file that proves which agent process owns it
+//! (`agent.lock`, an exclusive `flock` the kernel drops when the process ends), the
+//! sockets, the export table and the per-datastore resume state.
+//!
+//! Stopping: SIGTERM or SIGINT stops the agent *without* leaving: exports commit and
+//! keep their locks, slots keep being counted live until the watchdog's deadline, and an
+//! agent started again in time resumes everything. `POST /v1/host/leave` (`ferry host
+//! leave`) leaves every datastore cleanly and ends the agent; it is refused while
+//! exports exist. A lost host lease ends the agent at once (its watchdog fences the
+//! host).
+
+pub mod api;
+pub mod config;
+pub mod exports;
+pub mod membership;
+pub mod tasks;
+
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::io::{Read, Seek, Write};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use datastore::fence::HostCgroup;
+use datastore::{Datastore, Observer};
+use tokio::sync::watch;
+
+pub use config::Config;
+use exports::{ExportSpec, Gate};
+use membership::Member;
+
+use crate::nbd;
+
+/// Why the agent ends.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Stop {
+    /// SIGTERM/SIGINT: keep slots and locks for the next agent process.
+    Signal,
+    /// The host left every datastore.
+    Left,
+    /// A host lease was lost.
+    LeaseLost(String),
+}
+
+/// One export and its device.
+#[derive(Debug)]
+pub struct ExportEntry {
+    pub spec: ExportSpec,
+    pub gate: Arc<Gate>,
+}
+
+/// The running agent.
+#[derive(Debug)]
+pub struct Agent {
+    pub cfg: Config,
+    pub members: Vec<Arc<Member>>,
+    pub exports: tokio::sync::Mutex<BTreeMap<String, ExportEntry>>,
+    pub nbd_unix: Arc<nbd::Server>,
+    pub nbd_tcp: Option<Arc<nbd::Server>>,
+    pub tasks: tasks::Tasks,
+    pub started: Instant,
+    pub stop: watch::Sender<Option<Stop>>,
+    /// The actual NBD TCP address (the configured port may be 0).
+    pub nbd_tcp_addr: std::sync::Mutex<Option<std::net::SocketAddr>>,
+    pub mgmt_addr: std::sync::Mutex<Option<std::net::SocketAddr>>,
+    /// Set while the host leaves: its leases end on purpose.
+    pub leaving: std::sync::atomic::AtomicBool,
+}
+
+/// Takes the run directory's lock file: held for the life of this process.
+fn lock_run_dir(run_dir: &Path) -> Result<File> {
+    std::fs::create_dir_all(run_dir)
+        .with_context(|| format!("{}: cannot create the run directory", run_dir.display()))?;
+    let p = run_dir.join("agent.lock");
+    let mut f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&p)
+        .with_context(|| format!("{}: cannot open", p.display()))?;
+    if f.try_lock().is_err() {
+        let mut pid = String::new();
+        let _ = f.read_to_string(&mut pid);
+        bail!(
+            "another ferry agent (pid {}) is running with run directory {}",
+            pid.trim(),
+            run_dir.display()
+        );
+    }
+    f.set_len(0)?;
+    f.rewind()?;
+    writeln!(f, "{}", std::process::id())?;
+    Ok(f)
+}
+
+/// Tells systemd (if it started us with `Type=notify`) how we are.
+pub fn sd_notify(msg: &str) {
+    let Some(path) = std::env::var_os("NOTIFY_SOCKET") else {
+        return;
+    };
+    use std::os::unix::net::{SocketAddr, UnixDatagram};
+    let path = path.to_string_lossy().into_owned();
+    let addr = if let Some(abs) = path.strip_prefix('@') {
+        use std::os::linux::net::SocketAddrExt;
+        SocketAddr::from_abstract_name(abs.as_bytes())
+    } else {
+        SocketAddr::from_pathname(&path)
+    };
+    let sent = addr.and_then(|a| UnixDatagram::unbound()?.send_to_addr(msg.as_bytes(), &a));
+    if let Err(e) = sent {
+        tracing::warn!("sd_notify to {path}: {e}");
+    }
+}
+
+/// The host cgroup's name: stable across restarts of the agent of this host name and
+/// run directory, distinct for another agent on the same machine.
+pub fn cgroup_name(cfg: &Config) -> String {
+    let h = blake3::hash(cfg.run_dir.as_os_str().as_encoded_bytes());
+    format!("agent-{}-{}", cfg.host, &h.to_hex()[..8])
+}
+
+/// Joins (or resumes) every datastore. Blocking; runs before the control plane starts.
+fn start_members(
+    cfg: &Config,
+    exe: &Path,
+    address: &str,
+) -> Result<(Vec<Arc<Member>>, HostCgroup)> {
+    let mut dss = Vec::new();
+    for d in &cfg.datastores {
+        let ds = Datastore::open(&d.device)
+            .with_context(|| format!("{}: cannot open the datastore", d.device.display()))?;
+        if let Some((_, other)) = dss.iter().find(|(_, o): &&(PathBuf, Arc<Datastore>)| {
+            o.uuid() == ds.uuid() || o.superblock().label == ds.superblock().label
+        }) {
+            bail!(
+                "{} and {} are the same datastore or have the same label {:?}: list each datastore once",
+                other.path().display(),
+                d.device.display(),
+                ds.superblock().label
+            );
+        }
+        dss.push((d.device.clone(), Arc::new(ds)));
+    }
+    let cg = HostCgroup::create(&cgroup_name(cfg))?;
+    // Every watchdog starts (or is found) before this process enters the cgroup it
+    // guards.
+    let mut plans = Vec::new();
+    for (_, ds) in &dss {
+        plans.push(membership::plan(exe, &cfg.run_dir, ds, cg.path())?);
+    }
+    cg.enter(std::process::id())?;
+    let mut members: Vec<Arc<Member>> = Vec::new();
+    let mut plans = plans.into_iter();
+    for (device, ds) in dss {
+        let plan = plans.next().expect("one plan per datastore");
+        match Member::start(
+            ds,
+            &device,
+            &cfg.host,
+            address,
+            &cfg.run_dir,
+            cg.path(),
+            plan,
+        ) {
+            Ok(m) => members.push(Arc::new(m)),
+            Err(e) => {
+                // Slots joined just now are given back; resumed ones are kept (their
+                // locks protect running VMs until the watchdog's deadline).
+                for m in members.iter().filter(|m| !m.resumed) {
+                    let _ = m.leave();
+                }
+                for p in plans {
+                    membership::abandon(&cfg.run_dir, p);
+                }
+                if !members.iter().any(|m| m.resumed) {
+                    if let Some(root) = membership_home() {
+                        let _ = HostCgroup::at(root).enter(std::process::id());
+                    }
+                    cg.remove();
+                }
+                return Err(e);
+            }
+        }
+    }
+    Ok((members, cg))
+}
+
+impl Agent {
+    fn exports_path(&self) -> PathBuf {
+        self.cfg.run_dir.join("exports.json")
+    }
+
+    /// Records the export table.
+    pub async fn save_exports(&self, table: &BTreeMap<String, ExportEntry>) -> Result<()> {
+        let specs: Vec<ExportSpec> = table.values().map(|e| e.spec.clone()).collect();
+        exports::save(&self.exports_path(), &specs)
+    }
+
+    pub fn member(&self, key: &str) -> Option<Arc<Member>> {
+        self.members
+            .iter()
+            .find(|m| m.label() == key || m.ds.uuid().to_string() == key)
+            .cloned()
+    }
+
+    pub fn member_by_uuid(&self, u: &uuid::Uuid) -> Option<Arc<Member>> {
+        self.members.iter().find(|m| m.ds.uuid() == u).cloned()
+    }
+
+    /// Puts an export on the NBD servers.
+    pub fn publish(&self, spec: &ExportSpec, gate: &Arc<Gate>) {
+        let description = format!("{}:{}", spec.datastore, spec.path);
+        self.nbd_unix.add(nbd::Export {
+            name: spec.name.clone(),
+            description: description.clone(),
+            dev: Arc::clone(gate) as Arc<dyn diskfmt::BlockDev>,
+            read_only: spec.read_only,
+        });
+        if let (Some(tcp), Some(secret)) = (&self.nbd_tcp, &self.cfg.secret) {
+            tcp.add(nbd::Export {
+                name: exports::tcp_name(secret, &spec.name),
+                description,
+                dev: Arc::clone(gate) as Arc<dyn diskfmt::BlockDev>,
+                read_only: spec.read_only,
+            });
+        }
+    }
+
+    pub fn unpublish(&self, name: &str) {
+        self.nbd_unix.remove(name);
+        if let (Some(tcp), Some(secret)) = (&self.nbd_tcp, &self.cfg.secret) {
+            tcp.remove(&exports::tcp_name(secret, name));
+        }
+    }
+
+    /// Opens the recorded exports again after a restart.
+    async fn restore_exports(&self) -> Result<()> {
+        let specs = exports::load(&self.exports_path())?;
+        let mut table = self.exports.lock().await;
+        for spec in specs {
+            let Some(m) = self.member_by_uuid(&spec.datastore) else {
+                tracing::error!(
+                    "export {}: datastore {} is no longer configured; dropping the export",
+                    spec.name,
+                    spec.datastore
+                );
+                continue;
+            };
+            match Gate::open(
+                &m.session,
+                &spec.path,
+                spec.read_only,
+                spec.active,
+                self.cfg.write_hold,
+            )
+            .await
+            {
+                Ok(g) => {
+                    let gate = Arc::new(g);
+                    self.publish(&spec, &gate);
+                    tracing::info!("export {} restored", spec.name);
+                    table.insert(spec.name.clone(), ExportEntry { spec, gate });
+                }
+                Err(e) => tracing::error!("export {}: cannot restore: {e:#}", spec.name),
+            }
+        }
+        self.save_exports(&table).await
+    }
+}
+
+fn bind_unix(path: &Path) -> Result<tokio::net::UnixListener> {
+    // The run-directory lock is ours: a socket file left there is stale.
+    let _ = std::fs::remove_file(path);
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    let l = tokio::net::UnixListener::bind(path)
+        .with_context(|| format!("{}: cannot listen", path.display()))?;
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+    Ok(l)
+}
+
+/// Runs the agent until it is stopped, leaves, or loses a lease.
+pub async fn run(cfg: Config, exe: PathBuf) -> Result<Stop> {
+    let lockfile = lock_run_dir(&cfg.run_dir)?;
+    // Listen first, so the heartbeat slot publishes the address actually bound.
+    let tcp = |addr: std::net::SocketAddr, what: &str| -> Result<tokio::net::TcpListener> {
+        let l = std::net::TcpListener::bind(addr)
+            .with_context(|| format!("{addr}: cannot listen for {what}"))?;
+        l.set_nonblocking(true)?;
+        Ok(tokio::net::TcpListener::from_std(l)?)
+    };
+    let nbd_tcp_l = cfg.nbd_listen.map(|a| tcp(a, "NBD")).transpose()?;
+    let mgmt_l = cfg
+        .management_listen
+        .map(|a| tcp(a, "the control API"))
+        .transpose()?;
+    let address = match &mgmt_l {
+        Some(l) => l.local_addr()?.to_string(),
+        None => String::new(),
+    };
+    let cfg2 = cfg.clone();
+    let (members, cg) = tokio::task::spawn_blocking(move || start_members(&cfg2, &exe, &address))
+        .await
+        .expect("join task")?;
+    let nbd_tcp = cfg.nbd_listen.map(|_| nbd::Server::new_private());
+    let (stop_tx, mut stop_rx) = watch::channel(None);
+    let agent = Arc::new(Agent {
+        cfg: cfg.clone(),
+        members,
+        exports: tokio::sync::Mutex::new(BTreeMap::new()),
+        nbd_unix: nbd::Server::new(),
+        nbd_tcp,
+        tasks: tasks::Tasks::default(),
+        started: Instant::now(),
+        stop: stop_tx,
+        nbd_tcp_addr: std::sync::Mutex::new(None),
+        mgmt_addr: std::sync::Mutex::new(None),
+        leaving: std::sync::atomic::AtomicBool::new(false),
+    });
+    // Heartbeat watchers: liveness of every slot, and our own lease.
+    for m in &agent.members {
+        let m = Arc::clone(m);
+        let a = Arc::downgrade(&agent);
+        std::thread::Builder::new()
+            .name("ferry-observe".into())
+            .spawn(move || {
+                let mut obs = Observer::new(&m.ds);
+                let every = m.ds.superblock().io_timeout() / 2;
+                loop {
+                    let Some(agent) = a.upgrade() else { return };
+                    if agent.stop.borrow().is_some() {
+                        return;
+                    }
+                    if let Err(e) = m.observe(&mut obs) {
+                        tracing::warn!("{}: heartbeat read failed: {e}", m.ds.path().display());
+                    }
+                    if let Err(e) = m.check() {
+                        let leaving = agent.leaving.load(std::sync::atomic::Ordering::SeqCst);
+                        if agent.stop.borrow().is_none() && !leaving {
+                            agent
+                                .stop
+                                .send_replace(Some(Stop::LeaseLost(format!("{e:#}"))));
+                        }
+                        return;
+                    }
+                    drop(agent);
+                    std::thread::sleep(every);
+                }
+            })?;
+    }
+    agent.restore_exports().await?;
+
+    let nbd_sock = bind_unix(&cfg.nbd_socket())?;
+    tokio::spawn(Arc::clone(&agent.nbd_unix).serve_unix(nbd_sock));
+    if let (Some(l), Some(srv)) = (nbd_tcp_l, &agent.nbd_tcp) {
+        *agent.nbd_tcp_addr.lock().expect("addr") = Some(l.local_addr()?);
+        tokio::spawn(Arc::clone(srv).serve_tcp(l));
+    }
+    let ctl = bind_unix(&cfg.control_socket)?;
+    tokio::spawn(api::serve_unix(Arc::clone(&agent), ctl));
+    if let Some(l) = mgmt_l {
+        *agent.mgmt_addr.lock().expect("addr") = Some(l.local_addr()?);
+        tokio::spawn(api::serve_tcp(Arc::clone(&agent), l));
+    }
+    let resumed = agent.members.iter().filter(|m| m.resumed).count();
+    tracing::info!(
+        "agent {} ready: {} datastore(s) ({} resumed), {} export(s), control {}",
+        cfg.host,
+        agent.members.len(),
+        resumed,
+        agent.exports.lock().await.len(),
+        cfg.control_socket.display()
+    );
+    sd_notify("READY=1\nSTATUS=serving");
+
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    let mut int = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
+    let why = tokio::select! {
+        _ = term.recv() => Stop::Signal,
+        _ = int.recv() => Stop::Signal,
+        r = stop_rx.wait_for(|s| s.is_some()) => r.map(|s| s.clone().expect("set")).unwrap_or(Stop::Signal),
+    };
+    agent.stop.send_replace(Some(why.clone()));
+    sd_notify("STOPPING=1");
+    match &why {
+        Stop::Signal => {
+            tracing::info!(
+                "stopping; slots, locks and exports are kept for the next agent process"
+            );
+            for e in agent.exports.lock().await.values() {
+                if let Err(err) = e.gate.shut(true).await {
+                    tracing::error!("export {}: {err:#}", e.spec.name);
+                }
+            }
+        }
+        Stop::LeaseLost(e) => {
+            tracing::error!(
+                "host lease lost ({e}); stopping at once, the watchdog fences this host"
+            );
+        }
+        Stop::Left => {
+            let _ = std::fs::remove_file(agent.exports_path());
+            let home = membership_home();
+            if let Some(home) = home {
+                let _ = HostCgroup::at(home).enter(std::process::id());
+            }
+            cg.remove();
+        }
+    }
+    let _ = std::fs::remove_file(&cfg.control_socket);
+    let _ = std::fs::remove_file(cfg.nbd_socket());
+    drop(lockfile);
+    Ok(why)
+}
+
+/// The cgroup to return to after leaving: the parent of the `ferry` cgroup tree.
+fn membership_home() -> Option<PathBuf> {
+    datastore::fence::cgroup2_root().ok()
+}
+
+/// Leaves every datastore (the API's `host/leave`); refused while exports exist.
+pub async fn leave(agent: &Arc<Agent>) -> Result<()> {
+    let table = agent.exports.lock().await;
+    if !table.is_empty() {
+        bail!(
+            "this host still serves {} export(s) ({}): remove them (and stop their VMs) first",
+            table.len(),
+            table.keys().cloned().collect::<Vec<_>>().join(", ")
+        );
+    }
+    // Hold the table lock so no export is added while we leave.
+    agent
+        .leaving
+        .store(true, std::sync::atomic::Ordering::SeqCst);
+    let members = agent.members.clone();
+    tokio::task::spawn_blocking(move || -> Result<()> {
+        for m in members {
+            m.leave()?;
+        }
+        Ok(())
+    })
+    .await
+    .expect("leave task")?;
+    agent.stop.send_replace(Some(Stop::Left));
+    drop(table);
+    Ok(())
+}
