@@ -200,3 +200,74 @@ fn against_our_own_server_and_converting_from_it() {
         ));
     });
 }
+
+#[test]
+fn a_reconnecting_client_rides_out_a_server_restart_within_its_bound_and_fails_after_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let image = thin(dir.path());
+    let sock = dir.path().join("r.sock");
+    let q = qemu_nbd(&image, &sock);
+    let rt = rt();
+    let c = rt.block_on(async {
+        NbdClient::connect_unix(&sock, "disk")
+            .await
+            .unwrap()
+            .reconnect_for(Duration::from_secs(10))
+    });
+    rt.block_on(async {
+        c.write(0, &[1u8; 65536], WriteFlags::NONE).await.unwrap();
+        c.flush().await.unwrap();
+    });
+    // The server goes away; requests issued now wait for it to come back.
+    drop(q);
+    let _ = std::fs::remove_file(&sock);
+    let c = Arc::new(c);
+    let c2 = Arc::clone(&c);
+    let pending = rt.spawn(async move {
+        let w: Vec<_> = (0..8u64)
+            .map(|i| {
+                let c = Arc::clone(&c2);
+                async move {
+                    c.write(MIB + i * 65536, &[2u8; 65536], WriteFlags::NONE)
+                        .await
+                }
+            })
+            .collect();
+        let r = futures::future::join_all(w).await;
+        (r, c2.flush().await)
+    });
+    std::thread::sleep(Duration::from_millis(1500));
+    assert!(!pending.is_finished(), "requests failed instead of waiting");
+    let q = qemu_nbd(&image, &sock);
+    let (writes, flushed) = rt.block_on(pending).unwrap();
+    for w in writes {
+        w.expect("a write across the reconnection");
+    }
+    flushed.unwrap();
+    rt.block_on(async {
+        let mut b = vec![0u8; 65536];
+        c.read(0, &mut b).await.unwrap();
+        assert!(b.iter().all(|x| *x == 1));
+        c.read(MIB + 7 * 65536, &mut b).await.unwrap();
+        assert!(b.iter().all(|x| *x == 2));
+    });
+    // Gone for longer than the bound: the request fails, naming the reconnection.
+    drop(q);
+    let _ = std::fs::remove_file(&sock);
+    let q2 = qemu_nbd(&image, &sock);
+    let c = rt.block_on(async {
+        NbdClient::connect_unix(&sock, "disk")
+            .await
+            .unwrap()
+            .reconnect_for(Duration::from_secs(1))
+    });
+    drop(q2);
+    let t0 = std::time::Instant::now();
+    let r = rt.block_on(async {
+        let mut b = vec![0u8; 4096];
+        c.read(0, &mut b).await
+    });
+    let e = r.unwrap_err().to_string();
+    assert!(e.contains("no reconnection within"), "{e}");
+    assert!(t0.elapsed() < Duration::from_secs(5), "{:?}", t0.elapsed());
+}

@@ -2,7 +2,10 @@
 //! `base:allocation` block status, WRITE_ZEROES, TRIM, FUA, FLUSH), used to mirror into
 //! another host's export. Requests are pipelined over one connection: a reader task
 //! matches replies to requests by cookie. A lost connection fails every request in
-//! flight and every later one (reconnecting is the caller's choice, for now).
+//! flight, unless the client was made with [`NbdClient::reconnect_for`]: then each such
+//! request waits while the client connects again (for at most that long, to an export of
+//! the same size) and is sent again — as QEMU's `reconnect-delay` does. Requests in
+//! flight together carry no order, so sending them again in any order is allowed.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -34,9 +37,22 @@ struct Pending {
     tx: Option<oneshot::Sender<std::io::Result<Outcome>>>,
 }
 
-/// A connection to one export.
-pub struct NbdClient {
-    name: PathBuf,
+/// Where the export is.
+#[derive(Debug, Clone)]
+enum Endpoint {
+    Unix(PathBuf),
+    Tcp(String),
+}
+
+/// One connection's transmission state.
+struct Conn {
+    writer: tokio::sync::Mutex<Writer>,
+    pending: Arc<Mutex<Option<HashMap<u64, Pending>>>>,
+}
+
+/// What the handshake learnt.
+#[derive(Debug, Clone, Copy)]
+struct Info {
     size: u64,
     tflags: u16,
     structured: bool,
@@ -44,9 +60,30 @@ pub struct NbdClient {
     min_block: u32,
     pref_block: u32,
     max_request: u32,
-    writer: tokio::sync::Mutex<Writer>,
-    pending: Arc<Mutex<Option<HashMap<u64, Pending>>>>,
+}
+
+/// A request failed because the connection went away, or the server answered an error.
+enum Failure {
+    Connection(std::io::Error),
+    Other(diskfmt::Error),
+}
+
+/// A connection to one export.
+pub struct NbdClient {
+    name: PathBuf,
+    endpoint: Endpoint,
+    export: String,
+    size: u64,
+    tflags: u16,
+    structured: bool,
+    meta: Option<u32>,
+    min_block: u32,
+    pref_block: u32,
+    max_request: u32,
+    conn: Mutex<Arc<Conn>>,
     cookie: AtomicU64,
+    reconnect: std::time::Duration,
+    reconnecting: tokio::sync::Mutex<()>,
 }
 
 impl std::fmt::Debug for NbdClient {
@@ -98,27 +135,106 @@ async fn read_option_reply<R: AsyncRead + Unpin>(
 impl NbdClient {
     /// Connects to `export` over the unix socket `path`.
     pub async fn connect_unix(path: &Path, export: &str) -> std::io::Result<NbdClient> {
-        let s = tokio::net::UnixStream::connect(path).await?;
-        let (r, w) = s.into_split();
         let name = PathBuf::from(format!("nbd+unix:///{export}?socket={}", path.display()));
-        Self::handshake(name, r, Box::new(w), export).await
+        Self::connect(name, Endpoint::Unix(path.to_path_buf()), export).await
     }
 
     /// Connects to `export` at a TCP address.
     pub async fn connect_tcp(addr: &str, export: &str) -> std::io::Result<NbdClient> {
-        let s = tokio::net::TcpStream::connect(addr).await?;
-        let _ = s.set_nodelay(true);
-        let (r, w) = s.into_split();
         let name = PathBuf::from(format!("nbd://{addr}/{export}"));
-        Self::handshake(name, r, Box::new(w), export).await
+        Self::connect(name, Endpoint::Tcp(addr.to_string()), export).await
+    }
+
+    async fn connect(
+        name: PathBuf,
+        endpoint: Endpoint,
+        export: &str,
+    ) -> std::io::Result<NbdClient> {
+        let (conn, info) = Self::open(&name, &endpoint, export).await?;
+        Ok(NbdClient {
+            name,
+            endpoint,
+            export: export.to_string(),
+            size: info.size,
+            tflags: info.tflags,
+            structured: info.structured,
+            meta: info.meta,
+            min_block: info.min_block,
+            pref_block: info.pref_block,
+            max_request: info.max_request,
+            conn: Mutex::new(Arc::new(conn)),
+            cookie: AtomicU64::new(1),
+            reconnect: std::time::Duration::ZERO,
+            reconnecting: tokio::sync::Mutex::new(()),
+        })
+    }
+
+    /// Makes requests that lose their connection wait up to `bound` for a new one and
+    /// then go again (zero, the default: they fail at once).
+    pub fn reconnect_for(mut self, bound: std::time::Duration) -> NbdClient {
+        self.reconnect = bound;
+        self
+    }
+
+    async fn open(name: &Path, endpoint: &Endpoint, export: &str) -> std::io::Result<(Conn, Info)> {
+        match endpoint {
+            Endpoint::Unix(path) => {
+                let s = tokio::net::UnixStream::connect(path).await?;
+                let (r, w) = s.into_split();
+                Self::handshake(name, r, Box::new(w), export).await
+            }
+            Endpoint::Tcp(addr) => {
+                let s = tokio::net::TcpStream::connect(addr).await?;
+                let _ = s.set_nodelay(true);
+                let (r, w) = s.into_split();
+                Self::handshake(name, r, Box::new(w), export).await
+            }
+        }
+    }
+
+    /// Connects again after the connection was lost (once for all requests that saw
+    /// `failed` go), for at most the reconnect bound.
+    async fn reconnect(&self, failed: &Arc<Conn>) -> std::io::Result<()> {
+        let _g = self.reconnecting.lock().await;
+        if !Arc::ptr_eq(&self.conn.lock().expect("conn"), failed) {
+            return Ok(());
+        }
+        let deadline = tokio::time::Instant::now() + self.reconnect;
+        let mut last;
+        loop {
+            match Self::open(&self.name, &self.endpoint, &self.export).await {
+                Ok((conn, info)) if info.size == self.size => {
+                    tracing::info!("{}: reconnected", self.name.display());
+                    *self.conn.lock().expect("conn") = Arc::new(conn);
+                    return Ok(());
+                }
+                Ok((_, info)) => {
+                    return Err(bad(format!(
+                        "the export came back with size {} instead of {}",
+                        info.size, self.size
+                    )))
+                }
+                Err(e) => last = e,
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return Err(std::io::Error::new(
+                    last.kind(),
+                    format!(
+                        "no reconnection within {:.1}s: {last}",
+                        self.reconnect.as_secs_f64()
+                    ),
+                ));
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
     }
 
     async fn handshake<R>(
-        name: PathBuf,
+        name: &Path,
         r: R,
         mut w: Writer,
         export: &str,
-    ) -> std::io::Result<NbdClient>
+    ) -> std::io::Result<(Conn, Info)>
     where
         R: AsyncRead + Unpin + Send + 'static,
     {
@@ -215,22 +331,25 @@ impl NbdClient {
                 }
             }
         });
-        Ok(NbdClient {
-            name,
-            size,
-            tflags,
-            structured,
-            meta,
-            min_block,
-            pref_block,
-            max_request,
-            writer: tokio::sync::Mutex::new(w),
-            pending,
-            cookie: AtomicU64::new(1),
-        })
+        Ok((
+            Conn {
+                writer: tokio::sync::Mutex::new(w),
+                pending,
+            },
+            Info {
+                size,
+                tflags,
+                structured,
+                meta,
+                min_block,
+                pref_block,
+                max_request,
+            },
+        ))
     }
 
-    /// Sends one request and waits for its reply.
+    /// Sends one request and waits for its reply, reconnecting (within the bound) when
+    /// the connection goes away.
     async fn request(
         &self,
         kind: u16,
@@ -239,13 +358,47 @@ impl NbdClient {
         length: u32,
         payload: &[u8],
     ) -> diskfmt::Result<Outcome> {
+        loop {
+            let conn = Arc::clone(&self.conn.lock().expect("conn"));
+            match self
+                .request_on(&conn, kind, flags, offset, length, payload)
+                .await
+            {
+                Ok(out) => return Ok(out),
+                Err(Failure::Other(e)) => return Err(e),
+                Err(Failure::Connection(e)) if self.reconnect.is_zero() => {
+                    return Err(self.io_err("request", offset, e))
+                }
+                Err(Failure::Connection(e)) => {
+                    tracing::warn!(
+                        "{}: connection lost ({e}); reconnecting",
+                        self.name.display()
+                    );
+                    self.reconnect(&conn)
+                        .await
+                        .map_err(|e| self.io_err("reconnect", offset, e))?;
+                }
+            }
+        }
+    }
+
+    /// One request on one connection.
+    async fn request_on(
+        &self,
+        conn: &Conn,
+        kind: u16,
+        flags: u16,
+        offset: u64,
+        length: u32,
+        payload: &[u8],
+    ) -> Result<Outcome, Failure> {
         let cookie = self.cookie.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = oneshot::channel();
         let read_len = if kind == CMD_READ { length } else { 0 };
         {
-            let mut g = self.pending.lock().expect("pending");
+            let mut g = conn.pending.lock().expect("pending");
             let Some(map) = g.as_mut() else {
-                return Err(self.io_err("send", offset, bad("the connection is closed")));
+                return Err(Failure::Connection(bad("the connection is closed")));
             };
             map.insert(
                 cookie,
@@ -266,7 +419,7 @@ impl NbdClient {
         }
         .encode();
         {
-            let mut w = self.writer.lock().await;
+            let mut w = conn.writer.lock().await;
             let sent = async {
                 w.write_all(&hdr).await?;
                 if !payload.is_empty() {
@@ -276,18 +429,18 @@ impl NbdClient {
             }
             .await;
             if let Err(e) = sent {
-                if let Some(m) = self.pending.lock().expect("pending").as_mut() {
+                if let Some(m) = conn.pending.lock().expect("pending").as_mut() {
                     m.remove(&cookie);
                 }
-                return Err(self.io_err("send", offset, e));
+                return Err(Failure::Connection(e));
             }
         }
         let out = rx
             .await
-            .map_err(|_| self.io_err("wait", offset, bad("the connection is closed")))?
-            .map_err(|e| self.io_err("wait", offset, e))?;
+            .map_err(|_| Failure::Connection(bad("the connection is closed")))?
+            .map_err(Failure::Connection)?;
         if let Some((errno, msg)) = &out.error {
-            return Err(self.io_err(
+            return Err(Failure::Other(self.io_err(
                 "request",
                 offset,
                 std::io::Error::new(
@@ -297,7 +450,7 @@ impl NbdClient {
                         std::io::Error::from_raw_os_error(*errno as i32)
                     ),
                 ),
-            ));
+            )));
         }
         Ok(out)
     }
