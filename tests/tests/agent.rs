@@ -469,3 +469,67 @@ fn control_api_errors_name_the_object_and_files_are_managed_through_the_agent() 
     assert!(resp.starts_with("HTTP/1.1 400"), "{resp}");
     bed.call_ok(0, "GET", "/v1/host", None);
 }
+
+#[test]
+fn the_cli_talks_to_the_agent_on_its_socket_and_over_tcp_with_the_secret() {
+    let _g = serial();
+    let mut bed = AgentBed::new(1);
+    bed.start(0);
+    create(&bed, 0, "/c", 8 * MIB);
+    let ferry = ferry_tests::cluster::ferry_bin();
+    let ferry = ferry.to_str().unwrap();
+    let sock = bed.hosts[0].control_socket();
+    let sock = sock.to_str().unwrap();
+    let out = ferry_tests::run_ok(
+        ferry,
+        &[
+            "export", "add", "ds0:/c", "--name", "cx", "--agent", sock, "--json",
+        ],
+    );
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["name"], "cx");
+    assert_eq!(v["active"], true);
+    let out = ferry_tests::run_ok(ferry, &["export", "ls", "--agent", sock]);
+    assert!(
+        out.contains("cx") && out.contains("active") && out.contains("ds0:/c"),
+        "{out}"
+    );
+    let out = ferry_tests::run_ok(ferry, &["host", "ls", "--agent", sock, "--json"]);
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v[0]["name"], bed.hosts[0].name.as_str());
+    assert_eq!(v[0]["state"], "live");
+    let out = ferry_tests::run_ok(ferry, &["datastore", "ls", "--agent", sock]);
+    assert!(out.contains("ds0"), "{out}");
+    // Over TCP: refused without the secret, served with it.
+    let mgmt = bed.hosts[0].mgmt.clone();
+    let out = ferry_tests::run(ferry, &["host", "ls", "--agent", &mgmt]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("cluster secret"));
+    let secret = bed.dir.path().join("secret");
+    std::fs::write(&secret, SECRET).unwrap();
+    let out = ferry_tests::run_ok(
+        ferry,
+        &[
+            "datastore",
+            "ls",
+            "--json",
+            "--agent",
+            &mgmt,
+            "--secret-file",
+            secret.to_str().unwrap(),
+        ],
+    );
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v[0]["name"], "ds0");
+    // Errors are one line naming the object.
+    let out = ferry_tests::run(ferry, &["export", "rm", "nope", "--agent", sock]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("\"nope\""));
+    let out = ferry_tests::run(ferry, &["host", "ls", "--agent", "/nonexistent/agent.sock"]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("is `ferry agent` running"));
+    ferry_tests::run_ok(ferry, &["export", "rm", "cx", "--agent", sock]);
+    // `ferry host leave` ends the agent cleanly.
+    ferry_tests::run_ok(ferry, &["host", "leave", "--agent", sock]);
+    let st = bed.wait_exit(0, Duration::from_secs(20));
+    assert!(st.success());
+}
