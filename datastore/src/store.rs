@@ -259,7 +259,10 @@ pub struct SlotView {
 
 #[derive(Debug, Clone)]
 struct Seen {
-    fingerprint: u32,
+    /// The slot's whole record as last read. (Not a CRC of it: a record carries the
+    /// crc32c of its other bytes in its last four, so the crc32c of every valid record
+    /// is one and the same constant, and would never show a renewal.)
+    content: Box<Block>,
     since: Duration,
 }
 
@@ -293,11 +296,10 @@ impl Observer {
         let now = ds.clock.now();
         for (i, raw) in slots.into_iter().enumerate() {
             let host_id = i as u32 + 1;
-            let fingerprint = crc32c::crc32c(&raw.0);
             let seen = match &mut self.seen[i] {
-                Some(s) if s.fingerprint == fingerprint => s,
+                Some(s) if s.content.0 == raw.0 => s,
                 other => other.insert(Seen {
-                    fingerprint,
+                    content: raw.clone(),
                     since: now,
                 }),
             };

@@ -324,3 +324,105 @@ fn a_late_join_write_never_breaks_the_current_holders_locks() {
         std::thread::sleep(Duration::from_millis(50));
     }
 }
+
+#[test]
+fn a_resumed_slot_keeps_its_locks_and_resuming_is_refused_too_late_or_for_another_incarnation() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = image(dir.path());
+    let mut hosts = join_all(&path, &["agent", "other"]);
+    let other = hosts.pop().unwrap();
+    let first = hosts.pop().unwrap();
+    let me = first.owner();
+    let incarnation = first.incarnation();
+    let last_good = first.last_good();
+    let d = Arc::clone(first.datastore());
+    let mut obs = Observer::new(&d);
+    locks::try_acquire(&d, me, &mut obs, "disk", LockMode::Exclusive).unwrap();
+    drop(first); // the process "exits": no leave, the slot stays joined
+
+    // Another incarnation (or a slot that is not ours) cannot be resumed.
+    let ds = Arc::new(Datastore::open(&path).unwrap());
+    let wrong = HostLease::resume(
+        Arc::clone(&ds),
+        me.host_id,
+        uuid::Uuid::new_v4(),
+        "",
+        ds.clock().now(),
+        Box::new(|_| {}),
+    );
+    assert!(matches!(wrong, Err(Error::LeaseLost { .. })), "{wrong:?}");
+    // Too close to the fencing deadline: refused.
+    let late = HostLease::resume(
+        Arc::clone(&ds),
+        me.host_id,
+        incarnation,
+        "",
+        ds.clock().now() - ds.superblock().fence_after() + Duration::from_millis(500),
+        Box::new(|_| {}),
+    );
+    assert!(matches!(late, Err(Error::LeaseLost { .. })), "{late:?}");
+    // In time: same owner, renewing again, and its lock still counts.
+    let pets = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let p2 = Arc::clone(&pets);
+    let resumed = HostLease::resume(
+        Arc::clone(&ds),
+        me.host_id,
+        incarnation,
+        "10.0.0.9:7700",
+        last_good,
+        Box::new(move |t| p2.lock().unwrap().push(t)),
+    )
+    .unwrap();
+    assert_eq!(resumed.owner(), me);
+    assert!(
+        !pets.lock().unwrap().is_empty(),
+        "the resuming renewal petted nobody"
+    );
+    assert!(resumed.last_good() > last_good);
+    let od = Arc::clone(other.datastore());
+    let mut oobs = Observer::new(&od);
+    let r = locks::try_acquire(&od, other.owner(), &mut oobs, "disk", LockMode::Exclusive);
+    assert!(matches!(r, Err(Error::LockHeld { .. })), "{r:?}");
+    // Renewals continue past host_dead: the other host never sees it dead.
+    std::thread::sleep(ds.superblock().host_dead() + Duration::from_secs(1));
+    resumed.check().unwrap();
+    let v = oobs.observe(&od).unwrap()[me.host_id as usize - 1].clone();
+    assert_eq!(v.liveness, Liveness::Live);
+    assert_eq!(v.slot.unwrap().address, "10.0.0.9:7700");
+    drop(other);
+}
+
+/// Regression: the observer once fingerprinted slots by the crc32c of the whole record,
+/// which is the same constant for every valid record (each ends with the crc32c of the
+/// rest), so a renewing host looked unchanged — and dead after `host_dead` — to anyone
+/// who watched it that long, and its locks could be broken while it ran.
+#[test]
+fn a_renewing_host_stays_live_to_a_long_watching_observer_and_keeps_its_locks() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = image(dir.path());
+    let hosts = join_all(&path, &["holder", "waiter"]);
+    let (h, w) = (&hosts[0], &hosts[1]);
+    let hd = Arc::clone(h.datastore());
+    locks::try_acquire(
+        &hd,
+        h.owner(),
+        &mut Observer::new(&hd),
+        "vm",
+        LockMode::Exclusive,
+    )
+    .unwrap();
+    let wd = Arc::clone(w.datastore());
+    let mut obs = Observer::new(&wd);
+    let until = std::time::Instant::now() + wd.superblock().host_dead() * 3 / 2;
+    while std::time::Instant::now() < until {
+        let v = obs.observe(&wd).unwrap()[h.owner().host_id as usize - 1].clone();
+        assert_eq!(v.liveness, Liveness::Live, "{v:?}");
+        assert!(
+            v.unchanged_ms <= 2 * wd.superblock().renew_interval().as_millis() as u64 + 1000,
+            "{v:?}"
+        );
+        let r = locks::try_acquire(&wd, w.owner(), &mut obs, "vm", LockMode::Exclusive);
+        assert!(matches!(r, Err(Error::LockHeld { .. })), "{r:?}");
+        std::thread::sleep(Duration::from_millis(500));
+    }
+}
