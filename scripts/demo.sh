@@ -46,9 +46,16 @@ set -e
 step "A datastore shared by two hosts, each through its own loop device"
 loops=()
 lock_pids=()
+agent_pids=()
 cleanup_ds() {
-  for p in "${lock_pids[@]}"; do kill -9 "$p" 2>/dev/null || true; done
+  for p in "${lock_pids[@]}" "${agent_pids[@]}"; do kill -9 "$p" 2>/dev/null || true; done
+  pkill -9 -f "supervise .*$work" 2>/dev/null || true
   sleep 0.2
+  for cg in /sys/fs/cgroup/*/ferry/agent-demo-* /sys/fs/cgroup/ferry/agent-demo-*; do
+    [ -d "$cg" ] || continue
+    echo 1 > "$cg/cgroup.kill" 2>/dev/null || true
+    rmdir "$cg" 2>/dev/null || true
+  done
   for l in "${loops[@]}"; do losetup -d "$l" 2>/dev/null || true; done
 }
 trap 'cleanup_ds; rm -rf "$work"' EXIT
@@ -103,5 +110,39 @@ step "Exported back to qcow2 by beta: identical to the original; the datastore c
 show $F disk convert "$l2:/vm1/disk0" "$work/back.qcow2" --format qcow2
 show qemu-img compare "$work/thin.qcow2" "$work/back.qcow2"
 show $F datastore check "$l2"
+
+step "Step 4: a host agent on each host; alpha serves disk0 over NBD with its lock"
+for h in alpha beta; do
+  dev=$l1; [ $h = beta ] && dev=$l2
+  printf 'host = "demo-%s"\nrun_dir = "%s"\nprofile = "test"\n[[datastore]]\ndevice = "%s"\n' \
+    "$h" "$work/run-$h" "$dev" > "$work/$h.toml"
+  FERRY_LOG=warn $F agent --config "$work/$h.toml" & agent_pids+=($!)
+done
+for h in alpha beta; do
+  for _ in $(seq 100); do [ -S "$work/run-$h/agent.sock" ] && break; sleep 0.1; done
+done
+A="--agent $work/run-alpha/agent.sock"; B="--agent $work/run-beta/agent.sock"
+show $F host ls $A
+show $F datastore ls $B
+show $F export add demo:/vm1/disk0 $A
+show qemu-img compare -f raw -F qcow2 "nbd+unix:///disk0?socket=$work/run-alpha/nbd.sock" "$work/thin.qcow2"
+set +e
+show $F export add demo:/vm1/disk0 $B
+echo "exit status: $?"
+set -e
+
+step "beta exports it inactive (reads, no lock); alpha hands the lock over; beta activates"
+show $F export add demo:/vm1/disk0 --inactive $B
+show $F export deactivate disk0 --handoff-to demo-beta $A
+show $F export activate disk0 $B
+show qemu-io -f raw -c "write -P 0x42 0 64k" -c "read -P 0x42 0 64k" "nbd+unix:///disk0?socket=$work/run-beta/nbd.sock"
+
+step "Both hosts leave cleanly"
+show $F export rm disk0 $A
+show $F export rm disk0 $B
+show $F host leave $A
+show $F host leave $B
+wait "${agent_pids[@]}"
+agent_pids=()
 
 printf '\nDemo finished.\n'

@@ -277,6 +277,11 @@ fn liveness(l: Liveness) -> &'static str {
 fn hosts(agent: &Agent) -> ApiResult {
     let mut by_name: std::collections::BTreeMap<String, Value> = Default::default();
     for m in &agent.members {
+        // Renewed while we watched: live. Not renewed for longer than two renewal
+        // intervals but not yet host_dead: stale (stopped, or a dead host we have not
+        // watched long enough to call dead).
+        let sb = m.ds.superblock();
+        let stale_after = (2 * sb.renew_interval() + sb.io_timeout()).as_millis() as u64;
         for v in m.views() {
             let Some(s) = &v.slot else { continue };
             if v.liveness == Liveness::Free {
@@ -285,7 +290,10 @@ fn hosts(agent: &Agent) -> ApiResult {
             let entry = by_name.entry(s.name.clone()).or_insert_with(
                 || json!({"name": s.name, "address": s.address, "state": "dead", "datastores": []}),
             );
-            let state = liveness(v.liveness);
+            let state = match liveness(v.liveness) {
+                "live" if v.unchanged_ms > stale_after => "stale",
+                l => l,
+            };
             if state == "live" || entry["state"] == "dead" {
                 entry["state"] = json!(state);
             }

@@ -147,7 +147,20 @@ pub fn spawn_supervisor(exe: &Path, run_dir: &Path, ds: &Datastore, cgroup: &Pat
         let mut child = child;
         let _ = child.wait();
     });
-    Ok(pid)
+    // Ready once it has the FIFO open for reading.
+    let deadline = boottime() + Duration::from_secs(10);
+    loop {
+        match open_fifo(&fifo) {
+            Ok(_) => return Ok(pid),
+            Err(e) if boottime() > deadline => {
+                bail!(
+                    "{}: the fencing watchdog (pid {pid}) did not open its FIFO: {e}",
+                    fifo.display()
+                )
+            }
+            Err(_) => std::thread::sleep(Duration::from_millis(10)),
+        }
+    }
 }
 
 /// What to do for one datastore at startup.
