@@ -1,6 +1,9 @@
 #!/usr/bin/env bash
-# fio's nbd engine against ferry's NBD server vs qemu-nbd (cache=none, aio=io_uring),
-# both serving the same raw loop device (direct I/O) over a unix socket, alternating:
+# fio's nbd engine over a unix socket against, alternating on one loop device (direct I/O):
+#   agent    - `ferry agent` exporting a 1 GiB eager-thick datastore file (the real path)
+#   nbdserve - ferry's NBD server alone, serving the raw device
+#   qemu     - qemu-nbd (cache=none, aio=io_uring) serving the raw device from where the
+#              datastore's data region starts (the same physical bytes as the file)
 #   scripts/bench-nbd.sh [RUNS] [SECONDS]
 # Prints medians per workload: 4 KiB randread/randwrite at QD1 and QD16, 1 MiB
 # sequential read and write at QD4.
@@ -9,38 +12,72 @@ cd "$(dirname "$0")/.."
 runs=${1:-3}
 secs=${2:-5}
 cargo build --release --quiet -p ferry-tests --bin nbdserve
+cargo build --release --quiet -p ferry-cli
 work=$(mktemp -d /var/tmp/bench-nbd.XXXXXX)
 pids=()
 cleanup() {
-  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
+  for p in "${pids[@]}"; do kill -9 "$p" 2>/dev/null || true; done
+  pkill -9 -f "supervise .*$work" 2>/dev/null || true
   sleep 0.3
+  for cg in /sys/fs/cgroup/*/ferry/agent-bench-* /sys/fs/cgroup/ferry/agent-bench-*; do
+    [ -d "$cg" ] || continue
+    echo 1 > "$cg/cgroup.kill" 2>/dev/null || true
+    rmdir "$cg" 2>/dev/null || true
+  done
   [ -n "${loopdev:-}" ] && losetup -d "$loopdev" 2>/dev/null || true
   rm -rf "$work"
 }
 trap cleanup EXIT
-truncate -s 1G "$work/disk.raw"
-# Fill it, so reads read data, not holes.
-dd if=/dev/urandom of="$work/disk.raw" bs=1M count=1024 conv=notrunc status=none
+F=target/release/ferry
+truncate -s 1280M "$work/disk.raw"
 loopdev=$(losetup --find --show --direct-io=on "$work/disk.raw")
+$F datastore create "$loopdev" --label bench --profile test --max-hosts 8 --force >/dev/null
+dataoff=$($F datastore info --json --observe 0 "$loopdev" | python3 -c "import json,sys; print(json.load(sys.stdin)['metadata_bytes'])")
+# The file holds random data, so reads read data, not zeros or holes.
+dd if=/dev/urandom of="$work/fill.raw" bs=1M count=1024 status=none
+FERRY_HOST=bench $F disk convert "$work/fill.raw" "$loopdev:/bench" --provisioning eager-thick >/dev/null
+rm -f "$work/fill.raw"
+printf 'host = "bench"\nrun_dir = "%s/run"\n[[datastore]]\ndevice = "%s"\n' "$work" "$loopdev" > "$work/agent.toml"
 
 serve() { # $1: ferry|qemu; sets uri (runs in this shell, so pids keeps the server)
   local sock="$work/$1.sock"
   rm -f "$sock"
-  if [ "$1" = ferry ]; then
-    target/release/nbdserve "$loopdev" "$sock" disk >/dev/null 2>&1 &
-  else
-    qemu-nbd -f raw --cache=none --aio=io_uring -x disk --socket="$sock" --persistent --shared=16 "$loopdev" >/dev/null 2>&1 &
-  fi
-  pids+=($!)
+  case $1 in
+    agent)
+      $F agent --config "$work/agent.toml" >"$work/agent.log" 2>&1 &
+      pids+=($!)
+      for _ in $(seq 200); do [ -S "$work/run/agent.sock" ] && break; sleep 0.05; done
+      $F export add bench:/bench --name disk --agent "$work/run/agent.sock" >/dev/null
+      sock="$work/run/nbd.sock"
+      ;;
+    nbdserve)
+      target/release/nbdserve "$loopdev" "$sock" disk >/dev/null 2>&1 &
+      pids+=($!)
+      ;;
+    qemu)
+      qemu-nbd -f raw --cache=none --aio=io_uring --offset="$dataoff" -x disk --socket="$sock" \
+        --persistent --shared=16 "$loopdev" >/dev/null 2>&1 &
+      pids+=($!)
+      ;;
+  esac
   for _ in $(seq 100); do [ -S "$sock" ] && break; sleep 0.05; done
   uri="nbd+unix:///disk?socket=$sock"
 }
-stop() { kill "${pids[-1]}"; wait "${pids[-1]}" 2>/dev/null || true; unset 'pids[-1]'; }
+stop() {
+  if [ "$1" = agent ]; then
+    $F export rm disk --agent "$work/run/agent.sock" >/dev/null
+    $F host leave --agent "$work/run/agent.sock" >/dev/null
+  else
+    kill "${pids[-1]}"
+  fi
+  wait "${pids[-1]}" 2>/dev/null || true
+  unset 'pids[-1]'
+}
 
 jobs=("randread 4k 1" "randread 4k 16" "randwrite 4k 1" "randwrite 4k 16" "read 1M 4" "write 1M 4")
 declare -A res
 for r in $(seq "$runs"); do
-  for server in ferry qemu; do
+  for server in agent nbdserve qemu; do
     serve $server
     for j in "${jobs[@]}"; do
       set -- $j
@@ -52,15 +89,17 @@ for r in $(seq "$runs"); do
       res["$server $j"]+="$v "
       echo "run $r $server $j: $v" >&2
     done
-    stop
+    stop $server
   done
 done
 median() { tr ' ' '\n' | grep -v '^$' | sort -g | awk '{a[NR]=$1} END {print (NR % 2) ? a[(NR+1)/2] : (a[NR/2] + a[NR/2+1]) / 2}'; }
-echo "| workload | ferry | qemu-nbd | ferry / qemu-nbd |"
-echo "|---|---|---|---|"
+echo "| workload | ferry agent (datastore file) | ferry nbdserve (raw) | qemu-nbd (raw) | agent / qemu-nbd | nbdserve / qemu-nbd |"
+echo "|---|---|---|---|---|---|"
 for j in "${jobs[@]}"; do
   set -- $j
   unit=IOPS; [ "$2" = 1M ] && unit=MB/s
-  f=$(echo "${res["ferry $j"]}" | median); q=$(echo "${res["qemu $j"]}" | median)
-  printf '| %s %s QD%s (%s) | %.0f | %.0f | %.2f |\n' "$1" "$2" "$3" "$unit" "$f" "$q" "$(echo "$f / $q" | bc -l)"
+  a=$(echo "${res["agent $j"]}" | median)
+  f=$(echo "${res["nbdserve $j"]}" | median); q=$(echo "${res["qemu $j"]}" | median)
+  printf '| %s %s QD%s (%s) | %.0f | %.0f | %.0f | %.2f | %.2f |\n' "$1" "$2" "$3" "$unit" \
+    "$a" "$f" "$q" "$(echo "$a / $q" | bc -l)" "$(echo "$f / $q" | bc -l)"
 done

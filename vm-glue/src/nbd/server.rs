@@ -338,17 +338,62 @@ struct Negotiated {
     meta: bool,
 }
 
+/// Large buffers a connection reuses for write payloads and read replies, so a 1 MiB
+/// request does not map, fault in and unmap fresh memory each time. Holds at most
+/// [`Bufs::KEEP`] bytes.
+#[derive(Debug, Default)]
+struct Bufs(std::sync::Mutex<(Vec<Vec<u8>>, usize)>);
+
+impl Bufs {
+    const KEEP: usize = 64 << 20;
+    const MIN: usize = 64 << 10;
+
+    /// A zero-filled buffer of `len` bytes.
+    fn take(&self, len: usize) -> Vec<u8> {
+        let reused = if len >= Self::MIN {
+            let mut g = self.0.lock().expect("bufs");
+            let i = g.0.iter().position(|b| b.capacity() >= len);
+            i.map(|i| {
+                let b = g.0.swap_remove(i);
+                g.1 -= b.capacity();
+                b
+            })
+        } else {
+            None
+        };
+        let mut v = reused.unwrap_or_default();
+        v.clear();
+        v.resize(len, 0);
+        v
+    }
+
+    /// Keeps a buffer for later, if it is large and there is room.
+    fn give(&self, v: Vec<u8>) {
+        if v.capacity() < Self::MIN {
+            return;
+        }
+        let mut g = self.0.lock().expect("bufs");
+        if g.1 + v.capacity() <= Self::KEEP {
+            g.1 += v.capacity();
+            g.0.push(v);
+        }
+    }
+}
+
 /// The connection's writer: sends the replies request tasks queue, batching whatever is
-/// queued into as few system calls as it can.
+/// queued into as few system calls as it can, and hands large buffers back for reuse.
 async fn writer<W: AsyncWrite + Unpin>(
     mut rx: tokio::sync::mpsc::UnboundedReceiver<Vec<u8>>,
     wr: W,
+    bufs: Arc<Bufs>,
 ) -> std::io::Result<W> {
     let mut w = tokio::io::BufWriter::with_capacity(256 << 10, wr);
     while let Some(first) = rx.recv().await {
         w.write_all(&first).await?;
+        bufs.give(first);
         while let Ok(more) = rx.try_recv() {
             w.write_all(&more).await?;
+            bufs.give(more);
         }
         w.flush().await?;
     }
@@ -362,7 +407,8 @@ where
     W: AsyncWrite + Unpin + Send + 'static,
 {
     let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
-    let writer = tokio::spawn(writer(rx, wr));
+    let bufs = Arc::new(Bufs::default());
+    let writer = tokio::spawn(writer(rx, wr, Arc::clone(&bufs)));
     let budget = Arc::new(Semaphore::new((BUDGET / UNIT) as usize));
     let neg = Arc::new(neg);
     let mut tasks = tokio::task::JoinSet::new();
@@ -408,13 +454,13 @@ where
             Ok(p) => p,
             Err(_) => break Ok(()),
         };
-        let mut payload = vec![0u8; payload_len as usize];
+        let mut payload = bufs.take(payload_len as usize);
         if let Err(e) = rd.read_exact(&mut payload).await {
             break Err(e);
         }
-        let (neg, tx) = (Arc::clone(&neg), tx.clone());
+        let (neg, tx, bufs) = (Arc::clone(&neg), tx.clone(), Arc::clone(&bufs));
         tasks.spawn(async move {
-            let reply = run(&neg, req, payload).await;
+            let reply = run(&neg, req, payload, &bufs).await;
             let _ = tx.send(reply);
             drop(permit);
         });
@@ -455,7 +501,7 @@ fn finish(neg: &Negotiated, cookie: u64, r: diskfmt::Result<()>) -> Vec<u8> {
 }
 
 /// Runs one request; returns its whole reply.
-async fn run(neg: &Negotiated, req: Request, payload: Vec<u8>) -> Vec<u8> {
+async fn run(neg: &Negotiated, req: Request, payload: Vec<u8>, bufs: &Bufs) -> Vec<u8> {
     let e = &neg.export;
     let dev = &*e.dev;
     let writes = matches!(req.kind, CMD_WRITE | CMD_TRIM | CMD_WRITE_ZEROES);
@@ -479,7 +525,7 @@ async fn run(neg: &Negotiated, req: Request, payload: Vec<u8>) -> Vec<u8> {
         CMD_READ => {
             // The reply header and the data in one buffer: the data is read in place.
             let head = if neg.structured { 28 } else { 16 };
-            let mut v = vec![0u8; head + req.length as usize];
+            let mut v = bufs.take(head + req.length as usize);
             match dev.read(req.offset, &mut v[head..]).await {
                 Ok(()) => {
                     if neg.structured {
@@ -504,11 +550,9 @@ async fn run(neg: &Negotiated, req: Request, payload: Vec<u8>) -> Vec<u8> {
             } else {
                 WriteFlags::NONE
             };
-            finish(
-                neg,
-                req.cookie,
-                dev.write(req.offset, &payload, flags).await,
-            )
+            let r = dev.write(req.offset, &payload, flags).await;
+            bufs.give(payload);
+            finish(neg, req.cookie, r)
         }
         CMD_FLUSH => finish(neg, req.cookie, dev.flush().await),
         CMD_TRIM => {
