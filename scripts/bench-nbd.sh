@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # fio's nbd engine over a unix socket against, alternating on one loop device (direct I/O):
-#   agent    - `ferry agent` exporting a 1 GiB eager-thick datastore file (the real path)
-#   nbdserve - ferry's NBD server alone, serving the raw device
-#   qemu     - qemu-nbd (cache=none, aio=io_uring) serving the raw device from where the
-#              datastore's data region starts (the same physical bytes as the file)
+#   agent    - `ferry agent` exporting a 1 GiB eager-thick datastore file of random data
+#              (the real path: datastore file, locks, export gate)
+#   nbdserve - ferry's NBD server alone, serving a raw 1 GiB loop device of random data
+#   qemu     - qemu-nbd (cache=none, aio=io_uring) serving that same raw loop device
+# (qemu-nbd cannot read a datastore file; both loop devices are over files on the same
+# file system, with direct I/O.)
 #   scripts/bench-nbd.sh [RUNS] [SECONDS]
 # Prints medians per workload: 4 KiB randread/randwrite at QD1 and QD16, 1 MiB
 # sequential read and write at QD4.
@@ -25,6 +27,7 @@ cleanup() {
     rmdir "$cg" 2>/dev/null || true
   done
   [ -n "${loopdev:-}" ] && losetup -d "$loopdev" 2>/dev/null || true
+  [ -n "${rawdev:-}" ] && losetup -d "$rawdev" 2>/dev/null || true
   rm -rf "$work"
 }
 trap cleanup EXIT
@@ -32,11 +35,10 @@ F=target/release/ferry
 truncate -s 1280M "$work/disk.raw"
 loopdev=$(losetup --find --show --direct-io=on "$work/disk.raw")
 $F datastore create "$loopdev" --label bench --profile test --max-hosts 8 --force >/dev/null
-dataoff=$($F datastore info --json --observe 0 "$loopdev" | python3 -c "import json,sys; print(json.load(sys.stdin)['metadata_bytes'])")
 # The file holds random data, so reads read data, not zeros or holes.
 dd if=/dev/urandom of="$work/fill.raw" bs=1M count=1024 status=none
 FERRY_HOST=bench $F disk convert "$work/fill.raw" "$loopdev:/bench" --provisioning eager-thick >/dev/null
-rm -f "$work/fill.raw"
+rawdev=$(losetup --find --show --direct-io=on "$work/fill.raw")
 printf 'host = "bench"\nrun_dir = "%s/run"\n[[datastore]]\ndevice = "%s"\n' "$work" "$loopdev" > "$work/agent.toml"
 
 serve() { # $1: ferry|qemu; sets uri (runs in this shell, so pids keeps the server)
@@ -51,12 +53,12 @@ serve() { # $1: ferry|qemu; sets uri (runs in this shell, so pids keeps the serv
       sock="$work/run/nbd.sock"
       ;;
     nbdserve)
-      target/release/nbdserve "$loopdev" "$sock" disk >/dev/null 2>&1 &
+      target/release/nbdserve "$rawdev" "$sock" disk >/dev/null 2>&1 &
       pids+=($!)
       ;;
     qemu)
-      qemu-nbd -f raw --cache=none --aio=io_uring --offset="$dataoff" -x disk --socket="$sock" \
-        --persistent --shared=16 "$loopdev" >/dev/null 2>&1 &
+      qemu-nbd -f raw --cache=none --aio=io_uring -x disk --socket="$sock" \
+        --persistent --shared=16 "$rawdev" >/dev/null 2>&1 &
       pids+=($!)
       ;;
   esac

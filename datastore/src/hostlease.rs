@@ -10,6 +10,10 @@
 //!   (it must still be ours), then writes it with the renewal counter increased. The
 //!   *issue* time of the last good renewal is what counts: once `8 × io_timeout` has
 //!   passed since then, the lease is lost and the holder must stop using its locks.
+//! - **Resume** (an agent restart): the same slot, generation and incarnation, renewed
+//!   again at once, so every lock the host holds stays held. Only with local proof that
+//!   the earlier process has exited, and only while its last good renewal is less than
+//!   `fence_after - io_timeout` old: a resumed renewal then is just a late renewal.
 //! - **Leave**: stop renewing and mark the slot free.
 
 use std::sync::atomic::{AtomicBool, Ordering};

@@ -184,10 +184,18 @@ impl AgentBed {
             .append(true)
             .open(&h.log)
             .expect("log");
+        // Stands in for systemd: the agent must say READY=1 once it serves.
+        let notify_path = h.run_dir.with_extension("notify");
+        let _ = std::fs::remove_file(&notify_path);
+        let notify = std::os::unix::net::UnixDatagram::bind(&notify_path).expect("notify socket");
+        notify
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .expect("timeout");
         let child = Command::new(ferry_bin())
             .arg("agent")
             .arg("--config")
             .arg(&h.config)
+            .env("NOTIFY_SOCKET", &notify_path)
             .env("FERRY_LOG", "info")
             .env("NO_COLOR", "1")
             .stdin(Stdio::null())
@@ -208,6 +216,12 @@ impl AgentBed {
             if std::os::unix::net::UnixStream::connect(h.control_socket()).is_ok() {
                 let (s, _) = call_unix(&h.control_socket(), "GET", "/v1/host", None);
                 if s == 200 {
+                    let mut b = [0u8; 256];
+                    let n = notify
+                        .recv(&mut b)
+                        .expect("the agent sent no sd_notify message");
+                    let msg = String::from_utf8_lossy(&b[..n]);
+                    assert!(msg.contains("READY=1"), "sd_notify: {msg:?}");
                     return;
                 }
             }

@@ -250,8 +250,17 @@ fn an_agent_killed_and_restarted_in_time_keeps_its_slot_locks_and_exports() {
         .spawn()
         .expect("qemu-io");
     std::thread::sleep(Duration::from_secs(2));
+    // A stand-in for a VM in the host's cgroup: an agent restart must not disturb it.
+    let mut vm = std::process::Command::new("sleep")
+        .arg("300")
+        .spawn()
+        .expect("sleep");
+    let vm_cg = bed.hosts[0].cgroup().join("vm-standin");
+    std::fs::create_dir_all(&vm_cg).unwrap();
+    std::fs::write(vm_cg.join("cgroup.procs"), vm.id().to_string()).unwrap();
 
     bed.signal(0, Signal::SIGKILL);
+    let killed = Instant::now();
     std::thread::sleep(Duration::from_millis(500));
     // While it is down its lock holds: the other host is refused.
     let (s, v) = export(&bed, 1, "r", "/r", false);
@@ -306,10 +315,24 @@ fn an_agent_killed_and_restarted_in_time_keeps_its_slot_locks_and_exports() {
         vec![0x22u8; 64 << 10]
     );
 
-    // Leaving is refused while exports exist, then works; the other host sees the slot free.
+    // The stand-in VM lives through both restarts, past the fencing deadline (8 s after
+    // the last renewal before the kill).
+    std::thread::sleep(Duration::from_secs(10).saturating_sub(killed.elapsed()));
+    assert!(
+        vm.try_wait().unwrap().is_none(),
+        "an agent restart disturbed a process of the host"
+    );
+    // Leaving is refused while a VM runs, and while exports exist; then it works and
+    // the other host sees the slot free.
     let (s, v) = bed.call(0, "POST", "/v1/host/leave", None);
     assert_eq!(s, 409, "{v}");
-    assert!(v["error"].as_str().unwrap().contains("r"), "{v}");
+    assert!(v["error"].as_str().unwrap().contains("VMs"), "{v}");
+    let _ = vm.kill();
+    let _ = vm.wait();
+    let _ = std::fs::remove_dir(&vm_cg);
+    let (s, v) = bed.call(0, "POST", "/v1/host/leave", None);
+    assert_eq!(s, 409, "{v}");
+    assert!(v["error"].as_str().unwrap().contains("export"), "{v}");
     bed.call_ok(0, "DELETE", "/v1/exports/r", None);
     bed.call_ok(0, "POST", "/v1/host/leave", None);
     let st = bed.wait_exit(0, Duration::from_secs(20));

@@ -275,6 +275,21 @@ impl Gate {
         Ok(())
     }
 
+    /// For an agent that stops and will come back: waits for the requests in flight,
+    /// commits what they wrote, and then holds every later request unanswered for good
+    /// (the process exits next; clients see the connection drop, reconnect to the next
+    /// agent process and send those requests again). The lock stays held.
+    pub async fn freeze(&self) -> Result<()> {
+        let g = self.inner.write().await;
+        let flushed = match (&g.file, g.active) {
+            (Some(f), true) => f.flush().await.map_err(anyhow::Error::from),
+            _ => Ok(()),
+        };
+        // Never released: nothing may be acknowledged after this commit.
+        std::mem::forget(g);
+        flushed
+    }
+
     pub async fn lock_version(&self, session: &Arc<Session>) -> Option<u64> {
         if !self.is_active() {
             return None;

@@ -74,6 +74,8 @@ pub struct Agent {
     pub mgmt_addr: std::sync::Mutex<Option<std::net::SocketAddr>>,
     /// Set while the host leaves: its leases end on purpose.
     pub leaving: std::sync::atomic::AtomicBool,
+    /// The host cgroup (the agent, and its VMs in child cgroups).
+    pub cgroup: PathBuf,
 }
 
 /// Takes the run directory's lock file: held for the life of this process.
@@ -373,6 +375,7 @@ pub async fn run(cfg: Config, exe: PathBuf) -> Result<Stop> {
         nbd_tcp_addr: std::sync::Mutex::new(None),
         mgmt_addr: std::sync::Mutex::new(None),
         leaving: std::sync::atomic::AtomicBool::new(false),
+        cgroup: cg.path().to_path_buf(),
     });
     // Heartbeat watchers: liveness of every slot, and our own lease.
     for m in &agent.members {
@@ -451,15 +454,21 @@ pub async fn run(cfg: Config, exe: PathBuf) -> Result<Stop> {
                 "stopping; slots, locks and exports are kept for the next agent process"
             );
             for e in agent.exports.lock().await.values() {
-                if let Err(err) = e.gate.shut(true).await {
+                if let Err(err) = e.gate.freeze().await {
                     tracing::error!("export {}: {err:#}", e.spec.name);
                 }
             }
+            // Exit here, without destructors: an open file's drop would release its
+            // lock, and every lock must stay held for the next agent process.
+            let _ = std::fs::remove_file(&cfg.control_socket);
+            std::process::exit(0);
         }
         Stop::LeaseLost(e) => {
             tracing::error!(
                 "host lease lost ({e}); stopping at once, the watchdog fences this host"
             );
+            // No commit, no unlock: the locks are no longer ours to use.
+            std::process::exit(1);
         }
         Stop::Left => {
             let _ = std::fs::remove_file(agent.exports_path());
@@ -481,8 +490,40 @@ fn membership_home() -> Option<PathBuf> {
     datastore::fence::cgroup2_root().ok()
 }
 
-/// Leaves every datastore (the API's `host/leave`); refused while exports exist.
+/// Processes in the host cgroup tree other than this agent (VMs, and whatever else the
+/// host runs under its leases).
+pub fn host_processes(cgroup: &Path) -> Vec<u32> {
+    let mut out = Vec::new();
+    let mut dirs = vec![cgroup.to_path_buf()];
+    while let Some(d) = dirs.pop() {
+        if let Ok(procs) = std::fs::read_to_string(d.join("cgroup.procs")) {
+            out.extend(
+                procs
+                    .lines()
+                    .filter_map(|l| l.trim().parse::<u32>().ok())
+                    .filter(|p| *p != std::process::id()),
+            );
+        }
+        if let Ok(rd) = std::fs::read_dir(&d) {
+            dirs.extend(rd.flatten().filter(|e| e.path().is_dir()).map(|e| e.path()));
+        }
+    }
+    out
+}
+
+/// Leaves every datastore (the API's `host/leave`); refused while exports exist or
+/// while processes other than the agent (VMs) run in the host cgroup.
 pub async fn leave(agent: &Arc<Agent>) -> Result<()> {
+    let others = host_processes(&agent.cgroup);
+    if !others.is_empty() {
+        bail!(
+            "this host still runs {} process(es) under its leases (pids {:?} in {}): stop its \
+             VMs first",
+            others.len(),
+            others,
+            agent.cgroup.display()
+        );
+    }
     let table = agent.exports.lock().await;
     if !table.is_empty() {
         bail!(
