@@ -1,10 +1,11 @@
 //! `vm-glue` owns everything that talks to QEMU and to other hosts (DESIGN §2): the NBD
 //! server and client ([`nbd`]), the host agent and its control API ([`agent`], over the
-//! small HTTP subset in [`http`]), the QMP client ([`qmp`]); later the QEMU launcher and
-//! VM spec, and relocation orchestration (storage pivot, compute handoff, rollback).
+//! small HTTP subset in [`http`]), the QMP client ([`qmp`]), VMs under QEMU ([`vm`]); later
+//! relocation orchestration (storage pivot, compute handoff, rollback).
 #![forbid(unsafe_code)]
 
 pub mod agent;
 pub mod http;
 pub mod nbd;
 pub mod qmp;
+pub mod vm;

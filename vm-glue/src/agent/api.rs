@@ -49,6 +49,26 @@ fn any_err(e: anyhow::Error) -> ApiError {
     }
 }
 
+/// VM errors: datastore conflicts keep their status; "no such VM" is 404, the rest 409.
+fn vm_err(e: anyhow::Error) -> ApiError {
+    let msg = format!("{e:#}");
+    if let Some(d) = e.downcast_ref::<datastore::Error>() {
+        let status = match d {
+            datastore::Error::NotFound { .. } => 404,
+            datastore::Error::NoSpace { .. } => 507,
+            _ => 409,
+        };
+        return ApiError(status, msg);
+    }
+    if msg.starts_with("no VM named") {
+        return ApiError(404, msg);
+    }
+    if msg.starts_with("vm.toml") {
+        return ApiError(400, msg);
+    }
+    ApiError(409, msg)
+}
+
 fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
@@ -185,6 +205,56 @@ async fn route(agent: &Arc<Agent>, req: &Request, tcp: bool) -> ApiResult {
         ("DELETE", ["v1", "exports", name]) => remove_export(agent, name).await,
         ("POST", ["v1", "exports", name, "activate"]) => activate(agent, name).await,
         ("POST", ["v1", "exports", name, "deactivate"]) => deactivate(agent, name, req).await,
+        ("GET", ["v1", "vms"]) => ok(Value::Array(crate::vm::list(agent).await.map_err(any_err)?)),
+        ("POST", ["v1", "vms"]) => {
+            let r: crate::vm::CreateReq = body(req)?;
+            let spec = crate::vm::create(agent, r).await.map_err(vm_err)?;
+            Ok(Response {
+                status: 201,
+                body: serde_json::to_value(spec).expect("json"),
+            })
+        }
+        ("GET", ["v1", "vms", name]) => {
+            let all = crate::vm::list(agent).await.map_err(any_err)?;
+            all.into_iter()
+                .find(|v| v["name"] == *name)
+                .map(|v| Response {
+                    status: 200,
+                    body: v,
+                })
+                .ok_or_else(|| err(404, format!("no VM named {name:?}")))
+        }
+        ("POST", ["v1", "vms", name, "start"]) => {
+            ok(crate::vm::start(agent, name).await.map_err(vm_err)?)
+        }
+        ("POST", ["v1", "vms", name, "stop"]) => {
+            #[derive(Deserialize, Default)]
+            #[serde(deny_unknown_fields)]
+            struct StopReq {
+                #[serde(default)]
+                force: bool,
+                timeout_s: Option<u64>,
+            }
+            let r: StopReq = body(req)?;
+            let t = std::time::Duration::from_secs(r.timeout_s.unwrap_or(30));
+            crate::vm::stop(agent, name, r.force, t)
+                .await
+                .map_err(vm_err)?;
+            ok(json!({"stopped": name}))
+        }
+        ("GET", ["v1", "vms", name, "console"]) => {
+            let bytes = req
+                .param("bytes")
+                .and_then(|b| b.parse().ok())
+                .unwrap_or(64 << 10);
+            let text =
+                crate::vm::console(agent, name, bytes).map_err(|e| err(404, format!("{e:#}")))?;
+            ok(json!({ "text": text }))
+        }
+        ("DELETE", ["v1", "vms", name]) => {
+            crate::vm::remove(agent, name).await.map_err(vm_err)?;
+            ok(json!({ "removed": name }))
+        }
         ("GET", ["v1", "tasks"]) => ok(Value::Array(
             agent.tasks.list().iter().map(|t| t.to_json()).collect(),
         )),

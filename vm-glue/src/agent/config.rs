@@ -41,6 +41,8 @@ struct Raw {
     #[serde(default)]
     profile: Profile,
     write_hold_secs: Option<u64>,
+    accel: Option<String>,
+    qemu: Option<String>,
 }
 
 /// The validated configuration.
@@ -57,6 +59,10 @@ pub struct Config {
     pub profile: Profile,
     /// How long a write to an inactive export waits for the lock before failing (EIO).
     pub write_hold: Duration,
+    /// VM acceleration: auto (KVM where usable), kvm or tcg.
+    pub accel: String,
+    /// The QEMU binary.
+    pub qemu: String,
 }
 
 fn field_err(file: &Path, field: &str, detail: impl std::fmt::Display) -> anyhow::Error {
@@ -144,7 +150,11 @@ impl Config {
             Profile::Production => 60,
             Profile::Test => 5,
         }));
+        let accel = raw.accel.unwrap_or_else(|| "auto".into());
+        crate::vm::qemu::choose_accel(&accel).map_err(|e| field_err(file, "accel", e))?;
         Ok(Config {
+            accel,
+            qemu: raw.qemu.unwrap_or_else(|| "qemu-system-x86_64".into()),
             control_socket: raw
                 .control_socket
                 .unwrap_or_else(|| raw.run_dir.join("agent.sock")),

@@ -76,6 +76,8 @@ pub struct Agent {
     pub leaving: std::sync::atomic::AtomicBool,
     /// The host cgroup (the agent, and its VMs in child cgroups).
     pub cgroup: PathBuf,
+    /// VMs running on this host.
+    pub vms: tokio::sync::Mutex<BTreeMap<String, crate::vm::RunningVm>>,
 }
 
 /// Takes the run directory's lock file: held for the life of this process.
@@ -376,6 +378,7 @@ pub async fn run(cfg: Config, exe: PathBuf) -> Result<Stop> {
         mgmt_addr: std::sync::Mutex::new(None),
         leaving: std::sync::atomic::AtomicBool::new(false),
         cgroup: cg.path().to_path_buf(),
+        vms: tokio::sync::Mutex::new(BTreeMap::new()),
     });
     // Heartbeat watchers: liveness of every slot, and our own lease.
     for m in &agent.members {
@@ -409,6 +412,7 @@ pub async fn run(cfg: Config, exe: PathBuf) -> Result<Stop> {
             })?;
     }
     agent.restore_exports().await?;
+    crate::vm::reattach(&agent).await;
 
     let nbd_sock = bind_unix(&cfg.nbd_socket())?;
     let nbd_tcp = match (nbd_tcp_l, &agent.nbd_tcp) {

@@ -1,0 +1,178 @@
+//! VMs through the agent: the test guest defined in a datastore, started on one host
+//! (TCG here), refused on a second host with the holder named, its QEMU crashing releases
+//! its locks so the second host starts it, stopped; then every write the guest
+//! acknowledged on the second host is on the disk.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use diskfmt::BlockDev;
+use ferry_guest::{check, parse_logs, SECTOR};
+use ferry_tests::agents::{block_on, AgentBed};
+use ferry_tests::cluster::SERIAL;
+use serde_json::json;
+use vm_glue::nbd::NbdClient;
+
+fn guest() -> PathBuf {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let out = Command::new(root.join("scripts/build-guest.sh"))
+        .current_dir(&root)
+        .output()
+        .expect("scripts/build-guest.sh");
+    assert!(
+        out.status.success(),
+        "build-guest.sh failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    PathBuf::from(
+        String::from_utf8_lossy(&out.stdout)
+            .trim()
+            .lines()
+            .last()
+            .unwrap(),
+    )
+}
+
+fn console(bed: &AgentBed, i: usize, vm: &str) -> String {
+    let v = bed.call_ok(
+        i,
+        "GET",
+        &format!("/v1/vms/{vm}/console?bytes=10000000"),
+        None,
+    );
+    v["text"].as_str().unwrap_or_default().to_string()
+}
+
+/// Waits until host `i`'s console of `vm` shows `n` acknowledged writes of one run.
+fn wait_writes(bed: &AgentBed, i: usize, vm: &str, n: usize) {
+    let t0 = Instant::now();
+    loop {
+        let c = console(bed, i, vm);
+        if c.lines().filter(|l| l.contains("FW ")).count() >= n {
+            return;
+        }
+        assert!(
+            !c.contains("FERR"),
+            "the workload found an error:\n{}",
+            c.lines()
+                .filter(|l| l.contains("FERR"))
+                .collect::<Vec<_>>()
+                .join("\n")
+        );
+        assert!(
+            t0.elapsed() < Duration::from_secs(120),
+            "fewer than {n} writes after 120 s on host {i}:\n{c}"
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
+}
+
+fn state(bed: &AgentBed, i: usize, vm: &str) -> String {
+    let v = bed.call_ok(i, "GET", &format!("/v1/vms/{vm}"), None);
+    v["state"].as_str().unwrap().to_string()
+}
+
+#[test]
+fn a_vm_runs_on_one_host_at_a_time_and_a_crash_releases_it_to_another() {
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let g = guest();
+    let mut bed = AgentBed::new(2);
+    bed.start(0);
+    bed.start(1);
+    let (s, v) = bed.call(
+        0,
+        "POST",
+        "/v1/vms",
+        Some(json!({
+            "name": "vm1", "datastore": "ds0", "memory_mib": 256, "vcpus": 1,
+            "kernel": g.join("vmlinuz"), "initrd": g.join("initramfs.img"),
+            "append": "console=ttyS0 quiet panic=-1 ferry.seconds=0 ferry.region_mib=32",
+            "disks": [{"size": 128u64 << 20, "provisioning": "thin"}],
+            "nics": [{}],
+        })),
+    );
+    assert_eq!(s, 201, "{v}");
+    assert_eq!(v["machine"], "pc-q35-7.2");
+    assert!(v["nics"][0]["mac"]
+        .as_str()
+        .unwrap()
+        .starts_with("52:54:00:"));
+    // Field errors are named.
+    let (s, v) = bed.call(
+        0,
+        "POST",
+        "/v1/vms",
+        Some(json!({"name": "bad", "datastore": "ds0", "memory_mib": 256, "machine": "q35", "kernel": "/k"})),
+    );
+    assert_eq!(s, 400, "{v}");
+    assert!(v["error"].as_str().unwrap().contains("`machine`"), "{v}");
+    assert_eq!(state(&bed, 1, "vm1"), "stopped");
+
+    let v = bed.call_ok(0, "POST", "/v1/vms/vm1/start", None);
+    assert!(matches!(v["accel"].as_str(), Some("tcg" | "kvm")), "{v}");
+    let pid = v["pid"].as_u64().unwrap() as i32;
+    assert_eq!(state(&bed, 0, "vm1"), "running");
+    // The second host is refused, told who runs it.
+    let (s, v) = bed.call(1, "POST", "/v1/vms/vm1/start", None);
+    assert_eq!(s, 409, "{v}");
+    assert!(
+        v["error"].as_str().unwrap().contains(&bed.hosts[0].name),
+        "{v}"
+    );
+    assert_eq!(state(&bed, 1, "vm1"), "running elsewhere");
+    let (s, _) = bed.call(1, "DELETE", "/v1/vms/vm1", None);
+    assert_eq!(s, 409, "a running VM was removable");
+    wait_writes(&bed, 0, "vm1", 30);
+
+    // QEMU crashes: host 0 releases the VM's locks, host 1 can start it.
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    let t0 = Instant::now();
+    while state(&bed, 0, "vm1") != "stopped" {
+        assert!(
+            t0.elapsed() < Duration::from_secs(20),
+            "host 0 never released vm1"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    bed.call_ok(1, "POST", "/v1/vms/vm1/start", None);
+    wait_writes(&bed, 1, "vm1", 60);
+    bed.call_ok(1, "POST", "/v1/vms/vm1/stop", Some(json!({"force": true})));
+    assert_eq!(state(&bed, 1, "vm1"), "stopped");
+
+    // Every write acknowledged on host 1 is on the disk.
+    let log = console(&bed, 1, "vm1");
+    let acked = parse_logs(&[&log]);
+    let run = acked.last().unwrap().run;
+    let acked: Vec<_> = acked.into_iter().filter(|a| a.run == run).collect();
+    bed.call_ok(
+        0,
+        "POST",
+        "/v1/exports",
+        Some(json!({"name": "check", "datastore": "ds0", "path": "/vm1/disk0", "read_only": true})),
+    );
+    let sock = bed.hosts[0].nbd_socket();
+    let r = check(&acked, &[], |f, n| {
+        block_on(async {
+            let c = NbdClient::connect_unix(&sock, "check").await?;
+            let mut b = vec![0u8; n as usize * SECTOR];
+            c.read(f * SECTOR as u64, &mut b)
+                .await
+                .map_err(std::io::Error::other)?;
+            Ok(b)
+        })
+    });
+    eprintln!(
+        "{} acknowledged writes on host 1, longest gap {} ms",
+        r.acked, r.longest_gap_ms
+    );
+    assert!(r.ok(), "{:?}", r.errors);
+    bed.call_ok(0, "DELETE", "/v1/exports/check", None);
+    bed.call_ok(0, "DELETE", "/v1/vms/vm1", None);
+    let (s, _) = bed.call(1, "GET", "/v1/vms/vm1", None);
+    assert_eq!(s, 404);
+}

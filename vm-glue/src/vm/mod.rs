@@ -1,0 +1,638 @@
+//! VMs run by the agent under QEMU.
+//!
+//! A VM is its definition (`/<name>/vm.toml` in a datastore, see [`spec`]) and its disk
+//! files. Starting it on this host takes the exclusive lock of `vm.toml` (held while it
+//! runs) and exports each disk writable (its exclusive lock) on the agent's NBD socket,
+//! then starts QEMU ([`qemu`]) in the VM's own cgroup under the host's, so fencing the
+//! host empties it. A monitor notices when QEMU exits — asked to, or crashed — and
+//! releases everything. QEMU outlives an agent restart: the next agent process finds it
+//! by its pid file and watches it again.
+
+pub mod qemu;
+pub mod spec;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{anyhow, bail, Context, Result};
+use datastore::files::DsFile;
+use datastore::LockMode;
+use diskfmt::{BlockDev, WriteFlags};
+use serde_json::{json, Value};
+
+use crate::agent::exports::{ExportSpec, Gate};
+use crate::agent::membership::Member;
+use crate::agent::{Agent, ExportEntry};
+use crate::qmp::Qmp;
+use spec::VmSpec;
+
+/// Bytes of the `vm.toml` file (the text, then zeros).
+const CONFIG_SIZE: u64 = 1 << 20;
+
+/// A VM running on this host.
+#[derive(Debug)]
+pub struct RunningVm {
+    pub spec: VmSpec,
+    /// The datastore holding its definition.
+    pub datastore: String,
+    pub pid: u32,
+    pub qmp: Option<Arc<Qmp>>,
+    pub exports: Vec<String>,
+    pub cgroup: PathBuf,
+    pub accel: &'static str,
+    /// `vm.toml`, open with its exclusive lock while the VM runs.
+    config: Option<DsFile>,
+}
+
+/// The definition's path in its datastore.
+pub fn config_path(name: &str) -> String {
+    format!("/{name}/vm.toml")
+}
+
+fn vm_dir(agent: &Agent, name: &str) -> PathBuf {
+    agent.cfg.run_dir.join("vms").join(name)
+}
+
+/// Reads a definition without a lock (what its writer last flushed).
+pub async fn read_spec(m: &Member, name: &str) -> Result<VmSpec> {
+    let dev = m.ds.path().to_path_buf();
+    let path = config_path(name);
+    let f = tokio::task::spawn_blocking(move || DsFile::open_readonly(&dev, &path))
+        .await
+        .expect("open task")?;
+    let mut buf = vec![0u8; 64 << 10];
+    f.read(0, &mut buf).await?;
+    let end = buf.iter().position(|b| *b == 0).unwrap_or(buf.len());
+    let text = std::str::from_utf8(&buf[..end]).context("vm.toml is not UTF-8")?;
+    VmSpec::parse(text).map_err(|e| anyhow!("{}:{}: {e}", m.label(), config_path(name)))
+}
+
+/// Writes a definition into an open `vm.toml`.
+async fn write_spec(f: &DsFile, spec: &VmSpec) -> Result<()> {
+    let text = spec.to_toml();
+    let mut buf = text.into_bytes();
+    let len = (buf.len() as u64 + 1).div_ceil(4096) * 4096;
+    if len > 64 << 10 {
+        bail!("the definition of {} is larger than 64 KiB", spec.name);
+    }
+    buf.resize(len as usize, 0);
+    f.write(0, &buf, WriteFlags::NONE).await?;
+    f.flush().await?;
+    Ok(())
+}
+
+/// Finds the datastore holding VM `name`'s definition.
+pub fn find(agent: &Agent, name: &str) -> Option<Arc<Member>> {
+    agent
+        .members
+        .iter()
+        .find(|m| datastore::files::stat(&m.ds, &config_path(name)).is_ok())
+        .cloned()
+}
+
+/// What `POST /v1/vms` asks for.
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CreateReq {
+    pub name: String,
+    pub datastore: String,
+    pub memory_mib: u64,
+    #[serde(default = "one")]
+    pub vcpus: u32,
+    pub machine: Option<String>,
+    pub cpu: Option<String>,
+    pub kernel: Option<String>,
+    pub initrd: Option<String>,
+    pub append: Option<String>,
+    pub firmware: Option<String>,
+    #[serde(default)]
+    pub disks: Vec<DiskReq>,
+    #[serde(default)]
+    pub nics: Vec<NicReq>,
+}
+
+fn one() -> u32 {
+    1
+}
+
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DiskReq {
+    pub size: u64,
+    pub provisioning: Option<String>,
+    pub datastore: Option<String>,
+}
+
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NicReq {
+    pub mac: Option<String>,
+    pub bridge: Option<String>,
+}
+
+fn random_mac() -> String {
+    let u = uuid::Uuid::new_v4();
+    let b = u.as_bytes();
+    format!("52:54:00:{:02x}:{:02x}:{:02x}", b[0], b[1], b[2])
+}
+
+/// Creates a VM: its folder, disks and definition.
+pub async fn create(agent: &Agent, r: CreateReq) -> Result<VmSpec> {
+    let home = agent
+        .member(&r.datastore)
+        .ok_or_else(|| anyhow!("this host has no datastore {:?}", r.datastore))?;
+    if let Some(m) = find(agent, &r.name) {
+        bail!(
+            "a VM named {:?} already exists in datastore {}",
+            r.name,
+            m.label()
+        );
+    }
+    let mut disks = Vec::new();
+    for (i, d) in r.disks.iter().enumerate() {
+        disks.push(spec::Disk {
+            name: format!("disk{i}"),
+            datastore: d.datastore.clone().unwrap_or_else(|| r.datastore.clone()),
+            path: format!("/{}/disk{i}", r.name),
+            size: d.size,
+            provisioning: d.provisioning.clone().unwrap_or_else(|| "thin".into()),
+        });
+    }
+    let spec = VmSpec {
+        name: r.name.clone(),
+        uuid: uuid::Uuid::new_v4().to_string(),
+        memory_mib: r.memory_mib,
+        vcpus: r.vcpus,
+        machine: r.machine.unwrap_or_else(|| "pc-q35-7.2".into()),
+        cpu: r.cpu.unwrap_or_else(|| "qemu64".into()),
+        boot: spec::Boot {
+            kernel: r.kernel,
+            initrd: r.initrd,
+            append: r.append,
+            firmware: r.firmware,
+        },
+        disks,
+        nics: r
+            .nics
+            .into_iter()
+            .map(|n| spec::Nic {
+                mac: n.mac.unwrap_or_else(random_mac),
+                bridge: n.bridge,
+            })
+            .collect(),
+    };
+    spec.validate().map_err(|e| anyhow!(e))?;
+    for d in &spec.disks {
+        if agent.member(&d.datastore).is_none() {
+            bail!(
+                "disk {}: this host has no datastore {:?}",
+                d.name,
+                d.datastore
+            );
+        }
+    }
+    // Folders, disks, then the definition last: a VM exists once vm.toml does.
+    let mut made: Vec<(Arc<Member>, String)> = Vec::new();
+    let out = async {
+        let mut folders: Vec<String> = Vec::new();
+        for ds in std::iter::once(&r.datastore).chain(spec.disks.iter().map(|d| &d.datastore)) {
+            if folders.contains(ds) {
+                continue;
+            }
+            let m = agent.member(ds).expect("checked");
+            let s = Arc::clone(&m.session);
+            let p = format!("/{}", spec.name);
+            let p2 = p.clone();
+            tokio::task::spawn_blocking(move || s.mkdir(&p2))
+                .await
+                .expect("mkdir task")?;
+            made.push((m, p));
+            folders.push(ds.clone());
+        }
+        for d in &spec.disks {
+            let m = agent.member(&d.datastore).expect("checked");
+            let prov = d.provisioning.parse().map_err(|e: String| anyhow!(e))?;
+            let f = m.session.create(&d.path, d.size, prov).await?;
+            made.push((Arc::clone(&m), d.path.clone()));
+            f.close().await?;
+        }
+        let f = home
+            .session
+            .create(
+                &config_path(&spec.name),
+                CONFIG_SIZE,
+                diskfmt::Provisioning::Thin,
+            )
+            .await?;
+        made.push((Arc::clone(&home), config_path(&spec.name)));
+        let w = write_spec(&f, &spec).await;
+        f.close().await?;
+        w
+    }
+    .await;
+    if let Err(e) = out {
+        for (m, p) in made.into_iter().rev() {
+            let _ = m.session.remove(&p).await;
+        }
+        return Err(e);
+    }
+    Ok(spec)
+}
+
+fn export_name(vm: &str, disk: &str) -> String {
+    format!("{vm}-{disk}")
+}
+
+/// Starts VM `name` on this host.
+pub async fn start(agent: &Arc<Agent>, name: &str) -> Result<Value> {
+    let mut vms = agent.vms.lock().await;
+    if vms.contains_key(name) {
+        bail!("VM {name} already runs on this host");
+    }
+    let home = find(agent, name)
+        .ok_or_else(|| anyhow!("no VM named {name:?} on this host's datastores"))?;
+    let spec = read_spec(&home, name).await?;
+    // The definition's lock: a second host starting the VM stops here, told who runs it.
+    let config = home
+        .session
+        .open(&config_path(name), LockMode::Exclusive)
+        .await
+        .map_err(|e| anyhow!("VM {name} cannot start here: {e}"))?;
+    let mut exports = Vec::new();
+    let started = async {
+        for d in &spec.disks {
+            let m = agent.member(&d.datastore).ok_or_else(|| {
+                anyhow!(
+                    "disk {}: this host has no datastore {:?}",
+                    d.name,
+                    d.datastore
+                )
+            })?;
+            let ename = export_name(name, &d.name);
+            let gate =
+                Arc::new(Gate::open(&m.session, &d.path, false, true, agent.cfg.write_hold).await?);
+            let spec = ExportSpec {
+                name: ename.clone(),
+                datastore: *m.ds.uuid(),
+                path: d.path.clone(),
+                read_only: false,
+                active: true,
+            };
+            agent.publish(&spec, &gate);
+            let mut table = agent.exports.lock().await;
+            table.insert(ename.clone(), ExportEntry { spec, gate });
+            agent.save_exports(&table).await?;
+            exports.push(ename);
+        }
+        launch(agent, &spec, &exports).await
+    }
+    .await;
+    match started {
+        Ok((pid, qmp, cgroup, accel)) => {
+            let info = json!({"name": name, "pid": pid, "accel": accel, "host": agent.cfg.host});
+            vms.insert(
+                name.to_string(),
+                RunningVm {
+                    spec,
+                    datastore: home.label().to_string(),
+                    pid,
+                    qmp: Some(qmp),
+                    exports,
+                    cgroup,
+                    accel,
+                    config: Some(config),
+                },
+            );
+            drop(vms);
+            watch(Arc::clone(agent), name.to_string(), pid);
+            Ok(info)
+        }
+        Err(e) => {
+            release_exports(agent, &exports).await;
+            let _ = config.close().await;
+            Err(e)
+        }
+    }
+}
+
+async fn release_exports(agent: &Agent, names: &[String]) {
+    let mut table = agent.exports.lock().await;
+    for n in names {
+        if let Some(e) = table.remove(n) {
+            agent.unpublish(n);
+            if let Err(err) = e.gate.shut(false).await {
+                tracing::error!("export {n}: {err:#}");
+            }
+        }
+    }
+    let _ = agent.save_exports(&table).await;
+}
+
+/// Starts QEMU in the VM's cgroup; returns its pid, QMP connection, cgroup, accelerator.
+async fn launch(
+    agent: &Agent,
+    spec: &VmSpec,
+    exports: &[String],
+) -> Result<(u32, Arc<Qmp>, PathBuf, &'static str)> {
+    let dir = vm_dir(agent, &spec.name);
+    std::fs::create_dir_all(&dir)?;
+    let qmp_sock = dir.join("qmp.sock");
+    let _ = std::fs::remove_file(&qmp_sock);
+    let console = dir.join("console.log");
+    let (accel, why) = qemu::choose_accel(&agent.cfg.accel).map_err(|e| anyhow!(e))?;
+    tracing::info!("VM {}: {why}", spec.name);
+    let args = qemu::args(
+        spec,
+        &qemu::Wiring {
+            nbd_socket: &agent.cfg.nbd_socket(),
+            qmp_socket: &qmp_sock,
+            console_log: &console,
+            exports: exports.to_vec(),
+            accel,
+            paused: false,
+        },
+    );
+    let cg = agent.cgroup.join(format!("vm-{}", spec.name));
+    std::fs::create_dir_all(&cg).with_context(|| format!("{}: cannot create", cg.display()))?;
+    let log = std::fs::File::create(dir.join("qemu.log"))?;
+    // The shell moves itself into the VM's cgroup, then becomes QEMU: QEMU never runs
+    // outside it, even for an instant.
+    let child = std::process::Command::new("sh")
+        .arg("-c")
+        .arg("echo $$ > \"$0/cgroup.procs\" && exec \"$@\"")
+        .arg(&cg)
+        .arg(&agent.cfg.qemu)
+        .args(&args)
+        .stdin(std::process::Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log)
+        .spawn()
+        .with_context(|| format!("cannot start {}", agent.cfg.qemu))?;
+    let pid = child.id();
+    // Reaped by a thread; the monitor watches the pid (also after an agent restart,
+    // when QEMU is no longer our child).
+    std::thread::spawn(move || {
+        let mut c = child;
+        let _ = c.wait();
+    });
+    std::fs::write(dir.join("pid"), pid.to_string())?;
+    let mut qmp = None;
+    for _ in 0..200 {
+        if !alive(pid) {
+            break;
+        }
+        if qmp_sock.exists() {
+            if let Ok(q) = Qmp::connect(&qmp_sock, Duration::from_secs(10)).await {
+                qmp = Some(q);
+                break;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let Some(qmp) = qmp else {
+        kill_cgroup(&cg);
+        let log = std::fs::read_to_string(dir.join("qemu.log")).unwrap_or_default();
+        bail!(
+            "QEMU for VM {} did not come up: {}",
+            spec.name,
+            log.lines().last().unwrap_or("no output")
+        );
+    };
+    Ok((pid, Arc::new(qmp), cg, accel.as_str()))
+}
+
+fn alive(pid: u32) -> bool {
+    // A zombie counts as gone.
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(s) => !s
+            .rsplit_once(')')
+            .is_some_and(|(_, rest)| rest.trim_start().starts_with('Z')),
+        Err(_) => false,
+    }
+}
+
+fn kill_cgroup(cg: &Path) {
+    let c = datastore::fence::HostCgroup::at(cg.to_path_buf());
+    let _ = c.kill(Duration::from_secs(5));
+    c.remove();
+}
+
+/// Watches QEMU's pid; when it is gone, releases the VM's exports and locks.
+fn watch(agent: Arc<Agent>, name: String, pid: u32) {
+    tokio::spawn(async move {
+        while alive(pid) {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        let vm = agent.vms.lock().await.remove(&name);
+        if let Some(mut vm) = vm {
+            tracing::info!("VM {name}: QEMU (pid {pid}) exited; releasing its disks");
+            release_exports(&agent, &vm.exports).await;
+            if let Some(c) = vm.config.take() {
+                if let Err(e) = c.close().await {
+                    tracing::error!("VM {name}: releasing vm.toml: {e}");
+                }
+            }
+            kill_cgroup(&vm.cgroup);
+            let _ = std::fs::remove_file(vm_dir(&agent, &name).join("pid"));
+        }
+    });
+}
+
+/// After an agent restart: watches again every VM whose QEMU still runs.
+pub async fn reattach(agent: &Arc<Agent>) {
+    let Ok(rd) = std::fs::read_dir(agent.cfg.run_dir.join("vms")) else {
+        return;
+    };
+    for e in rd.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let Some(pid) = std::fs::read_to_string(e.path().join("pid"))
+            .ok()
+            .and_then(|s| s.trim().parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if !alive(pid) {
+            let _ = std::fs::remove_file(e.path().join("pid"));
+            continue;
+        }
+        let Some(home) = find(agent, &name) else {
+            continue;
+        };
+        let Ok(spec) = read_spec(&home, &name).await else {
+            continue;
+        };
+        // Our lock on vm.toml survived the restart (same host generation): hold it again.
+        let config = home
+            .session
+            .open(&config_path(&name), LockMode::Exclusive)
+            .await
+            .ok();
+        let qmp = Qmp::connect(&e.path().join("qmp.sock"), Duration::from_secs(10))
+            .await
+            .ok()
+            .map(Arc::new);
+        let exports = spec
+            .disks
+            .iter()
+            .map(|d| export_name(&name, &d.name))
+            .collect();
+        tracing::info!("VM {name}: QEMU (pid {pid}) still runs; watching it again");
+        agent.vms.lock().await.insert(
+            name.clone(),
+            RunningVm {
+                spec,
+                datastore: home.label().to_string(),
+                pid,
+                qmp,
+                exports,
+                cgroup: agent.cgroup.join(format!("vm-{name}")),
+                accel: "",
+                config,
+            },
+        );
+        watch(Arc::clone(agent), name, pid);
+    }
+}
+
+/// Stops a VM: ACPI power-down, then `quit` after `timeout` (at once with `force`),
+/// then SIGKILL. Returns once QEMU has exited and the VM's locks are released.
+pub async fn stop(agent: &Arc<Agent>, name: &str, force: bool, timeout: Duration) -> Result<()> {
+    let (pid, qmp) = {
+        let vms = agent.vms.lock().await;
+        let vm = vms
+            .get(name)
+            .ok_or_else(|| anyhow!("VM {name} does not run on this host"))?;
+        (vm.pid, vm.qmp.clone())
+    };
+    let gone = |t: Duration| async move {
+        let deadline = tokio::time::Instant::now() + t;
+        while tokio::time::Instant::now() < deadline {
+            if !agent.vms.lock().await.contains_key(name) {
+                return true;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        false
+    };
+    if !force {
+        if let Some(q) = &qmp {
+            let _ = q.execute("system_powerdown", None).await;
+        }
+        if gone(timeout).await {
+            return Ok(());
+        }
+        tracing::info!(
+            "VM {name}: no power-off within {}s; quitting",
+            timeout.as_secs()
+        );
+    }
+    if let Some(q) = &qmp {
+        let _ = q.execute_within("quit", None, Duration::from_secs(5)).await;
+    }
+    if gone(Duration::from_secs(10)).await {
+        return Ok(());
+    }
+    let _ = nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    );
+    if gone(Duration::from_secs(10)).await {
+        return Ok(());
+    }
+    bail!("VM {name}: QEMU (pid {pid}) did not exit")
+}
+
+/// Every VM in this host's datastores, with its state.
+pub async fn list(agent: &Agent) -> Result<Vec<Value>> {
+    let running: BTreeMap<String, (u32, &'static str)> = agent
+        .vms
+        .lock()
+        .await
+        .iter()
+        .map(|(k, v)| (k.clone(), (v.pid, v.accel)))
+        .collect();
+    let mut out = Vec::new();
+    for m in &agent.members {
+        let d = Arc::clone(&m.ds);
+        let root = tokio::task::spawn_blocking(move || datastore::files::list(&d, "/"))
+            .await
+            .expect("list task")?;
+        for e in root {
+            let name = e.path.trim_start_matches('/').to_string();
+            let d = Arc::clone(&m.ds);
+            let p = config_path(&name);
+            let Ok(st) = tokio::task::spawn_blocking(move || datastore::files::stat(&d, &p))
+                .await
+                .expect("stat task")
+            else {
+                continue;
+            };
+            let Ok(spec) = read_spec(m, &name).await else {
+                continue;
+            };
+            let (state, host, pid) = match running.get(&name) {
+                Some((pid, _)) => ("running", Some(agent.cfg.host.clone()), Some(*pid)),
+                None => match &st.lock {
+                    Some(holder) => ("running elsewhere", Some(holder.clone()), None),
+                    None => ("stopped", None, None),
+                },
+            };
+            out.push(json!({
+                "name": name,
+                "state": state,
+                "host": host,
+                "pid": pid,
+                "datastore": m.label(),
+                "memory_mib": spec.memory_mib,
+                "vcpus": spec.vcpus,
+                "machine": spec.machine,
+                "cpu": spec.cpu,
+                "disks": spec.disks,
+                "nics": spec.nics,
+            }));
+        }
+    }
+    Ok(out)
+}
+
+/// The last `bytes` of a VM's console log on this host.
+pub fn console(agent: &Agent, name: &str, bytes: usize) -> Result<String> {
+    let p = vm_dir(agent, name).join("console.log");
+    let data = std::fs::read(&p).with_context(|| {
+        format!(
+            "VM {name} has no console log on this host ({})",
+            p.display()
+        )
+    })?;
+    let from = data.len().saturating_sub(bytes);
+    Ok(String::from_utf8_lossy(&data[from..]).into_owned())
+}
+
+/// Deletes a stopped VM: its disks, its definition, its folders.
+pub async fn remove(agent: &Agent, name: &str) -> Result<()> {
+    if agent.vms.lock().await.contains_key(name) {
+        bail!("VM {name} runs on this host: stop it first");
+    }
+    let home = find(agent, name).ok_or_else(|| anyhow!("no VM named {name:?}"))?;
+    let spec = read_spec(&home, name).await?;
+    // Taking the definition's lock proves the VM runs nowhere.
+    let cfg = home
+        .session
+        .open(&config_path(name), LockMode::Exclusive)
+        .await
+        .map_err(|e| anyhow!("VM {name} cannot be removed: {e}"))?;
+    cfg.close().await?;
+    for d in &spec.disks {
+        if let Some(m) = agent.member(&d.datastore) {
+            m.session.remove(&d.path).await?;
+        }
+    }
+    home.session.remove(&config_path(name)).await?;
+    for m in &agent.members {
+        let _ = m.session.remove(&format!("/{name}")).await;
+    }
+    let _ = std::fs::remove_dir_all(vm_dir(agent, name));
+    Ok(())
+}
