@@ -137,6 +137,25 @@ show $F export deactivate disk0 --handoff-to demo-beta $A
 show $F export activate disk0 $B
 show qemu-io -f raw -c "write -P 0x42 0 64k" -c "read -P 0x42 0 64k" "nbd+unix:///disk0?socket=$work/run-beta/nbd.sock"
 
+step "Step 5: the test VM, defined in the datastore, runs on alpha; beta cannot start it"
+G=$(scripts/build-guest.sh)
+show $F vm create demo-vm --datastore demo --memory 256M --disk 128M,thin \
+  --kernel "$G/vmlinuz" --initrd "$G/initramfs.img" \
+  --append "console=ttyS0 quiet panic=-1 ferry.seconds=0 ferry.region_mib=64" --nic mac=52:54:00:00:00:01 $A
+show $F vm start demo-vm $A
+set +e
+show $F vm start demo-vm $B
+echo "exit status: $?"
+set -e
+sleep 15
+show $F vm ls $B
+echo "$ $F vm console demo-vm (first lines and the last acknowledged writes)"
+$F vm console demo-vm $A | grep -E "FBOOT|FSTART"
+$F vm console demo-vm $A | grep "^FW" | tail -n 3
+echo "... $($F vm console demo-vm $A | grep -c '^FW') writes acknowledged (flushed) and logged so far"
+show $F vm stop demo-vm --force $A
+show $F vm rm demo-vm $A
+
 step "Both hosts leave cleanly"
 show $F export rm disk0 $A
 show $F export rm disk0 $B

@@ -8,6 +8,7 @@ mod disk;
 mod dsfiles;
 mod host;
 mod units;
+mod vmctl;
 
 use std::process::ExitCode;
 
@@ -46,6 +47,9 @@ enum Command {
     /// NBD exports of datastore files, served by an agent.
     #[command(subcommand)]
     Export(agentctl::ExportCommand),
+    /// Virtual machines: define, start, stop, list, console, remove.
+    #[command(subcommand)]
+    Vm(vmctl::VmCommand),
     /// Long-running work of an agent.
     #[command(subcommand)]
     Task(agentctl::TaskCommand),
@@ -87,6 +91,7 @@ fn main() -> ExitCode {
         Command::Host(cmd) => rt.block_on(agentctl::run_host(cmd)),
         Command::Export(cmd) => rt.block_on(agentctl::run_export(cmd)),
         Command::Task(cmd) => rt.block_on(agentctl::run_task(cmd)),
+        Command::Vm(cmd) => rt.block_on(vmctl::run(cmd)),
     };
     match result {
         Ok(code) => ExitCode::from(code),
