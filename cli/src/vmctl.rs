@@ -8,43 +8,47 @@ use serde_json::{json, Value};
 use crate::agentctl::AgentArgs;
 use crate::units::{human, parse_size};
 
+/// `ferry vm create`.
+#[derive(clap::Args, Debug)]
+pub struct CreateArgs {
+    name: String,
+    #[arg(long)]
+    datastore: String,
+    /// Memory (e.g. 256M, 2G).
+    #[arg(long, value_parser = parse_size)]
+    memory: u64,
+    #[arg(long, default_value_t = 1)]
+    vcpus: u32,
+    /// A disk: SIZE[,thin|lazy-thick|eager-thick][,datastore=DS]; repeat for more.
+    #[arg(long = "disk")]
+    disks: Vec<String>,
+    #[arg(long)]
+    kernel: Option<String>,
+    #[arg(long)]
+    initrd: Option<String>,
+    #[arg(long)]
+    append: Option<String>,
+    #[arg(long, conflicts_with_all = ["kernel", "initrd", "append"])]
+    firmware: Option<String>,
+    /// A NIC: [mac=52:54:00:..][,bridge=BR]; repeat for more.
+    #[arg(long = "nic")]
+    nics: Vec<String>,
+    /// A versioned machine type.
+    #[arg(long, default_value = "pc-q35-7.2")]
+    machine: String,
+    /// A named CPU model.
+    #[arg(long, default_value = "qemu64")]
+    cpu: String,
+    #[command(flatten)]
+    agent: AgentArgs,
+    #[arg(long)]
+    json: bool,
+}
+
 #[derive(Subcommand, Debug)]
 pub enum VmCommand {
     /// Define a VM in a datastore folder, with new disks.
-    Create {
-        name: String,
-        #[arg(long)]
-        datastore: String,
-        /// Memory (e.g. 256M, 2G).
-        #[arg(long, value_parser = parse_size)]
-        memory: u64,
-        #[arg(long, default_value_t = 1)]
-        vcpus: u32,
-        /// A disk: SIZE[,thin|lazy-thick|eager-thick][,datastore=DS]; repeat for more.
-        #[arg(long = "disk")]
-        disks: Vec<String>,
-        #[arg(long)]
-        kernel: Option<String>,
-        #[arg(long)]
-        initrd: Option<String>,
-        #[arg(long)]
-        append: Option<String>,
-        #[arg(long, conflicts_with_all = ["kernel", "initrd", "append"])]
-        firmware: Option<String>,
-        /// A NIC: [mac=52:54:00:..][,bridge=BR]; repeat for more.
-        #[arg(long = "nic")]
-        nics: Vec<String>,
-        /// A versioned machine type.
-        #[arg(long, default_value = "pc-q35-7.2")]
-        machine: String,
-        /// A named CPU model.
-        #[arg(long, default_value = "qemu64")]
-        cpu: String,
-        #[command(flatten)]
-        agent: AgentArgs,
-        #[arg(long)]
-        json: bool,
-    },
+    Create(Box<CreateArgs>),
     /// Start a VM on the agent's host.
     Start {
         name: String,
@@ -124,22 +128,23 @@ fn print(v: &Value) -> Result<()> {
 
 pub async fn run(cmd: VmCommand) -> Result<u8> {
     match cmd {
-        VmCommand::Create {
-            name,
-            datastore,
-            memory,
-            vcpus,
-            disks,
-            kernel,
-            initrd,
-            append,
-            firmware,
-            nics,
-            machine,
-            cpu,
-            agent,
-            json,
-        } => {
+        VmCommand::Create(a) => {
+            let CreateArgs {
+                name,
+                datastore,
+                memory,
+                vcpus,
+                disks,
+                kernel,
+                initrd,
+                append,
+                firmware,
+                nics,
+                machine,
+                cpu,
+                agent,
+                json,
+            } = *a;
             let disks = disks.iter().map(|d| disk(d)).collect::<Result<Vec<_>>>()?;
             let nics = nics.iter().map(|n| nic(n)).collect::<Result<Vec<_>>>()?;
             let body = json!({

@@ -176,3 +176,54 @@ fn a_vm_runs_on_one_host_at_a_time_and_a_crash_releases_it_to_another() {
     let (s, _) = bed.call(1, "GET", "/v1/vms/vm1", None);
     assert_eq!(s, 404);
 }
+
+/// Deletes a bridge on drop.
+struct Bridge(String);
+impl Drop for Bridge {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["link", "del", &self.0]).status();
+    }
+}
+
+#[test]
+fn a_bridged_nic_joins_its_bridge_and_a_missing_bridge_is_a_clear_error() {
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let g = guest();
+    let mut bed = AgentBed::new(1);
+    bed.start(0);
+    let br = Bridge(format!("fybr{}", std::process::id() % 100_000));
+    ferry_tests::run_ok("ip", &["link", "add", &br.0, "type", "bridge"]);
+    for (name, bridge) in [("vmbr", br.0.as_str()), ("vmnobr", "fy-no-such-br")] {
+        let (s, v) = bed.call(
+            0,
+            "POST",
+            "/v1/vms",
+            Some(json!({
+                "name": name, "datastore": "ds0", "memory_mib": 128,
+                "kernel": g.join("vmlinuz"), "initrd": g.join("initramfs.img"),
+                "append": "console=ttyS0 quiet panic=-1 ferry.seconds=0",
+                "disks": [{"size": 16u64 << 20}],
+                "nics": [{"mac": "52:54:00:aa:bb:01", "bridge": bridge}],
+            })),
+        );
+        assert_eq!(s, 201, "{v}");
+    }
+    bed.call_ok(0, "POST", "/v1/vms/vmbr/start", None);
+    let out = ferry_tests::run_ok("ip", &["-o", "link", "show", "master", &br.0]);
+    let tap = vm_glue::vm::qemu::tap_name("vmbr", 0);
+    assert!(out.contains(&tap), "{tap} is not on {}: {out}", br.0);
+    bed.call_ok(0, "POST", "/v1/vms/vmbr/stop", Some(json!({"force": true})));
+    let out = ferry_tests::run_ok("ip", &["-o", "link", "show", "master", &br.0]);
+    assert!(!out.contains(&tap), "the tap outlived its VM: {out}");
+    // No such bridge: the start fails naming it, and leaves nothing held.
+    let (s, v) = bed.call(0, "POST", "/v1/vms/vmnobr/start", None);
+    assert_eq!(s, 409, "{v}");
+    assert!(
+        v["error"].as_str().unwrap().contains("fy-no-such-br"),
+        "{v}"
+    );
+    assert_eq!(state(&bed, 0, "vmnobr"), "stopped");
+    bed.call_ok(0, "DELETE", "/v1/vms/vmnobr", None);
+    let ex = bed.call_ok(0, "GET", "/v1/exports", None);
+    assert_eq!(ex.as_array().unwrap().len(), 0, "{ex}");
+}

@@ -400,6 +400,25 @@ async fn launch(
             log.lines().last().unwrap_or("no output")
         );
     };
+    for (i, n) in spec.nics.iter().enumerate() {
+        let Some(br) = &n.bridge else { continue };
+        let tap = qemu::tap_name(&spec.name, i);
+        let out = std::process::Command::new("ip")
+            .args(["link", "set", &tap, "master", br, "up"])
+            .output();
+        let failed = match &out {
+            Ok(o) if o.status.success() => None,
+            Ok(o) => Some(String::from_utf8_lossy(&o.stderr).trim().to_string()),
+            Err(e) => Some(e.to_string()),
+        };
+        if let Some(why) = failed {
+            kill_cgroup(&cg);
+            bail!(
+                "VM {}: cannot attach NIC {i} ({tap}) to bridge {br}: {why} (does the bridge exist on this host?)",
+                spec.name
+            );
+        }
+    }
     Ok((pid, Arc::new(qmp), cg, accel.as_str()))
 }
 

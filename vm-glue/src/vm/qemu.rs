@@ -120,12 +120,27 @@ pub fn args(spec: &VmSpec, w: &Wiring<'_>) -> Vec<String> {
         ]);
     }
     for (i, n) in spec.nics.iter().enumerate() {
+        let netdev = match &n.bridge {
+            // QEMU opens the tap; the agent puts it on the bridge once QEMU runs, and
+            // it goes away with QEMU.
+            Some(_) => format!(
+                "tap,id=net{i},ifname={},script=no,downscript=no",
+                tap_name(&spec.name, i)
+            ),
+            None => format!("user,id=net{i}"),
+        };
         a.extend([
             "-netdev".into(),
-            format!("user,id=net{i}"),
+            netdev,
             "-device".into(),
             format!("virtio-net-pci,netdev=net{i},mac={}", n.mac),
         ]);
     }
     a
+}
+
+/// The tap device of NIC `i` of VM `vm` (at most 15 characters).
+pub fn tap_name(vm: &str, i: usize) -> String {
+    let h = crc32c::crc32c(vm.as_bytes());
+    format!("fy{h:08x}n{i}")
 }
