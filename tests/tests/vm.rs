@@ -227,3 +227,65 @@ fn a_bridged_nic_joins_its_bridge_and_a_missing_bridge_is_a_clear_error() {
     let ex = bed.call_ok(0, "GET", "/v1/exports", None);
     assert_eq!(ex.as_array().unwrap().len(), 0, "{ex}");
 }
+
+#[test]
+fn a_running_vm_rides_out_an_agent_restart_and_is_stopped_by_the_new_agent() {
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let g = guest();
+    let mut bed = AgentBed::new(1);
+    bed.start(0);
+    let (s, v) = bed.call(
+        0,
+        "POST",
+        "/v1/vms",
+        Some(json!({
+            "name": "vmr", "datastore": "ds0", "memory_mib": 128,
+            "kernel": g.join("vmlinuz"), "initrd": g.join("initramfs.img"),
+            "append": "console=ttyS0 quiet panic=-1 ferry.seconds=0 ferry.region_mib=16",
+            "disks": [{"size": 32u64 << 20}],
+        })),
+    );
+    assert_eq!(s, 201, "{v}");
+    let pid = bed.call_ok(0, "POST", "/v1/vms/vmr/start", None)["pid"]
+        .as_u64()
+        .unwrap();
+    wait_writes(&bed, 0, "vmr", 20);
+    bed.signal(0, nix::sys::signal::Signal::SIGKILL);
+    bed.start(0);
+    let v = bed.call_ok(0, "GET", "/v1/vms/vmr", None);
+    assert_eq!(v["state"], "running", "{v}");
+    assert_eq!(v["pid"].as_u64(), Some(pid), "a different QEMU: {v}");
+    // The guest kept writing through the restart (its disk reconnected).
+    let n = console(&bed, 0, "vmr")
+        .lines()
+        .filter(|l| l.contains("FW "))
+        .count();
+    wait_writes(&bed, 0, "vmr", n + 50);
+    bed.call_ok(0, "POST", "/v1/vms/vmr/stop", Some(json!({"force": true})));
+    assert_eq!(state(&bed, 0, "vmr"), "stopped");
+    let log = console(&bed, 0, "vmr");
+    assert!(!log.contains("FERR"), "{log}");
+    let acked = parse_logs(&[&log]);
+    bed.call_ok(
+        0,
+        "POST",
+        "/v1/exports",
+        Some(json!({"name": "c", "datastore": "ds0", "path": "/vmr/disk0", "read_only": true})),
+    );
+    let sock = bed.hosts[0].nbd_socket();
+    let r = check(&acked, &[], |f, n| {
+        block_on(async {
+            let c = NbdClient::connect_unix(&sock, "c").await?;
+            let mut b = vec![0u8; n as usize * SECTOR];
+            c.read(f * SECTOR as u64, &mut b)
+                .await
+                .map_err(std::io::Error::other)?;
+            Ok(b)
+        })
+    });
+    eprintln!(
+        "{} writes across the agent restart, longest gap {} ms",
+        r.acked, r.longest_gap_ms
+    );
+    assert!(r.ok(), "{:?}", r.errors);
+}
