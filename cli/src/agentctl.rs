@@ -30,6 +30,39 @@ pub struct AgentArgs {
 const DEFAULT_SOCKET: &str = "/run/ferry/agent.sock";
 
 impl AgentArgs {
+    /// The agent of host `host` (by name), found through this one: itself, or the
+    /// management address the host publishes in its heartbeat slot (over TCP, with the
+    /// same secret).
+    pub async fn of_host(&self, host: &str) -> Result<AgentArgs> {
+        let me = self.call("GET", "/v1/host", None).await?;
+        if me["name"] == host {
+            return Ok(self.clone());
+        }
+        let hosts = self.call("GET", "/v1/hosts", None).await?;
+        let h = hosts
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|h| h["name"] == host)
+            .ok_or_else(|| anyhow::anyhow!("no host {host:?} in this agent's datastores"))?;
+        if h["state"] != "live" {
+            bail!(
+                "host {host} is {}",
+                h["state"].as_str().unwrap_or("not live")
+            );
+        }
+        let addr = h["address"].as_str().unwrap_or_default();
+        if addr.is_empty() {
+            bail!(
+                "host {host} publishes no management address (set management_listen in its agent config)"
+            );
+        }
+        Ok(AgentArgs {
+            agent: Some(addr.to_string()),
+            secret_file: self.secret_file.clone(),
+        })
+    }
+
     fn target(&self) -> String {
         self.agent
             .clone()

@@ -52,6 +52,9 @@ pub enum VmCommand {
     /// Start a VM on the agent's host.
     Start {
         name: String,
+        /// Start it on this host (by name) instead of the agent's own.
+        #[arg(long)]
+        host: Option<String>,
         #[command(flatten)]
         agent: AgentArgs,
         #[arg(long)]
@@ -163,7 +166,16 @@ pub async fn run(cmd: VmCommand) -> Result<u8> {
             }
             Ok(0)
         }
-        VmCommand::Start { name, agent, json } => {
+        VmCommand::Start {
+            name,
+            host,
+            agent,
+            json,
+        } => {
+            let agent = match host {
+                Some(h) => agent.of_host(&h).await?,
+                None => agent,
+            };
             let v = agent
                 .call("POST", &format!("/v1/vms/{name}/start"), None)
                 .await?;

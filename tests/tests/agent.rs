@@ -556,3 +556,42 @@ fn the_cli_talks_to_the_agent_on_its_socket_and_over_tcp_with_the_secret() {
     let st = bed.wait_exit(0, Duration::from_secs(20));
     assert!(st.success());
 }
+
+/// Regression: a first write to thin space was acknowledged before its map was
+/// committed, so an agent killed right after lost it — and a client that resent its
+/// later flush to the next agent process was told it was durable.
+#[test]
+fn a_write_acknowledged_by_an_agent_survives_its_kill_9_without_any_flush() {
+    let _g = serial();
+    let mut bed = AgentBed::new(1);
+    bed.start(0);
+    create(&bed, 0, "/w", 16 * MIB);
+    let (s, v) = export(&bed, 0, "w", "/w", false);
+    assert_eq!(s, 201, "{v}");
+    let sock = bed.hosts[0].nbd_socket();
+    let writes: Vec<(u64, Vec<u8>)> = (0..8u64)
+        .map(|i| {
+            (
+                i * 2 * MIB + 4096 * i,
+                pattern(40 + i, 4096 + 512 * i as usize),
+            )
+        })
+        .collect();
+    block_on(async {
+        let c = NbdClient::connect_unix(&sock, "w").await.expect("connect");
+        for (off, d) in &writes {
+            c.write(*off, d, WriteFlags::default())
+                .await
+                .expect("write");
+        }
+        // No flush: the client saw each write acknowledged, and that is all.
+    });
+    bed.signal(0, Signal::SIGKILL);
+    bed.start(0);
+    for (off, d) in &writes {
+        assert!(
+            read(&bed, 0, "w", *off, d.len()) == *d,
+            "the write at {off} was acknowledged and then lost"
+        );
+    }
+}

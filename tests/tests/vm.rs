@@ -289,3 +289,64 @@ fn a_running_vm_rides_out_an_agent_restart_and_is_stopped_by_the_new_agent() {
     );
     assert!(r.ok(), "{:?}", r.errors);
 }
+
+#[test]
+fn a_dead_hosts_vm_is_fenced_and_then_started_on_another_host() {
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let g = guest();
+    let mut bed = AgentBed::new(2);
+    bed.start(0);
+    bed.start(1);
+    let (s, v) = bed.call(
+        0,
+        "POST",
+        "/v1/vms",
+        Some(json!({
+            "name": "vmd", "datastore": "ds0", "memory_mib": 128,
+            "kernel": g.join("vmlinuz"), "initrd": g.join("initramfs.img"),
+            "append": "console=ttyS0 quiet panic=-1 ferry.seconds=0 ferry.region_mib=16",
+            "disks": [{"size": 32u64 << 20}],
+        })),
+    );
+    assert_eq!(s, 201, "{v}");
+    // Started on host 1 through host 0's CLI: `ferry vm start --host`.
+    let secret = bed.dir.path().join("secret");
+    std::fs::write(&secret, ferry_tests::agents::SECRET).unwrap();
+    let ferry = ferry_tests::cluster::ferry_bin();
+    let sock = bed.hosts[0].control_socket();
+    let out = ferry_tests::run_ok(
+        ferry.to_str().unwrap(),
+        &[
+            "vm",
+            "start",
+            "vmd",
+            "--host",
+            &bed.hosts[1].name,
+            "--agent",
+            sock.to_str().unwrap(),
+            "--secret-file",
+            secret.to_str().unwrap(),
+            "--json",
+        ],
+    );
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["host"], bed.hosts[1].name.as_str(), "{v}");
+    let pid = v["pid"].as_u64().unwrap() as i32;
+    wait_writes(&bed, 1, "vmd", 20);
+    // Host 1's agent dies and does not come back: its watchdog kills the VM, then host 0
+    // sees host 1 dead, breaks the locks and starts the VM itself.
+    bed.signal(1, nix::sys::signal::Signal::SIGKILL);
+    bed.wait_host_state(0, 1, "dead", Duration::from_secs(60));
+    let qemu_gone = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None).is_err()
+        || std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| {
+            s.rsplit_once(')')
+                .is_some_and(|(_, r)| r.trim_start().starts_with('Z'))
+        });
+    assert!(
+        qemu_gone,
+        "the dead host's QEMU still ran when it was seen dead"
+    );
+    bed.call_ok(0, "POST", "/v1/vms/vmd/start", None);
+    wait_writes(&bed, 0, "vmd", 20);
+    bed.call_ok(0, "POST", "/v1/vms/vmd/stop", Some(json!({"force": true})));
+}

@@ -467,6 +467,26 @@ impl DsFile {
         Ok(())
     }
 
+    /// Whether metadata changed by this file's completed writes may not be durable yet:
+    /// records still dirty, or a commit in progress that may have taken them. A server
+    /// whose clients resend unanswered requests to its next process (the agent's NBD
+    /// exports) flushes before acknowledging a write while this is true, so a write it
+    /// acknowledged survives the process — a later flush sent to the next process could
+    /// not commit what only this one knew.
+    pub fn metadata_pending(&self) -> bool {
+        {
+            let st = lock(&self.sh.st);
+            if st.desc_dirty || !st.ptr_dirty.is_empty() {
+                return true;
+            }
+        }
+        match &self.sess {
+            // A commit holds this lock from before its snapshot until it is durable.
+            Some(s) => s.commit_lock.try_lock().is_err(),
+            None => false,
+        }
+    }
+
     /// Drops the handle without committing or unlocking (the caller does both).
     pub(crate) fn forget(self) {
         self.done.store(true, Ordering::SeqCst);

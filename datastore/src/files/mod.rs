@@ -454,6 +454,14 @@ impl Session {
         }))
     }
 
+    /// Reads the heartbeat region into this session's observer and returns what it
+    /// sees. Called periodically by a long-running host (the agent), so that when it
+    /// needs to break a dead host's lock, its observer has watched that host's slot for
+    /// as long as it really has been unchanged.
+    pub fn observe(&self) -> Result<Vec<crate::store::SlotView>> {
+        Ok(lock(&self.obs).observe(&self.ds)?.to_vec())
+    }
+
     /// This host's lock on a file (opened by us): the lock version, for a handoff by
     /// expected version.
     pub fn lock_version(&self, uuid: &Uuid) -> Result<Option<u64>> {

@@ -317,6 +317,19 @@ impl Gate {
     }
 }
 
+/// Commits a write's metadata (first writes to a thin or lazy-thick region, trims)
+/// before it is acknowledged. The data itself is on the device already; what an agent
+/// crash could lose is the map saying where. Clients of an export resend unanswered
+/// requests to the next agent process, but a write answered by this one and a later
+/// flush answered by the next one would otherwise leave that write's map uncommitted.
+/// Overwrites of written space change nothing and cost nothing here.
+async fn durable(f: &DsFile) -> diskfmt::Result<()> {
+    if f.metadata_pending() {
+        f.flush().await?;
+    }
+    Ok(())
+}
+
 impl BlockDev for Gate {
     fn name(&self) -> &Path {
         &self.name
@@ -354,7 +367,9 @@ impl BlockDev for Gate {
             loop {
                 let g = self.inner.read().await;
                 if g.active {
-                    return g.file(&self.name)?.write(offset, buf, flags).await;
+                    let f = g.file(&self.name)?;
+                    f.write(offset, buf, flags).await?;
+                    return durable(f).await;
                 }
                 drop(g);
                 self.wait_active(offset).await?;
@@ -379,10 +394,9 @@ impl BlockDev for Gate {
             loop {
                 let g = self.inner.read().await;
                 if g.active {
-                    return g
-                        .file(&self.name)?
-                        .write_zeroes(offset, length, may_unmap)
-                        .await;
+                    let f = g.file(&self.name)?;
+                    f.write_zeroes(offset, length, may_unmap).await?;
+                    return durable(f).await;
                 }
                 drop(g);
                 self.wait_active(offset).await?;
@@ -395,7 +409,9 @@ impl BlockDev for Gate {
             loop {
                 let g = self.inner.read().await;
                 if g.active {
-                    return g.file(&self.name)?.discard(offset, length).await;
+                    let f = g.file(&self.name)?;
+                    f.discard(offset, length).await?;
+                    return durable(f).await;
                 }
                 drop(g);
                 self.wait_active(offset).await?;

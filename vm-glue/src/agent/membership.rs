@@ -24,7 +24,7 @@ use datastore::clock::boottime;
 use datastore::files::Session;
 use datastore::hostlease::HostLease;
 use datastore::store::SlotView;
-use datastore::{Datastore, Observer, Owner};
+use datastore::{Datastore, Owner};
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
@@ -366,10 +366,11 @@ impl Member {
         }
     }
 
-    /// Observes the heartbeat region (called periodically by the agent, so liveness
+    /// Observes the heartbeat region through the session's own observer (called
+    /// periodically by the agent, so liveness — shown and acted on when breaking locks —
     /// reflects how long each slot has gone unchanged).
-    pub fn observe(&self, obs: &mut Observer) -> Result<()> {
-        let v = obs.observe(&self.ds)?.to_vec();
+    pub fn observe(&self) -> Result<()> {
+        let v = self.session.observe()?;
         *self.views.lock().expect("views") = v;
         Ok(())
     }

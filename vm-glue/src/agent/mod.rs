@@ -31,7 +31,7 @@ use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use datastore::fence::HostCgroup;
-use datastore::{Datastore, Observer};
+use datastore::Datastore;
 use tokio::sync::watch;
 
 pub use config::Config;
@@ -387,14 +387,13 @@ pub async fn run(cfg: Config, exe: PathBuf) -> Result<Stop> {
         std::thread::Builder::new()
             .name("ferry-observe".into())
             .spawn(move || {
-                let mut obs = Observer::new(&m.ds);
                 let every = m.ds.superblock().io_timeout() / 2;
                 loop {
                     let Some(agent) = a.upgrade() else { return };
                     if agent.stop.borrow().is_some() {
                         return;
                     }
-                    if let Err(e) = m.observe(&mut obs) {
+                    if let Err(e) = m.observe() {
                         tracing::warn!("{}: heartbeat read failed: {e}", m.ds.path().display());
                     }
                     if let Err(e) = m.check() {
