@@ -76,6 +76,41 @@ pub fn block_on<F: std::future::Future>(f: F) -> F::Output {
         .block_on(f)
 }
 
+/// Builds (or finds, cached) the test guest with scripts/build-guest.sh; returns the
+/// directory holding `vmlinuz` and `initramfs.img`.
+pub fn guest_dir() -> PathBuf {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let out = Command::new(root.join("scripts/build-guest.sh"))
+        .current_dir(&root)
+        .output()
+        .expect("scripts/build-guest.sh");
+    assert!(
+        out.status.success(),
+        "build-guest.sh failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    PathBuf::from(
+        String::from_utf8_lossy(&out.stdout)
+            .trim()
+            .lines()
+            .last()
+            .expect("build-guest.sh prints the guest directory"),
+    )
+}
+
+/// Reads `n` 512-byte sectors from `first` of an export on an agent's NBD socket.
+pub fn read_export(sock: &Path, export: &str, first: u64, n: u64) -> std::io::Result<Vec<u8>> {
+    use diskfmt::BlockDev;
+    block_on(async {
+        let c = vm_glue::nbd::NbdClient::connect_unix(sock, export).await?;
+        let mut b = vec![0u8; n as usize * 512];
+        c.read(first * 512, &mut b)
+            .await
+            .map_err(std::io::Error::other)?;
+        Ok(b)
+    })
+}
+
 /// One control-API call over a unix socket: (status, body).
 pub fn call_unix(sock: &Path, method: &str, path: &str, body: Option<Value>) -> (u16, Value) {
     block_on(async {

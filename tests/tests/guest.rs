@@ -3,37 +3,15 @@
 //! host-side checker then finds every acknowledged write on the file — and fails once
 //! one acknowledged sector is damaged (negative control).
 
-use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use diskfmt::{BlockDev, WriteFlags};
 use ferry_guest::{check, parse_logs, Phase, SECTOR};
-use ferry_tests::agents::{block_on, AgentBed};
+use ferry_tests::agents::{block_on, guest_dir, read_export, AgentBed};
 use ferry_tests::cluster::SERIAL;
 use serde_json::json;
 use vm_glue::nbd::NbdClient;
-
-/// Builds (or finds, cached) the guest; returns its directory.
-fn guest() -> PathBuf {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
-    let out = Command::new(root.join("scripts/build-guest.sh"))
-        .current_dir(&root)
-        .output()
-        .expect("scripts/build-guest.sh");
-    assert!(
-        out.status.success(),
-        "build-guest.sh failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    PathBuf::from(
-        String::from_utf8_lossy(&out.stdout)
-            .trim()
-            .lines()
-            .last()
-            .unwrap(),
-    )
-}
 
 /// The wall clock, to compare with the guest's (its RTC starts from the host's); it
 /// only places phases, it decides nothing about leases.
@@ -45,21 +23,10 @@ fn wall_ms() -> u64 {
         .as_millis() as u64
 }
 
-fn read_sectors(sock: &Path, export: &str, first: u64, n: u64) -> std::io::Result<Vec<u8>> {
-    block_on(async {
-        let c = NbdClient::connect_unix(sock, export).await?;
-        let mut b = vec![0u8; n as usize * SECTOR];
-        c.read(first * SECTOR as u64, &mut b)
-            .await
-            .map_err(std::io::Error::other)?;
-        Ok(b)
-    })
-}
-
 #[test]
 fn the_guest_workload_on_an_agent_export_loses_no_acknowledged_write() {
     let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    let g = guest();
+    let g = guest_dir();
     let mut bed = AgentBed::new(1);
     bed.start(0);
     let (s, v) = bed.call(
@@ -137,7 +104,7 @@ fn the_guest_workload_on_an_agent_export_loses_no_acknowledged_write() {
             min_overwrites: 5,
         },
     ];
-    let r = check(&acked, &phases, |f, n| read_sectors(&sock, "vda", f, n));
+    let r = check(&acked, &phases, |f, n| read_export(&sock, "vda", f, n));
     eprintln!(
         "{} acknowledged writes ({} overwrites) over {} sectors; longest gap {} ms; phases {:?}",
         r.acked, r.overwrites, r.sectors, r.longest_gap_ms, r.phases
@@ -157,7 +124,7 @@ fn the_guest_workload_on_an_agent_export_loses_no_acknowledged_write() {
         .unwrap();
         c.flush().await.unwrap();
     });
-    let r = check(&acked, &[], |f, n| read_sectors(&sock, "vda", f, n));
+    let r = check(&acked, &[], |f, n| read_export(&sock, "vda", f, n));
     assert!(!r.ok(), "the checker missed a damaged acknowledged sector");
     // And a stalled workload (too few writes in a phase) fails too.
     let r = check(
@@ -169,7 +136,7 @@ fn the_guest_workload_on_an_agent_export_loses_no_acknowledged_write() {
             min_writes: 1,
             min_overwrites: 0,
         }],
-        |f, n| read_sectors(&sock, "vda", f, n),
+        |f, n| read_export(&sock, "vda", f, n),
     );
     assert!(
         r.errors.iter().any(|e| e.contains("after the end")),

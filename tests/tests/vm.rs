@@ -3,36 +3,13 @@
 //! its locks so the second host starts it, stopped; then every write the guest
 //! acknowledged on the second host is on the disk.
 
-use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use diskfmt::BlockDev;
-use ferry_guest::{check, parse_logs, SECTOR};
-use ferry_tests::agents::{block_on, AgentBed};
+use ferry_guest::{check, parse_logs};
+use ferry_tests::agents::{guest_dir, read_export, AgentBed};
 use ferry_tests::cluster::SERIAL;
 use serde_json::json;
-use vm_glue::nbd::NbdClient;
-
-fn guest() -> PathBuf {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
-    let out = Command::new(root.join("scripts/build-guest.sh"))
-        .current_dir(&root)
-        .output()
-        .expect("scripts/build-guest.sh");
-    assert!(
-        out.status.success(),
-        "build-guest.sh failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    PathBuf::from(
-        String::from_utf8_lossy(&out.stdout)
-            .trim()
-            .lines()
-            .last()
-            .unwrap(),
-    )
-}
 
 fn console(bed: &AgentBed, i: usize, vm: &str) -> String {
     let v = bed.call_ok(
@@ -76,7 +53,7 @@ fn state(bed: &AgentBed, i: usize, vm: &str) -> String {
 #[test]
 fn a_vm_runs_on_one_host_at_a_time_and_a_crash_releases_it_to_another() {
     let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    let g = guest();
+    let g = guest_dir();
     let mut bed = AgentBed::new(2);
     bed.start(0);
     bed.start(1);
@@ -156,16 +133,7 @@ fn a_vm_runs_on_one_host_at_a_time_and_a_crash_releases_it_to_another() {
         Some(json!({"name": "check", "datastore": "ds0", "path": "/vm1/disk0", "read_only": true})),
     );
     let sock = bed.hosts[0].nbd_socket();
-    let r = check(&acked, &[], |f, n| {
-        block_on(async {
-            let c = NbdClient::connect_unix(&sock, "check").await?;
-            let mut b = vec![0u8; n as usize * SECTOR];
-            c.read(f * SECTOR as u64, &mut b)
-                .await
-                .map_err(std::io::Error::other)?;
-            Ok(b)
-        })
-    });
+    let r = check(&acked, &[], |f, n| read_export(&sock, "check", f, n));
     eprintln!(
         "{} acknowledged writes on host 1, longest gap {} ms",
         r.acked, r.longest_gap_ms
@@ -188,7 +156,7 @@ impl Drop for Bridge {
 #[test]
 fn a_bridged_nic_joins_its_bridge_and_a_missing_bridge_is_a_clear_error() {
     let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    let g = guest();
+    let g = guest_dir();
     let mut bed = AgentBed::new(1);
     bed.start(0);
     let br = Bridge(format!("fybr{}", std::process::id() % 100_000));
@@ -231,7 +199,7 @@ fn a_bridged_nic_joins_its_bridge_and_a_missing_bridge_is_a_clear_error() {
 #[test]
 fn a_running_vm_rides_out_an_agent_restart_and_is_stopped_by_the_new_agent() {
     let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    let g = guest();
+    let g = guest_dir();
     let mut bed = AgentBed::new(1);
     bed.start(0);
     let (s, v) = bed.call(
@@ -273,16 +241,7 @@ fn a_running_vm_rides_out_an_agent_restart_and_is_stopped_by_the_new_agent() {
         Some(json!({"name": "c", "datastore": "ds0", "path": "/vmr/disk0", "read_only": true})),
     );
     let sock = bed.hosts[0].nbd_socket();
-    let r = check(&acked, &[], |f, n| {
-        block_on(async {
-            let c = NbdClient::connect_unix(&sock, "c").await?;
-            let mut b = vec![0u8; n as usize * SECTOR];
-            c.read(f * SECTOR as u64, &mut b)
-                .await
-                .map_err(std::io::Error::other)?;
-            Ok(b)
-        })
-    });
+    let r = check(&acked, &[], |f, n| read_export(&sock, "c", f, n));
     eprintln!(
         "{} writes across the agent restart, longest gap {} ms",
         r.acked, r.longest_gap_ms
@@ -293,7 +252,7 @@ fn a_running_vm_rides_out_an_agent_restart_and_is_stopped_by_the_new_agent() {
 #[test]
 fn a_dead_hosts_vm_is_fenced_and_then_started_on_another_host() {
     let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    let g = guest();
+    let g = guest_dir();
     let mut bed = AgentBed::new(2);
     bed.start(0);
     bed.start(1);
