@@ -11,6 +11,35 @@ use ferry_tests::agents::{guest_dir, read_export, AgentBed};
 use ferry_tests::cluster::SERIAL;
 use serde_json::json;
 
+/// Defines VM `name` on host `i` running the test guest's workload (until stopped) on
+/// one thin disk of `disk_mib`, with `nics`; returns the definition.
+fn create_vm(
+    bed: &AgentBed,
+    i: usize,
+    name: &str,
+    disk_mib: u64,
+    nics: serde_json::Value,
+) -> serde_json::Value {
+    let g = guest_dir();
+    let (s, v) = bed.call(
+        i,
+        "POST",
+        "/v1/vms",
+        Some(json!({
+            "name": name, "datastore": "ds0", "memory_mib": 128, "vcpus": 1,
+            "kernel": g.join("vmlinuz"), "initrd": g.join("initramfs.img"),
+            "append": format!(
+                "console=ttyS0 quiet panic=-1 ferry.seconds=0 ferry.region_mib={}",
+                (disk_mib / 2).min(32)
+            ),
+            "disks": [{"size": disk_mib << 20, "provisioning": "thin"}],
+            "nics": nics,
+        })),
+    );
+    assert_eq!(s, 201, "{v}");
+    v
+}
+
 fn console(bed: &AgentBed, i: usize, vm: &str) -> String {
     let v = bed.call_ok(
         i,
@@ -53,23 +82,10 @@ fn state(bed: &AgentBed, i: usize, vm: &str) -> String {
 #[test]
 fn a_vm_runs_on_one_host_at_a_time_and_a_crash_releases_it_to_another() {
     let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    let g = guest_dir();
     let mut bed = AgentBed::new(2);
     bed.start(0);
     bed.start(1);
-    let (s, v) = bed.call(
-        0,
-        "POST",
-        "/v1/vms",
-        Some(json!({
-            "name": "vm1", "datastore": "ds0", "memory_mib": 256, "vcpus": 1,
-            "kernel": g.join("vmlinuz"), "initrd": g.join("initramfs.img"),
-            "append": "console=ttyS0 quiet panic=-1 ferry.seconds=0 ferry.region_mib=32",
-            "disks": [{"size": 128u64 << 20, "provisioning": "thin"}],
-            "nics": [{}],
-        })),
-    );
-    assert_eq!(s, 201, "{v}");
+    let v = create_vm(&bed, 0, "vm1", 128, json!([{}]));
     assert_eq!(v["machine"], "pc-q35-7.2");
     assert!(v["nics"][0]["mac"]
         .as_str()
@@ -156,25 +172,18 @@ impl Drop for Bridge {
 #[test]
 fn a_bridged_nic_joins_its_bridge_and_a_missing_bridge_is_a_clear_error() {
     let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    let g = guest_dir();
     let mut bed = AgentBed::new(1);
     bed.start(0);
     let br = Bridge(format!("fybr{}", std::process::id() % 100_000));
     ferry_tests::run_ok("ip", &["link", "add", &br.0, "type", "bridge"]);
     for (name, bridge) in [("vmbr", br.0.as_str()), ("vmnobr", "fy-no-such-br")] {
-        let (s, v) = bed.call(
+        create_vm(
+            &bed,
             0,
-            "POST",
-            "/v1/vms",
-            Some(json!({
-                "name": name, "datastore": "ds0", "memory_mib": 128,
-                "kernel": g.join("vmlinuz"), "initrd": g.join("initramfs.img"),
-                "append": "console=ttyS0 quiet panic=-1 ferry.seconds=0",
-                "disks": [{"size": 16u64 << 20}],
-                "nics": [{"mac": "52:54:00:aa:bb:01", "bridge": bridge}],
-            })),
+            name,
+            16,
+            json!([{"mac": "52:54:00:aa:bb:01", "bridge": bridge}]),
         );
-        assert_eq!(s, 201, "{v}");
     }
     bed.call_ok(0, "POST", "/v1/vms/vmbr/start", None);
     let out = ferry_tests::run_ok("ip", &["-o", "link", "show", "master", &br.0]);
@@ -199,21 +208,9 @@ fn a_bridged_nic_joins_its_bridge_and_a_missing_bridge_is_a_clear_error() {
 #[test]
 fn a_running_vm_rides_out_an_agent_restart_and_is_stopped_by_the_new_agent() {
     let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    let g = guest_dir();
     let mut bed = AgentBed::new(1);
     bed.start(0);
-    let (s, v) = bed.call(
-        0,
-        "POST",
-        "/v1/vms",
-        Some(json!({
-            "name": "vmr", "datastore": "ds0", "memory_mib": 128,
-            "kernel": g.join("vmlinuz"), "initrd": g.join("initramfs.img"),
-            "append": "console=ttyS0 quiet panic=-1 ferry.seconds=0 ferry.region_mib=16",
-            "disks": [{"size": 32u64 << 20}],
-        })),
-    );
-    assert_eq!(s, 201, "{v}");
+    create_vm(&bed, 0, "vmr", 32, json!([]));
     let pid = bed.call_ok(0, "POST", "/v1/vms/vmr/start", None)["pid"]
         .as_u64()
         .unwrap();
@@ -252,22 +249,10 @@ fn a_running_vm_rides_out_an_agent_restart_and_is_stopped_by_the_new_agent() {
 #[test]
 fn a_dead_hosts_vm_is_fenced_and_then_started_on_another_host() {
     let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    let g = guest_dir();
     let mut bed = AgentBed::new(2);
     bed.start(0);
     bed.start(1);
-    let (s, v) = bed.call(
-        0,
-        "POST",
-        "/v1/vms",
-        Some(json!({
-            "name": "vmd", "datastore": "ds0", "memory_mib": 128,
-            "kernel": g.join("vmlinuz"), "initrd": g.join("initramfs.img"),
-            "append": "console=ttyS0 quiet panic=-1 ferry.seconds=0 ferry.region_mib=16",
-            "disks": [{"size": 32u64 << 20}],
-        })),
-    );
-    assert_eq!(s, 201, "{v}");
+    create_vm(&bed, 0, "vmd", 32, json!([]));
     // Started on host 1 through host 0's CLI: `ferry vm start --host`.
     let secret = bed.dir.path().join("secret");
     std::fs::write(&secret, ferry_tests::agents::SECRET).unwrap();

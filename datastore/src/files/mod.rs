@@ -383,6 +383,16 @@ impl Session {
         let mut obs = Observer::new(&ds);
         let wait = ds.superblock().host_dead() + 4 * ds.superblock().io_timeout();
         VolumeLease::acquire(&ds, me, &mut obs, wait)?.release()?;
+        Self::assemble(ds, me, obs, space::Space::default())
+    }
+
+    /// The session itself, once the volume lease has seen the journals finished.
+    fn assemble(
+        ds: Arc<Datastore>,
+        me: Owner,
+        obs: Observer,
+        space: space::Space,
+    ) -> Result<Arc<Session>> {
         let seq = crate::journal::last_seq(&ds, me.host_id)?;
         let engine = diskfmt::Engine::global()
             .map_err(|e| Error::io(ds.path(), "start the I/O engine", e))?;
@@ -393,7 +403,7 @@ impl Session {
             obs: Mutex::new(obs),
             commit_lock: Mutex::new(seq),
             cut: RwLock::new(()),
-            space: Mutex::new(space::Space::default()),
+            space: Mutex::new(space),
             files: Mutex::new(Vec::new()),
             data: Arc::new(data),
             sync,
@@ -437,21 +447,7 @@ impl Session {
         let released = lease.release();
         let sp = loaded?;
         released?;
-        let seq = crate::journal::last_seq(&ds, me.host_id)?;
-        let engine = diskfmt::Engine::global()
-            .map_err(|e| Error::io(ds.path(), "start the I/O engine", e))?;
-        let (data, sync) = open_data_path(&ds, engine)?;
-        Ok(Arc::new(Session {
-            ds,
-            me,
-            obs: Mutex::new(obs),
-            commit_lock: Mutex::new(seq),
-            cut: RwLock::new(()),
-            space: Mutex::new(sp),
-            files: Mutex::new(Vec::new()),
-            data: Arc::new(data),
-            sync,
-        }))
+        Self::assemble(ds, me, obs, sp)
     }
 
     /// Reads the heartbeat region into this session's observer and returns what it

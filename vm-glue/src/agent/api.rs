@@ -109,29 +109,31 @@ where
 /// Serves the control API on the unix socket.
 pub async fn serve_unix(agent: Arc<Agent>, l: tokio::net::UnixListener) {
     loop {
-        match l.accept().await {
-            Ok((s, _)) => {
-                tokio::spawn(serve_one(Arc::clone(&agent), s, false));
-            }
-            Err(e) => {
-                tracing::error!("control socket: {e}");
-                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-            }
-        }
+        let accepted = l.accept().await.map(|(s, _)| s);
+        accept(&agent, accepted, false, "control socket").await;
     }
 }
 
 /// Serves the control API on TCP (cluster secret required).
 pub async fn serve_tcp(agent: Arc<Agent>, l: tokio::net::TcpListener) {
     loop {
-        match l.accept().await {
-            Ok((s, _)) => {
-                tokio::spawn(serve_one(Arc::clone(&agent), s, true));
-            }
-            Err(e) => {
-                tracing::error!("management listener: {e}");
-                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-            }
+        let accepted = l.accept().await.map(|(s, _)| s);
+        accept(&agent, accepted, true, "management listener").await;
+    }
+}
+
+/// Serves one accepted connection on its own task; backs off a little after an error.
+async fn accept<S>(agent: &Arc<Agent>, accepted: std::io::Result<S>, tcp: bool, what: &str)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    match accepted {
+        Ok(s) => {
+            tokio::spawn(serve_one(Arc::clone(agent), s, tcp));
+        }
+        Err(e) => {
+            tracing::error!("{what}: {e}");
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
         }
     }
 }
