@@ -1,0 +1,756 @@
+//! The mirror job: a [`BlockDev`] that stands in for the source while a copier moves its
+//! data to the target, mirrors guest writes synchronously once a region is copied, and
+//! finally pivots to the target.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use diskfmt::{BlockDev, Error, Extent, IoFuture, Provisioning, Result, WriteFlags};
+use tokio::sync::{watch, Notify};
+use tokio::task::JoinHandle;
+
+use crate::bitmap::Bitmap;
+use crate::ranges::{Kind, Queue, Ticket};
+
+/// How a mirror job runs.
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// Bytes per dirty-bitmap bit (a power of two, at least 4 KiB).
+    pub grain: u64,
+    /// Largest single copy.
+    pub chunk: u64,
+    /// Copies in flight at once (memory is bounded by `chunk × in_flight`).
+    pub in_flight: usize,
+    /// Bulk copy rate limit in bytes/s (guest writes are never throttled).
+    pub speed: Option<u64>,
+    /// A target request not done by then counts as failed (the guest is not failed).
+    pub target_timeout: Duration,
+    /// Consecutive target failures tolerated before the job fails.
+    pub max_retries: u32,
+    /// The target reads as zeros everywhere at the start (a freshly created file): the
+    /// bulk pass skips zero regions instead of writing zeros.
+    pub target_zeroed: bool,
+}
+
+impl Default for Options {
+    fn default() -> Options {
+        Options {
+            grain: 64 << 10,
+            chunk: 1 << 20,
+            in_flight: 8,
+            speed: None,
+            target_timeout: Duration::from_secs(10),
+            max_retries: 5,
+            target_zeroed: true,
+        }
+    }
+}
+
+/// Where a job stands.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Phase {
+    /// The bulk pass runs; guest writes to copied regions are mirrored.
+    Copying,
+    /// Everything is on the target and every guest write is mirrored.
+    Ready,
+    /// `prepare_pivot` holds the device: guest I/O waits.
+    Completing,
+    /// Pivoted: all I/O goes to the target only.
+    Done,
+    /// Stopped by request; the source stays authoritative.
+    Cancelled,
+    /// Stopped by an error; the source stays authoritative.
+    Failed(String),
+}
+
+impl Phase {
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Phase::Copying => "copying",
+            Phase::Ready => "ready",
+            Phase::Completing => "completing",
+            Phase::Done => "done",
+            Phase::Cancelled => "cancelled",
+            Phase::Failed(_) => "failed",
+        }
+    }
+
+    /// Whether guest I/O still goes to both sides.
+    pub(crate) fn mirroring(&self) -> bool {
+        matches!(self, Phase::Copying | Phase::Ready | Phase::Completing)
+    }
+}
+
+/// A snapshot of a job's progress.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Progress {
+    pub phase: &'static str,
+    pub error: Option<String>,
+    /// Bytes copied by the bulk pass and re-copies.
+    pub done_bytes: u64,
+    /// Bytes the job has had to copy so far (allocated data, plus anything re-dirtied).
+    pub total_bytes: u64,
+    /// Bytes not yet known to be on the target.
+    pub dirty_bytes: u64,
+    /// Guest bytes written to both sides.
+    pub mirrored_bytes: u64,
+    pub rate_bytes_per_s: f64,
+    pub eta_s: Option<f64>,
+    pub target_errors: u64,
+    pub elapsed_s: f64,
+}
+
+pub(crate) struct State {
+    pub(crate) phase: Phase,
+    /// Not known to be on the target.
+    pub(crate) dirty: Bitmap,
+    /// Picked by a copy in flight.
+    pub(crate) copying: Bitmap,
+    /// Written on the target by this job (so no longer known to read as zeros there).
+    pub(crate) touched: Bitmap,
+    pub(crate) done_bytes: u64,
+    pub(crate) total_bytes: u64,
+    pub(crate) mirrored_bytes: u64,
+    pub(crate) consecutive_errors: u32,
+    pub(crate) target_errors: u64,
+    pub(crate) frozen: bool,
+    pub(crate) speed: Option<u64>,
+    /// The earliest time the next bulk copy may start (throttle).
+    pub(crate) next_slot: Instant,
+}
+
+pub(crate) struct Shared {
+    pub(crate) name: PathBuf,
+    pub(crate) source: Arc<dyn BlockDev>,
+    pub(crate) target: Arc<dyn BlockDev>,
+    pub(crate) opts: Options,
+    pub(crate) size: u64,
+    pub(crate) grains: u64,
+    pub(crate) queue: Arc<Queue>,
+    pub(crate) st: Mutex<State>,
+    /// Wakes the copier (new dirty grains, phase changes, freeze/unfreeze).
+    pub(crate) poke: Notify,
+    pub(crate) phase_tx: watch::Sender<Phase>,
+    pub(crate) started: Instant,
+}
+
+/// A running mirror from `source` to `target`. Serve guest I/O through it (it is a
+/// [`BlockDev`]); wait for [`Mirror::wait_ready`]; then [`Mirror::prepare_pivot`] and
+/// commit, or [`Mirror::cancel`].
+pub struct Mirror {
+    sh: Arc<Shared>,
+    copier: Mutex<Option<JoinHandle<()>>>,
+}
+
+impl std::fmt::Debug for Mirror {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Mirror")
+            .field("name", &self.sh.name)
+            .field("phase", &*self.sh.phase_tx.borrow())
+            .finish()
+    }
+}
+
+/// What a guest request does on each side.
+#[derive(Clone)]
+enum Op {
+    Write(Arc<Vec<u8>>, WriteFlags),
+    Zeroes(u64, bool),
+    Discard(u64),
+}
+
+impl Op {
+    fn len(&self) -> u64 {
+        match self {
+            Op::Write(b, _) => b.len() as u64,
+            Op::Zeroes(l, _) | Op::Discard(l) => *l,
+        }
+    }
+
+    async fn apply(&self, dev: &dyn BlockDev, offset: u64) -> Result<()> {
+        match self {
+            Op::Write(b, f) => dev.write(offset, b, *f).await,
+            Op::Zeroes(l, u) => dev.write_zeroes(offset, *l, *u).await,
+            Op::Discard(l) => dev.discard(offset, *l).await,
+        }
+    }
+}
+
+fn timed_out(name: &Path, op: &'static str, offset: u64, t: Duration) -> Error {
+    Error::Io {
+        object: name.to_path_buf(),
+        op,
+        offset,
+        err: std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            format!("the target did not answer within {} ms", t.as_millis()),
+        ),
+    }
+}
+
+pub(crate) fn is_zero(b: &[u8]) -> bool {
+    b.iter().all(|x| *x == 0)
+}
+
+impl Shared {
+    pub(crate) fn grains_of(&self, offset: u64, len: u64) -> (u64, u64) {
+        let g = self.opts.grain;
+        (offset / g, (offset + len).div_ceil(g).min(self.grains))
+    }
+
+    fn phase(&self) -> Phase {
+        self.st.lock().expect("mirror state").phase.clone()
+    }
+
+    pub(crate) fn set_phase(&self, st: &mut State, p: Phase) {
+        if st.phase != p {
+            tracing::debug!(
+                "{}: mirror {} -> {}",
+                self.name.display(),
+                st.phase.as_str(),
+                p.as_str()
+            );
+            st.phase = p.clone();
+            self.phase_tx.send_replace(p);
+            self.poke.notify_one();
+        }
+    }
+
+    /// Records a target failure over grains `g0..g1`: they are dirty again; past the
+    /// retry bound the job fails (the source stays authoritative).
+    pub(crate) fn target_failed(&self, g0: u64, g1: u64, e: &Error) {
+        let mut st = self.st.lock().expect("mirror state");
+        self.redirty(&mut st, g0, g1);
+        st.consecutive_errors += 1;
+        st.target_errors += 1;
+        tracing::warn!(
+            "{}: target request failed ({}/{} in a row): {e}",
+            self.name.display(),
+            st.consecutive_errors,
+            self.opts.max_retries
+        );
+        if st.consecutive_errors > self.opts.max_retries && st.phase.mirroring() {
+            let msg = format!(
+                "the target {} failed {} times in a row, last: {e}; the source stays in use",
+                self.target.name().display(),
+                st.consecutive_errors
+            );
+            self.set_phase(&mut st, Phase::Failed(msg));
+        }
+        drop(st);
+        self.poke.notify_one();
+    }
+
+    /// A guest write, zeroing or discard while the job mirrors.
+    async fn guest_op(self: &Arc<Self>, offset: u64, op: Op, local: Option<&[u8]>) -> Result<()> {
+        let len = op.len();
+        match self.phase() {
+            Phase::Done => return op.apply(&*self.target, offset).await,
+            p if !p.mirroring() => {
+                return match (&op, local) {
+                    (Op::Write(_, f), Some(b)) => self.source.write(offset, b, *f).await,
+                    _ => op.apply(&*self.source, offset).await,
+                }
+            }
+            _ => {}
+        }
+        let ticket = self.queue.enter(offset, offset + len, Kind::Write).await;
+        let (g0, g1) = self.grains_of(offset, len);
+        let mirror = {
+            let mut st = self.st.lock().expect("mirror state");
+            if !st.phase.mirroring() {
+                None
+            } else if st.dirty.any_in(g0, g1) {
+                // Not yet (all) on the target: the source only; the copy brings it over.
+                self.redirty(&mut st, g0, g1);
+                Some(false)
+            } else {
+                st.touched.set_range(g0, g1);
+                Some(true)
+            }
+        };
+        let source_op = async {
+            match (&op, local) {
+                (Op::Write(_, f), Some(b)) => self.source.write(offset, b, *f).await,
+                _ => op.apply(&*self.source, offset).await,
+            }
+        };
+        match mirror {
+            None => {
+                // The job ended while we waited: Done goes to the target, else the source.
+                drop(ticket);
+                if self.phase() == Phase::Done {
+                    return op.apply(&*self.target, offset).await;
+                }
+                return source_op.await;
+            }
+            Some(false) => return source_op.await,
+            Some(true) => {}
+        }
+        let target = Arc::clone(&self.target);
+        let top = op.clone();
+        let mut pending = Pending {
+            sh: Arc::clone(self),
+            task: Some(tokio::spawn(
+                async move { top.apply(&*target, offset).await },
+            )),
+            ticket: Some(ticket),
+            grains: (g0, g1),
+        };
+        let t = self.opts.target_timeout;
+        let task = pending.task.as_mut().expect("just set");
+        let (src, tgt) = tokio::join!(source_op, tokio::time::timeout(t, task));
+        let tres = match tgt {
+            Ok(Ok(r)) => r,
+            Ok(Err(join)) => Err(Error::Io {
+                object: self.target.name().to_path_buf(),
+                op: "mirror write",
+                offset,
+                err: std::io::Error::other(join.to_string()),
+            }),
+            Err(_) => Err(timed_out(self.target.name(), "mirror write", offset, t)),
+        };
+        let still_running = pending.task.as_ref().is_some_and(|h| !h.is_finished());
+        match tres {
+            Ok(()) => {
+                let mut st = self.st.lock().expect("mirror state");
+                st.mirrored_bytes += len;
+                if src.is_err() {
+                    // The target may now hold what the source does not: copy it again.
+                    self.redirty(&mut st, g0, g1);
+                }
+            }
+            Err(e) => self.target_failed(g0, g1, &e),
+        }
+        if still_running {
+            pending.park();
+        } else {
+            pending.task = None;
+        }
+        src
+    }
+
+    /// A guest flush while the job mirrors: both sides, in parallel. A target that
+    /// fails to flush counts as a target failure but does not fail the guest: until the
+    /// pivot (which flushes the target again) the source is the authoritative copy.
+    async fn guest_flush(self: &Arc<Self>) -> Result<()> {
+        match self.phase() {
+            Phase::Done => return self.target.flush().await,
+            p if !p.mirroring() => return self.source.flush().await,
+            _ => {}
+        }
+        let t = self.opts.target_timeout;
+        let (src, tgt) = tokio::join!(
+            self.source.flush(),
+            tokio::time::timeout(t, self.target.flush())
+        );
+        let tgt = tgt.unwrap_or_else(|_| Err(timed_out(self.target.name(), "flush", 0, t)));
+        if let Err(e) = tgt {
+            self.target_failed(0, 0, &e);
+        }
+        src
+    }
+
+    /// Marks grains `g0..g1` as not on the target.
+    pub(crate) fn redirty(&self, st: &mut State, g0: u64, g1: u64) {
+        let added = st.dirty.set_range(g0, g1);
+        st.total_bytes += added * self.opts.grain;
+        if added > 0 && st.phase == Phase::Ready {
+            self.set_phase(st, Phase::Copying);
+        }
+    }
+
+    pub(crate) fn timed_out(&self, op: &'static str, offset: u64) -> Error {
+        timed_out(self.target.name(), op, offset, self.opts.target_timeout)
+    }
+}
+
+/// A mirrored target request that may outlive its guest request: if the guest request
+/// ends (or is dropped) first, its range stays claimed as a tail until the target
+/// request has really finished.
+struct Pending {
+    sh: Arc<Shared>,
+    task: Option<JoinHandle<Result<()>>>,
+    ticket: Option<Ticket>,
+    grains: (u64, u64),
+}
+
+impl Pending {
+    fn park(&mut self) {
+        if let (Some(task), Some(ticket)) = (self.task.take(), self.ticket.take()) {
+            let tail = ticket.into_tail();
+            tokio::spawn(async move {
+                let _ = task.await;
+                drop(tail);
+            });
+        }
+    }
+}
+
+impl Drop for Pending {
+    fn drop(&mut self) {
+        if self.task.is_some() {
+            // Dropped mid-flight (the guest's connection went away): the outcome on
+            // either side is unknown, so the range is copied again.
+            let (g0, g1) = self.grains;
+            {
+                let mut st = self.sh.st.lock().expect("mirror state");
+                self.sh.redirty(&mut st, g0, g1);
+            }
+            self.sh.poke.notify_one();
+            if tokio::runtime::Handle::try_current().is_ok() {
+                self.park();
+            }
+        }
+    }
+}
+
+impl Mirror {
+    /// Starts mirroring `source` to `target` (same size). Guest I/O must go through the
+    /// returned device from now on.
+    pub fn start(
+        source: Arc<dyn BlockDev>,
+        target: Arc<dyn BlockDev>,
+        opts: Options,
+    ) -> Result<Arc<Mirror>> {
+        let name = source.name().to_path_buf();
+        if source.size() != target.size() {
+            return Err(Error::Invalid {
+                object: target.name().to_path_buf(),
+                detail: format!(
+                    "the mirror target has {} bytes, the source {} has {}",
+                    target.size(),
+                    name.display(),
+                    source.size()
+                ),
+            });
+        }
+        if !target.writable() {
+            return Err(Error::Invalid {
+                object: target.name().to_path_buf(),
+                detail: "the mirror target is read-only".into(),
+            });
+        }
+        if !opts.grain.is_power_of_two() || opts.grain < 4096 || opts.chunk < opts.grain {
+            return Err(Error::Invalid {
+                object: name,
+                detail: format!(
+                    "mirror grain {} must be a power of two ≥ 4096 and ≤ the chunk {}",
+                    opts.grain, opts.chunk
+                ),
+            });
+        }
+        let size = source.size();
+        let grains = size.div_ceil(opts.grain);
+        let st = State {
+            phase: Phase::Copying,
+            dirty: Bitmap::full(grains),
+            copying: Bitmap::new(grains),
+            touched: Bitmap::new(grains),
+            done_bytes: 0,
+            total_bytes: size,
+            mirrored_bytes: 0,
+            consecutive_errors: 0,
+            target_errors: 0,
+            frozen: false,
+            speed: opts.speed,
+            next_slot: Instant::now(),
+        };
+        let sh = Arc::new(Shared {
+            name,
+            source,
+            target,
+            opts,
+            size,
+            grains,
+            queue: Arc::new(Queue::default()),
+            st: Mutex::new(st),
+            poke: Notify::new(),
+            phase_tx: watch::Sender::new(Phase::Copying),
+            started: Instant::now(),
+        });
+        let copier = tokio::spawn(crate::copier::run(Arc::clone(&sh)));
+        Ok(Arc::new(Mirror {
+            sh,
+            copier: Mutex::new(Some(copier)),
+        }))
+    }
+
+    pub fn source(&self) -> &Arc<dyn BlockDev> {
+        &self.sh.source
+    }
+
+    pub fn target(&self) -> &Arc<dyn BlockDev> {
+        &self.sh.target
+    }
+
+    pub fn phase(&self) -> Phase {
+        self.sh.phase()
+    }
+
+    /// Changes the bulk copy rate limit.
+    pub fn set_speed(&self, speed: Option<u64>) {
+        self.sh.st.lock().expect("mirror state").speed = speed;
+        self.sh.poke.notify_one();
+    }
+
+    /// Stops (or restarts) the bulk copier; guest writes still go on as before. A test
+    /// hook: with the copier frozen after `Ready`, every guest write acknowledged from
+    /// then on must already be on the target.
+    pub fn freeze_copier(&self, frozen: bool) {
+        self.sh.st.lock().expect("mirror state").frozen = frozen;
+        self.sh.poke.notify_one();
+    }
+
+    pub fn progress(&self) -> Progress {
+        let st = self.sh.st.lock().expect("mirror state");
+        let elapsed = self.sh.started.elapsed().as_secs_f64();
+        let rate = if elapsed > 0.0 {
+            st.done_bytes as f64 / elapsed
+        } else {
+            0.0
+        };
+        let dirty = (st.dirty.count() * self.sh.opts.grain).min(self.sh.size);
+        Progress {
+            phase: st.phase.as_str(),
+            error: match &st.phase {
+                Phase::Failed(e) => Some(e.clone()),
+                _ => None,
+            },
+            done_bytes: st.done_bytes,
+            total_bytes: st.total_bytes,
+            dirty_bytes: dirty,
+            mirrored_bytes: st.mirrored_bytes,
+            rate_bytes_per_s: rate,
+            eta_s: (rate > 0.0 && dirty > 0).then(|| dirty as f64 / rate),
+            target_errors: st.target_errors,
+            elapsed_s: elapsed,
+        }
+    }
+
+    /// Waits until the job is ready (or ended); fails if it ended without becoming ready.
+    pub async fn wait_ready(&self) -> Result<()> {
+        let mut rx = self.sh.phase_tx.subscribe();
+        let p = rx
+            .wait_for(|p| !matches!(p, Phase::Copying))
+            .await
+            .map(|p| p.clone())
+            .unwrap_or(Phase::Cancelled);
+        match p {
+            Phase::Ready | Phase::Completing | Phase::Done => Ok(()),
+            Phase::Failed(e) => Err(Error::Invalid {
+                object: self.sh.name.clone(),
+                detail: format!("mirror failed: {e}"),
+            }),
+            _ => Err(Error::Invalid {
+                object: self.sh.name.clone(),
+                detail: "the mirror was cancelled".into(),
+            }),
+        }
+    }
+
+    /// Holds all guest I/O, checks that everything is on the target, and flushes both
+    /// sides. Guest I/O stays held until the returned [`Pivot`] is committed (I/O goes
+    /// to the target from then on) or dropped (back to `Ready`). Waits at most `within`.
+    pub async fn prepare_pivot(&self, within: Duration) -> Result<Pivot<'_>> {
+        let deadline = tokio::time::Instant::now() + within;
+        let fail = |detail: String| Error::Invalid {
+            object: self.sh.name.clone(),
+            detail,
+        };
+        loop {
+            tokio::time::timeout_at(deadline, self.wait_ready())
+                .await
+                .map_err(|_| {
+                    fail(format!(
+                        "the mirror was not ready within {} ms",
+                        within.as_millis()
+                    ))
+                })??;
+            let claim = tokio::time::timeout_at(
+                deadline,
+                self.sh.queue.enter(0, self.sh.size, Kind::Claim),
+            )
+            .await
+            .map_err(|_| {
+                fail(format!(
+                    "requests in flight did not finish within {} ms; the pivot was not done",
+                    within.as_millis()
+                ))
+            })?;
+            let clean = {
+                let mut st = self.sh.st.lock().expect("mirror state");
+                if !matches!(st.phase, Phase::Ready | Phase::Copying) {
+                    return Err(fail(format!("cannot pivot a {} mirror", st.phase.as_str())));
+                }
+                let clean =
+                    st.phase == Phase::Ready && st.dirty.count() == 0 && st.copying.count() == 0;
+                if clean {
+                    self.sh.set_phase(&mut st, Phase::Completing);
+                }
+                clean
+            };
+            if !clean {
+                // Re-dirtied while we waited for the claim: let the copier bring it over
+                // and try again.
+                drop(claim);
+                self.sh.poke.notify_one();
+                if tokio::time::Instant::now() >= deadline {
+                    return Err(fail(format!(
+                        "the target did not stay in sync for {} ms; the pivot was not done",
+                        within.as_millis()
+                    )));
+                }
+                tokio::time::sleep(Duration::from_millis(5)).await;
+                continue;
+            }
+            let t = self.sh.opts.target_timeout;
+            let (s, tg) = tokio::join!(
+                self.sh.source.flush(),
+                tokio::time::timeout(t, self.sh.target.flush())
+            );
+            let tg = tg.unwrap_or_else(|_| Err(timed_out(self.sh.target.name(), "flush", 0, t)));
+            if let Err(e) = s.and(tg) {
+                let mut st = self.sh.st.lock().expect("mirror state");
+                self.sh.set_phase(&mut st, Phase::Ready);
+                return Err(fail(format!("flush before the pivot failed: {e}")));
+            }
+            return Ok(Pivot {
+                mirror: self,
+                _claim: Some(claim),
+            });
+        }
+    }
+
+    /// Stops the job; the source stays authoritative. Waits (up to the target timeout)
+    /// until no target request is in flight any more, so the target may be deleted.
+    pub async fn cancel(&self) {
+        {
+            let mut st = self.sh.st.lock().expect("mirror state");
+            if st.phase.mirroring() {
+                self.sh.set_phase(&mut st, Phase::Cancelled);
+            }
+        }
+        self.finish().await;
+    }
+
+    /// Waits for the copier and for every target request still in flight.
+    pub async fn finish(&self) {
+        let h = self.copier.lock().expect("copier").take();
+        if let Some(h) = h {
+            let _ = h.await;
+        }
+        let _ = tokio::time::timeout(
+            self.sh.opts.target_timeout * 2,
+            self.sh.queue.enter(0, self.sh.size, Kind::Claim),
+        )
+        .await;
+    }
+
+    /// Waits until the job has ended (done, cancelled or failed) and returns its phase.
+    pub async fn ended(&self) -> Phase {
+        let mut rx = self.sh.phase_tx.subscribe();
+        rx.wait_for(|p| matches!(p, Phase::Done | Phase::Cancelled | Phase::Failed(_)))
+            .await
+            .map(|p| p.clone())
+            .unwrap_or(Phase::Cancelled)
+    }
+}
+
+/// Guest I/O held at the pivot point, everything on the target and flushed.
+#[derive(Debug)]
+pub struct Pivot<'a> {
+    mirror: &'a Mirror,
+    _claim: Option<Ticket>,
+}
+
+impl Pivot<'_> {
+    /// From now on all I/O goes to the target. Call once whatever names the target as
+    /// the device is durable.
+    pub fn commit(mut self) {
+        let sh = &self.mirror.sh;
+        {
+            let mut st = sh.st.lock().expect("mirror state");
+            sh.set_phase(&mut st, Phase::Done);
+        }
+        self._claim = None;
+    }
+}
+
+impl Drop for Pivot<'_> {
+    fn drop(&mut self) {
+        let sh = &self.mirror.sh;
+        let mut st = sh.st.lock().expect("mirror state");
+        if st.phase == Phase::Completing {
+            sh.set_phase(&mut st, Phase::Ready);
+        }
+    }
+}
+
+impl Mirror {
+    fn routed(&self) -> &Arc<dyn BlockDev> {
+        if self.sh.phase_tx.borrow().clone() == Phase::Done {
+            &self.sh.target
+        } else {
+            &self.sh.source
+        }
+    }
+}
+
+impl BlockDev for Mirror {
+    fn name(&self) -> &Path {
+        &self.sh.name
+    }
+
+    fn size(&self) -> u64 {
+        self.sh.size
+    }
+
+    fn logical_block_size(&self) -> u32 {
+        self.sh.source.logical_block_size()
+    }
+
+    fn physical_block_size(&self) -> u32 {
+        self.sh.source.physical_block_size()
+    }
+
+    fn writable(&self) -> bool {
+        self.sh.source.writable()
+    }
+
+    fn provisioning(&self) -> Provisioning {
+        self.routed().provisioning()
+    }
+
+    fn read<'a>(&'a self, offset: u64, buf: &'a mut [u8]) -> IoFuture<'a, ()> {
+        self.routed().read(offset, buf)
+    }
+
+    fn write<'a>(&'a self, offset: u64, buf: &'a [u8], flags: WriteFlags) -> IoFuture<'a, ()> {
+        Box::pin(async move {
+            // Guest data is bounced once into a buffer the target request owns.
+            let op = Op::Write(Arc::new(buf.to_vec()), flags);
+            self.sh.guest_op(offset, op, Some(buf)).await
+        })
+    }
+
+    fn flush(&self) -> IoFuture<'_, ()> {
+        Box::pin(self.sh.guest_flush())
+    }
+
+    fn write_zeroes(&self, offset: u64, length: u64, may_unmap: bool) -> IoFuture<'_, ()> {
+        Box::pin(
+            self.sh
+                .guest_op(offset, Op::Zeroes(length, may_unmap), None),
+        )
+    }
+
+    fn discard(&self, offset: u64, length: u64) -> IoFuture<'_, ()> {
+        Box::pin(self.sh.guest_op(offset, Op::Discard(length), None))
+    }
+
+    fn block_status(&self, offset: u64, length: u64) -> IoFuture<'_, Vec<Extent>> {
+        self.routed().block_status(offset, length)
+    }
+}
