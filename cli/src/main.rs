@@ -7,6 +7,7 @@ mod cluster;
 mod disk;
 mod dsfiles;
 mod host;
+mod relocate;
 mod units;
 mod vmctl;
 
@@ -50,6 +51,8 @@ enum Command {
     /// Virtual machines: define, start, stop, list, console, remove.
     #[command(subcommand)]
     Vm(vmctl::VmCommand),
+    /// Move a VM to other datastores (live when it runs): disks, definition, or both.
+    RelocateVm(relocate::RelocateArgs),
     /// Long-running work of an agent.
     #[command(subcommand)]
     Task(agentctl::TaskCommand),
@@ -92,6 +95,7 @@ fn main() -> ExitCode {
         Command::Export(cmd) => rt.block_on(agentctl::run_export(cmd)),
         Command::Task(cmd) => rt.block_on(agentctl::run_task(cmd)),
         Command::Vm(cmd) => rt.block_on(vmctl::run(cmd)),
+        Command::RelocateVm(a) => rt.block_on(relocate::run(a)),
     };
     match result {
         Ok(code) => ExitCode::from(code),

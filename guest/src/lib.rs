@@ -166,6 +166,24 @@ impl Report {
 pub fn check(
     acked: &[Acked],
     phases: &[Phase],
+    read_sectors: impl FnMut(u64, u64) -> std::io::Result<Vec<u8>>,
+) -> Report {
+    check_inner(acked, phases, 1, read_sectors)
+}
+
+/// [`check`] against a disk the guest still writes to: a sector may also hold any later
+/// write of the same run (acknowledged after the log was read).
+pub fn check_live(
+    acked: &[Acked],
+    read_sectors: impl FnMut(u64, u64) -> std::io::Result<Vec<u8>>,
+) -> Report {
+    check_inner(acked, &[], u64::MAX, read_sectors)
+}
+
+fn check_inner(
+    acked: &[Acked],
+    phases: &[Phase],
+    later: u64,
     mut read_sectors: impl FnMut(u64, u64) -> std::io::Result<Vec<u8>>,
 ) -> Report {
     let mut r = Report {
@@ -226,7 +244,7 @@ pub fn check(
                     let want = last[&s];
                     let b = &data[k as usize * SECTOR..(k as usize + 1) * SECTOR];
                     match Record::decode(b) {
-                        Some(rec) if rec.sector == s && rec.run == run && rec.seq >= want && rec.seq <= max_seq + 1 => {}
+                        Some(rec) if rec.sector == s && rec.run == run && rec.seq >= want && rec.seq <= max_seq.saturating_add(later) => {}
                         Some(rec) => r.errors.push(format!(
                             "sector {s}: holds write {} of run {:x} for sector {}; acknowledged: write {want}",
                             rec.seq, rec.run, rec.sector

@@ -550,10 +550,10 @@ impl Mirror {
         }
     }
 
-    /// Holds all guest I/O, checks that everything is on the target, and flushes both
-    /// sides. Guest I/O stays held until the returned [`Pivot`] is committed (I/O goes
+    /// Holds all guest I/O, checks that everything is on the target, and flushes the
+    /// target. Guest I/O stays held until the returned [`Pivot`] is committed (I/O goes
     /// to the target from then on) or dropped (back to `Ready`). Waits at most `within`.
-    pub async fn prepare_pivot(&self, within: Duration) -> Result<Pivot<'_>> {
+    pub async fn prepare_pivot(self: &Arc<Self>, within: Duration) -> Result<Pivot> {
         let deadline = tokio::time::Instant::now() + within;
         let fail = |detail: String| Error::Invalid {
             object: self.sh.name.clone(),
@@ -605,19 +605,19 @@ impl Mirror {
                 tokio::time::sleep(Duration::from_millis(5)).await;
                 continue;
             }
+            // Only the target needs flushing: it becomes the disk. (Everything acknowledged
+            // on the source was made durable there as the guest asked.)
             let t = self.sh.opts.target_timeout;
-            let (s, tg) = tokio::join!(
-                self.sh.source.flush(),
-                tokio::time::timeout(t, self.sh.target.flush())
-            );
-            let tg = tg.unwrap_or_else(|_| Err(timed_out(self.sh.target.name(), "flush", 0, t)));
-            if let Err(e) = s.and(tg) {
+            let flushed = tokio::time::timeout(t, self.sh.target.flush())
+                .await
+                .unwrap_or_else(|_| Err(timed_out(self.sh.target.name(), "flush", 0, t)));
+            if let Err(e) = flushed {
                 let mut st = self.sh.st.lock().expect("mirror state");
                 self.sh.set_phase(&mut st, Phase::Ready);
-                return Err(fail(format!("flush before the pivot failed: {e}")));
+                return Err(fail(format!("flushing the target before the pivot failed: {e}")));
             }
             return Ok(Pivot {
-                mirror: self,
+                mirror: Arc::clone(self),
                 _claim: Some(claim),
             });
         }
@@ -660,12 +660,12 @@ impl Mirror {
 
 /// Guest I/O held at the pivot point, everything on the target and flushed.
 #[derive(Debug)]
-pub struct Pivot<'a> {
-    mirror: &'a Mirror,
+pub struct Pivot {
+    mirror: Arc<Mirror>,
     _claim: Option<Ticket>,
 }
 
-impl Pivot<'_> {
+impl Pivot {
     /// From now on all I/O goes to the target. Call once whatever names the target as
     /// the device is durable.
     pub fn commit(mut self) {
@@ -678,7 +678,7 @@ impl Pivot<'_> {
     }
 }
 
-impl Drop for Pivot<'_> {
+impl Drop for Pivot {
     fn drop(&mut self) {
         let sh = &self.mirror.sh;
         let mut st = sh.st.lock().expect("mirror state");

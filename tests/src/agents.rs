@@ -1,5 +1,5 @@
-//! Agent test bed: one datastore image, one loop device and one `ferry agent` process
-//! per host (each with its own run directory and TCP ports), and a control-API client.
+//! Agent test bed: one or more datastore images, one loop device per image and host,
+//! and one `ferry agent` process per host (each with its own run directory and TCP ports), and a control-API client.
 //!
 //! `Drop` ends everything a test started, also after a failure: agent processes, their
 //! watchdogs (found by run directory), the host cgroups (emptied, removed), loop devices.
@@ -63,6 +63,10 @@ impl AgentHost {
 pub struct AgentBed {
     pub dir: tempfile::TempDir,
     pub image: PathBuf,
+    /// Every datastore image (the first is `image`), labelled as given.
+    pub images: Vec<PathBuf>,
+    /// Environment for the next start of each agent (e.g. failpoints).
+    pub env: Vec<Vec<(String, String)>>,
     pub devices: Vec<LoopDev>,
     pub hosts: Vec<AgentHost>,
 }
@@ -149,25 +153,39 @@ pub fn call_tcp(
 impl AgentBed {
     /// Formats a 256 MiB test-profile datastore `ds0` and prepares `n` hosts (not started).
     pub fn new(n: usize) -> AgentBed {
+        AgentBed::with_datastores(n, &["ds0"], 256)
+    }
+
+    /// Formats one test-profile datastore of `mib` MiB per label, each seen by every
+    /// host through a loop device of its own, and prepares `n` hosts (not started).
+    pub fn with_datastores(n: usize, labels: &[&str], mib: u64) -> AgentBed {
         let dir = tempfile::tempdir().expect("tempdir");
-        let image = dir.path().join("lun.img");
-        run_ok(
-            ferry_bin().to_str().unwrap(),
-            &[
-                "datastore",
-                "create",
-                image.to_str().unwrap(),
-                "--label",
-                "ds0",
-                "--size",
-                "256M",
-                "--profile",
-                "test",
-                "--max-hosts",
-                "8",
-            ],
-        );
-        let devices: Vec<LoopDev> = (0..n).map(|_| LoopDev::attach(&image, None)).collect();
+        let mut images = Vec::new();
+        for l in labels {
+            let image = dir.path().join(format!("{l}.img"));
+            run_ok(
+                ferry_bin().to_str().unwrap(),
+                &[
+                    "datastore",
+                    "create",
+                    image.to_str().unwrap(),
+                    "--label",
+                    l,
+                    "--size",
+                    &format!("{mib}M"),
+                    "--profile",
+                    "test",
+                    "--max-hosts",
+                    "8",
+                ],
+            );
+            images.push(image);
+        }
+        let image = images[0].clone();
+        // Host i's device of image k is devices[i * images + k].
+        let devices: Vec<LoopDev> = (0..n)
+            .flat_map(|_| images.iter().map(|im| LoopDev::attach(im, None)))
+            .collect();
         let tag = format!(
             "a{}x{}",
             std::process::id(),
@@ -180,17 +198,18 @@ impl AgentBed {
                 let config = dir.path().join(format!("agent{i}.toml"));
                 let mgmt = format!("127.0.0.1:{}", free_port());
                 let nbd = format!("127.0.0.1:{}", free_port());
-                std::fs::write(
-                    &config,
-                    format!(
-                        "host = \"{name}\"\nrun_dir = \"{}\"\nmanagement_listen = \"{mgmt}\"\n\
-                         nbd_listen = \"{nbd}\"\nsecret = \"{SECRET}\"\nprofile = \"test\"\n\
-                         [[datastore]]\ndevice = \"{}\"\n",
-                        run_dir.display(),
-                        devices[i].path().display()
-                    ),
-                )
-                .expect("config");
+                let mut text = format!(
+                    "host = \"{name}\"\nrun_dir = \"{}\"\nmanagement_listen = \"{mgmt}\"\n\
+                     nbd_listen = \"{nbd}\"\nsecret = \"{SECRET}\"\nprofile = \"test\"\n",
+                    run_dir.display(),
+                );
+                for k in 0..images.len() {
+                    text += &format!(
+                        "[[datastore]]\ndevice = \"{}\"\n",
+                        devices[i * images.len() + k].path().display()
+                    );
+                }
+                std::fs::write(&config, text).expect("config");
                 AgentHost {
                     log: dir.path().join(format!("agent{i}.log")),
                     name,
@@ -205,6 +224,8 @@ impl AgentBed {
         AgentBed {
             dir,
             image,
+            images,
+            env: vec![Vec::new(); n],
             devices,
             hosts,
         }
@@ -212,6 +233,7 @@ impl AgentBed {
 
     /// Starts host `i`'s agent and waits until its control API answers.
     pub fn start(&mut self, i: usize) {
+        let env = self.env[i].clone();
         let h = &mut self.hosts[i];
         assert!(h.child.is_none(), "agent {i} already runs");
         let log = std::fs::OpenOptions::new()
@@ -230,6 +252,7 @@ impl AgentBed {
             .arg("agent")
             .arg("--config")
             .arg(&h.config)
+            .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .env("NOTIFY_SOCKET", &notify_path)
             .env("FERRY_LOG", "info")
             .env("NO_COLOR", "1")

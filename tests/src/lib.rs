@@ -7,6 +7,7 @@
 
 pub mod agents;
 pub mod cluster;
+pub mod vms;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};

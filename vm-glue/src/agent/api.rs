@@ -244,6 +244,16 @@ async fn route(agent: &Arc<Agent>, req: &Request, tcp: bool) -> ApiResult {
                 .map_err(vm_err)?;
             ok(json!({"stopped": name}))
         }
+        ("POST", ["v1", "vms", name, "relocate"]) => {
+            let r: crate::vm::relocate::RelocateReq = body(req)?;
+            let task = crate::vm::relocate::start(agent, name, r)
+                .await
+                .map_err(vm_err)?;
+            Ok(Response {
+                status: 202,
+                body: task.to_json(),
+            })
+        }
         ("GET", ["v1", "vms", name, "console"]) => {
             let bytes = req
                 .param("bytes")

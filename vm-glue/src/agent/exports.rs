@@ -8,6 +8,10 @@
 //! to this host. Deactivating waits for every request in flight, flushes, and then
 //! releases the lock or hands it to another host by expected version.
 //!
+//! While a disk moves to another datastore (live storage relocation), the export serves
+//! guest I/O through a [`mirror::Mirror`] from its file to the new one; after the pivot
+//! it swaps to the new file ([`Gate::finish_pivot`]) under the same export name.
+//!
 //! Every export is on the agent's unix socket under its name; with a cluster secret it
 //! is also on TCP under `NAME.TOKEN`, where the token is derived from the secret and
 //! the name, and LIST is refused there: only a holder of the secret can attach. The
@@ -22,6 +26,7 @@ use anyhow::{bail, Context, Result};
 use datastore::files::{DsFile, Session};
 use datastore::{LockMode, Owner};
 use diskfmt::{BlockDev, Extent, IoFuture, Provisioning, WriteFlags};
+use mirror::Mirror;
 use serde::{Deserialize, Serialize};
 use tokio::sync::{watch, RwLock};
 use uuid::Uuid;
@@ -61,25 +66,61 @@ pub fn tcp_name(secret: &str, name: &str) -> String {
 
 struct Inner {
     /// None once the export was shut.
-    file: Option<DsFile>,
+    file: Option<Arc<DsFile>>,
     active: bool,
+    /// A storage relocation in progress: guest I/O goes through it.
+    mirror: Option<(Arc<Mirror>, Arc<DsFile>)>,
+    /// The datastore device and path of `file`.
+    device: PathBuf,
+    path: String,
 }
 
 impl Inner {
     fn file(&self, name: &Path) -> diskfmt::Result<&DsFile> {
-        self.file.as_ref().ok_or_else(|| diskfmt::Error::Invalid {
-            object: name.to_path_buf(),
-            detail: "the export was removed or the agent is stopping".into(),
-        })
+        self.file.as_deref().ok_or_else(|| gone(name))
     }
+
+    /// Where guest I/O goes: the mirror while one runs, else the file.
+    fn dev(&self, name: &Path) -> diskfmt::Result<&dyn BlockDev> {
+        match &self.mirror {
+            Some((m, _)) if self.file.is_some() => Ok(&**m),
+            _ => Ok(self.file(name)?),
+        }
+    }
+
+    /// Commits the metadata of what was just written, on both sides of a mirror.
+    async fn durable(&self, name: &Path) -> diskfmt::Result<()> {
+        durable(self.file(name)?).await?;
+        if let Some((_, t)) = &self.mirror {
+            durable(t).await?;
+        }
+        Ok(())
+    }
+}
+
+fn gone(name: &Path) -> diskfmt::Error {
+    diskfmt::Error::Invalid {
+        object: name.to_path_buf(),
+        detail: "the export was removed or the agent is stopping".into(),
+    }
+}
+
+/// Closes a file shared with a mirror once the mirror has let go of it.
+async fn close_shared(f: Arc<DsFile>, keep_lock: bool) -> Result<()> {
+    let f = Arc::try_unwrap(f)
+        .map_err(|_| anyhow::anyhow!("the file is still in use by a mirror"))?;
+    if keep_lock {
+        f.detach().await?;
+    } else {
+        f.close().await?;
+    }
+    Ok(())
 }
 
 /// The device behind an export: the file, and the gate that holds writes while the
 /// export is inactive.
 pub struct Gate {
     name: PathBuf,
-    device: PathBuf,
-    path: String,
     size: u64,
     lbs: u32,
     pbs: u32,
@@ -138,8 +179,6 @@ impl Gate {
         };
         Ok(Gate {
             name: file.name().to_path_buf(),
-            device,
-            path: path.to_string(),
             size: file.size(),
             lbs: file.logical_block_size(),
             pbs: file.physical_block_size(),
@@ -147,8 +186,11 @@ impl Gate {
             read_only,
             hold,
             inner: RwLock::new(Inner {
-                file: Some(file),
+                file: Some(Arc::new(file)),
                 active,
+                mirror: None,
+                device,
+                path: path.to_string(),
             }),
             active: watch::Sender::new(active),
         })
@@ -177,7 +219,7 @@ impl Gate {
         } else {
             LockMode::Exclusive
         };
-        let file = session.open(&self.path, mode).await?;
+        let file = session.open(&g.path, mode).await?;
         if file.size() != self.size {
             let _ = file.close().await;
             bail!(
@@ -185,7 +227,7 @@ impl Gate {
                 self.name.display()
             );
         }
-        g.file = Some(file);
+        g.file = Some(Arc::new(file));
         g.active = true;
         self.active.send_replace(true);
         Ok(())
@@ -203,6 +245,12 @@ impl Gate {
         let mut g = self.inner.write().await;
         if !g.active || g.file.is_none() {
             return Ok(None);
+        }
+        if g.mirror.is_some() {
+            bail!(
+                "{}: a storage relocation of this disk is in progress; cancel it first",
+                self.name.display()
+            );
         }
         if let (Some(_), Some(want)) = (to, expected) {
             // Check the version before anything changes, so a refused handoff leaves
@@ -225,19 +273,19 @@ impl Gate {
             }
         }
         g.file(&self.name)?.flush().await?;
-        let d = self.device.clone();
-        let p = self.path.clone();
+        let d = g.device.clone();
+        let p = g.path.clone();
         let view = tokio::task::spawn_blocking(move || DsFile::open_readonly(&d, &p))
             .await
             .expect("open task")?;
-        let old = g.file.replace(view).expect("checked above");
+        let old = g.file.replace(Arc::new(view)).expect("checked above");
         let uuid = old.uuid();
         self.active.send_replace(false);
         g.active = false;
         let out = match to {
-            None => old.close().await.map(|_| None).map_err(anyhow::Error::from),
+            None => close_shared(old, false).await.map(|_| None),
             Some(to) => {
-                old.detach().await?;
+                close_shared(old, true).await?;
                 let s = Arc::clone(session);
                 tokio::task::spawn_blocking(move || s.handoff(&uuid, to, expected))
                     .await
@@ -249,8 +297,8 @@ impl Gate {
         if let Err(e) = &out {
             // Still ours (nothing was handed over): serve writes again.
             tracing::warn!("{}: deactivation failed: {e:#}", self.name.display());
-            if let Ok(file) = session.open(&self.path, LockMode::Exclusive).await {
-                g.file = Some(file);
+            if let Ok(file) = session.open(&g.path, LockMode::Exclusive).await {
+                g.file = Some(Arc::new(file));
                 g.active = true;
                 self.active.send_replace(true);
             }
@@ -267,10 +315,15 @@ impl Gate {
         };
         let active = std::mem::replace(&mut g.active, false);
         self.active.send_replace(false);
-        match (active, keep_lock) {
-            (false, _) => {}
-            (true, true) => file.detach().await?,
-            (true, false) => file.close().await?,
+        if let Some((m, target)) = g.mirror.take() {
+            // A relocation still running: the source stays the disk; the target is the
+            // relocation's to clean up.
+            m.cancel().await;
+            drop(m);
+            close_shared(target, keep_lock).await?;
+        }
+        if active {
+            close_shared(file, keep_lock).await?;
         }
         Ok(())
     }
@@ -282,7 +335,13 @@ impl Gate {
     pub async fn freeze(&self) -> Result<()> {
         let g = self.inner.write().await;
         let flushed = match (&g.file, g.active) {
-            (Some(f), true) => f.flush().await.map_err(anyhow::Error::from),
+            (Some(f), true) => {
+                let mut r = f.flush().await.map_err(anyhow::Error::from);
+                if let Some((_, t)) = &g.mirror {
+                    r = r.and(t.flush().await.map_err(anyhow::Error::from));
+                }
+                r
+            }
             _ => Ok(()),
         };
         // Never released: nothing may be acknowledged after this commit.
@@ -300,6 +359,80 @@ impl Gate {
             .await
             .ok()
             .flatten()
+    }
+
+    /// The datastore path of the file the export serves.
+    pub async fn path(&self) -> String {
+        self.inner.read().await.path.clone()
+    }
+
+    /// Starts mirroring the export's file to `target` (a new file on some datastore,
+    /// open with its exclusive lock); guest I/O goes through the mirror from now on.
+    pub async fn start_mirror(&self, target: DsFile, opts: mirror::Options) -> Result<Arc<Mirror>> {
+        let mut g = self.inner.write().await;
+        if !g.active || self.read_only {
+            let _ = target.close().await;
+            bail!(
+                "{}: only an active, writable export can be relocated",
+                self.name.display()
+            );
+        }
+        if g.mirror.is_some() {
+            let _ = target.close().await;
+            bail!("{}: a relocation of this disk already runs", self.name.display());
+        }
+        let source = Arc::clone(g.file.as_ref().ok_or_else(|| gone(&self.name))?);
+        let target = Arc::new(target);
+        let m = match Mirror::start(
+            source as Arc<dyn BlockDev>,
+            Arc::clone(&target) as Arc<dyn BlockDev>,
+            opts,
+        ) {
+            Ok(m) => m,
+            Err(e) => {
+                drop(g);
+                close_shared(target, false).await?;
+                return Err(e.into());
+            }
+        };
+        g.mirror = Some((Arc::clone(&m), target));
+        Ok(m)
+    }
+
+    /// After the mirror's pivot was committed: serves the target file directly from
+    /// now on (at `device`:`path`) and returns the old file, still locked, for the
+    /// caller to close and delete.
+    pub async fn finish_pivot(&self, device: PathBuf, path: &str) -> Result<DsFile> {
+        let mut g = self.inner.write().await;
+        let Some((m, target)) = g.mirror.take() else {
+            bail!("{}: no relocation runs", self.name.display());
+        };
+        if m.phase() != mirror::Phase::Done {
+            g.mirror = Some((m, target));
+            bail!("{}: the relocation has not pivoted", self.name.display());
+        }
+        m.finish().await;
+        drop(m);
+        let old = g.file.replace(target).ok_or_else(|| gone(&self.name))?;
+        g.device = device;
+        g.path = path.to_string();
+        Arc::try_unwrap(old)
+            .map_err(|_| anyhow::anyhow!("{}: the old file is still in use", self.name.display()))
+    }
+
+    /// Stops a relocation that did not pivot: the export keeps its file; returns the
+    /// target (still locked) for the caller to close and delete.
+    pub async fn abort_mirror(&self) -> Option<DsFile> {
+        let mut g = self.inner.write().await;
+        let (m, target) = g.mirror.take()?;
+        if m.phase() == mirror::Phase::Done {
+            // Too late to abort: it pivoted; keep it (finish_pivot must run instead).
+            g.mirror = Some((m, target));
+            return None;
+        }
+        m.cancel().await;
+        drop(m);
+        Arc::try_unwrap(target).ok()
     }
 
     /// Waits until the export is active, or fails after the write hold.
@@ -358,7 +491,7 @@ impl BlockDev for Gate {
     fn read<'a>(&'a self, offset: u64, buf: &'a mut [u8]) -> IoFuture<'a, ()> {
         Box::pin(async move {
             let g = self.inner.read().await;
-            g.file(&self.name)?.read(offset, buf).await
+            g.dev(&self.name)?.read(offset, buf).await
         })
     }
 
@@ -367,9 +500,9 @@ impl BlockDev for Gate {
             loop {
                 let g = self.inner.read().await;
                 if g.active {
-                    let f = g.file(&self.name)?;
+                    let f = g.dev(&self.name)?;
                     f.write(offset, buf, flags).await?;
-                    return durable(f).await;
+                    return g.durable(&self.name).await;
                 }
                 drop(g);
                 self.wait_active(offset).await?;
@@ -381,7 +514,7 @@ impl BlockDev for Gate {
         Box::pin(async move {
             let g = self.inner.read().await;
             if g.active {
-                g.file(&self.name)?.flush().await
+                g.dev(&self.name)?.flush().await
             } else {
                 // Nothing was written through an inactive export.
                 Ok(())
@@ -394,9 +527,9 @@ impl BlockDev for Gate {
             loop {
                 let g = self.inner.read().await;
                 if g.active {
-                    let f = g.file(&self.name)?;
+                    let f = g.dev(&self.name)?;
                     f.write_zeroes(offset, length, may_unmap).await?;
-                    return durable(f).await;
+                    return g.durable(&self.name).await;
                 }
                 drop(g);
                 self.wait_active(offset).await?;
@@ -409,9 +542,9 @@ impl BlockDev for Gate {
             loop {
                 let g = self.inner.read().await;
                 if g.active {
-                    let f = g.file(&self.name)?;
+                    let f = g.dev(&self.name)?;
                     f.discard(offset, length).await?;
-                    return durable(f).await;
+                    return g.durable(&self.name).await;
                 }
                 drop(g);
                 self.wait_active(offset).await?;
@@ -422,7 +555,7 @@ impl BlockDev for Gate {
     fn block_status(&self, offset: u64, length: u64) -> IoFuture<'_, Vec<Extent>> {
         Box::pin(async move {
             let g = self.inner.read().await;
-            g.file(&self.name)?.block_status(offset, length).await
+            g.dev(&self.name)?.block_status(offset, length).await
         })
     }
 }

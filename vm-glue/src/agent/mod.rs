@@ -410,6 +410,7 @@ pub async fn run(cfg: Config, exe: PathBuf) -> Result<Stop> {
                 }
             })?;
     }
+    crate::vm::relocate::recover(&agent).await?;
     agent.restore_exports().await?;
     crate::vm::reattach(&agent).await;
 

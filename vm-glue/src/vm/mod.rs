@@ -8,7 +8,9 @@
 //! releases everything. QEMU outlives an agent restart: the next agent process finds it
 //! by its pid file and watches it again.
 
+pub mod config;
 pub mod qemu;
+pub mod relocate;
 pub mod spec;
 
 use std::collections::BTreeMap;
@@ -19,7 +21,6 @@ use std::time::Duration;
 use anyhow::{anyhow, bail, Context, Result};
 use datastore::files::DsFile;
 use datastore::LockMode;
-use diskfmt::{BlockDev, WriteFlags};
 use serde_json::{json, Value};
 
 use crate::agent::exports::{ExportSpec, Gate};
@@ -28,8 +29,7 @@ use crate::agent::{Agent, ExportEntry};
 use crate::qmp::Qmp;
 use spec::VmSpec;
 
-/// Bytes of the `vm.toml` file (the text, then zeros).
-const CONFIG_SIZE: u64 = 1 << 20;
+use config::{Stored, CONFIG_SIZE};
 
 /// A VM running on this host.
 #[derive(Debug)]
@@ -43,7 +43,7 @@ pub struct RunningVm {
     pub cgroup: PathBuf,
     pub accel: &'static str,
     /// `vm.toml`, open with its exclusive lock while the VM runs.
-    config: Option<DsFile>,
+    pub(crate) config: Option<DsFile>,
 }
 
 /// The definition's path in its datastore.
@@ -56,31 +56,42 @@ fn vm_dir(agent: &Agent, name: &str) -> PathBuf {
 }
 
 /// Reads a definition without a lock (what its writer last flushed).
-pub async fn read_spec(m: &Member, name: &str) -> Result<VmSpec> {
+pub async fn read_stored(m: &Member, name: &str) -> Result<Stored> {
     let dev = m.ds.path().to_path_buf();
     let path = config_path(name);
     let f = tokio::task::spawn_blocking(move || DsFile::open_readonly(&dev, &path))
         .await
         .expect("open task")?;
-    let mut buf = vec![0u8; 64 << 10];
-    f.read(0, &mut buf).await?;
-    let end = buf.iter().position(|b| *b == 0).unwrap_or(buf.len());
-    let text = std::str::from_utf8(&buf[..end]).context("vm.toml is not UTF-8")?;
-    VmSpec::parse(text).map_err(|e| anyhow!("{}:{}: {e}", m.label(), config_path(name)))
+    config::read(&f, &format!("{}:{}", m.label(), config_path(name))).await
 }
 
-/// Writes a definition into an open `vm.toml`.
-async fn write_spec(f: &DsFile, spec: &VmSpec) -> Result<()> {
-    let text = spec.to_toml();
-    let mut buf = text.into_bytes();
-    let len = (buf.len() as u64 + 1).div_ceil(4096) * 4096;
-    if len > 64 << 10 {
-        bail!("the definition of {} is larger than 64 KiB", spec.name);
+/// Reads a definition's VM spec without a lock.
+pub async fn read_spec(m: &Member, name: &str) -> Result<VmSpec> {
+    Ok(read_stored(m, name).await?.spec)
+}
+
+/// The datastore holding VM `name`'s definition and the definition. Of copies on
+/// several datastores (left by a relocation interrupted at its commit), the newest
+/// valid one is the VM.
+pub async fn locate(agent: &Agent, name: &str) -> Option<(Arc<Member>, Stored)> {
+    let mut best: Option<(Arc<Member>, Stored)> = None;
+    for m in &agent.members {
+        if datastore::files::stat(&m.ds, &config_path(name)).is_err() {
+            continue;
+        }
+        match read_stored(m, name).await {
+            Ok(st) => {
+                if best
+                    .as_ref()
+                    .is_none_or(|(_, b)| st.generation > b.generation)
+                {
+                    best = Some((Arc::clone(m), st));
+                }
+            }
+            Err(e) => tracing::warn!("VM {name}: {e:#}"),
+        }
     }
-    buf.resize(len as usize, 0);
-    f.write(0, &buf, WriteFlags::NONE).await?;
-    f.flush().await?;
-    Ok(())
+    best
 }
 
 /// Finds the datastore holding VM `name`'s definition.
@@ -227,9 +238,9 @@ pub async fn create(agent: &Agent, r: CreateReq) -> Result<VmSpec> {
             )
             .await?;
         made.push((Arc::clone(&home), config_path(&spec.name)));
-        let w = write_spec(&f, &spec).await;
+        let w = config::write_next(&f, &spec, None).await;
         f.close().await?;
-        w
+        w.map(|_| ())
     }
     .await;
     if let Err(e) = out {
@@ -241,7 +252,7 @@ pub async fn create(agent: &Agent, r: CreateReq) -> Result<VmSpec> {
     Ok(spec)
 }
 
-fn export_name(vm: &str, disk: &str) -> String {
+pub(crate) fn export_name(vm: &str, disk: &str) -> String {
     format!("{vm}-{disk}")
 }
 
@@ -251,9 +262,10 @@ pub async fn start(agent: &Arc<Agent>, name: &str) -> Result<Value> {
     if vms.contains_key(name) {
         bail!("VM {name} already runs on this host");
     }
-    let home = find(agent, name)
+    let (home, stored) = locate(agent, name)
+        .await
         .ok_or_else(|| anyhow!("no VM named {name:?} on this host's datastores"))?;
-    let spec = read_spec(&home, name).await?;
+    let spec = stored.spec;
     // The definition's lock: a second host starting the VM stops here, told who runs it.
     let config = home
         .session
@@ -476,12 +488,10 @@ pub async fn reattach(agent: &Arc<Agent>) {
             let _ = std::fs::remove_file(e.path().join("pid"));
             continue;
         }
-        let Some(home) = find(agent, &name) else {
+        let Some((home, stored)) = locate(agent, &name).await else {
             continue;
         };
-        let Ok(spec) = read_spec(&home, &name).await else {
-            continue;
-        };
+        let spec = stored.spec;
         // Our lock on vm.toml survived the restart (same host generation): hold it again.
         let config = home
             .session
@@ -588,9 +598,14 @@ pub async fn list(agent: &Agent) -> Result<Vec<Value>> {
             else {
                 continue;
             };
-            let Ok(spec) = read_spec(m, &name).await else {
+            // Of copies left by an interrupted relocation, only the newest is the VM.
+            let Some((best, stored)) = locate(agent, &name).await else {
                 continue;
             };
+            if best.ds.uuid() != m.ds.uuid() {
+                continue;
+            }
+            let spec = stored.spec;
             let (state, host, pid) = match running.get(&name) {
                 Some((pid, _)) => ("running", Some(agent.cfg.host.clone()), Some(*pid)),
                 None => match &st.lock {
@@ -634,8 +649,10 @@ pub async fn remove(agent: &Agent, name: &str) -> Result<()> {
     if agent.vms.lock().await.contains_key(name) {
         bail!("VM {name} runs on this host: stop it first");
     }
-    let home = find(agent, name).ok_or_else(|| anyhow!("no VM named {name:?}"))?;
-    let spec = read_spec(&home, name).await?;
+    let (home, stored) = locate(agent, name)
+        .await
+        .ok_or_else(|| anyhow!("no VM named {name:?}"))?;
+    let spec = stored.spec;
     // Taking the definition's lock proves the VM runs nowhere.
     let cfg = home
         .session

@@ -186,10 +186,10 @@ impl VmSpec {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
-    fn spec() -> VmSpec {
+    pub(crate) fn spec() -> VmSpec {
         VmSpec {
             name: "vm1".into(),
             uuid: "6f1c0c53-3a47-4c55-9d7e-4c3d8f1e2a10".into(),

@@ -1,0 +1,128 @@
+//! How `vm.toml` is stored so that rewriting it is crash-safe.
+//!
+//! The file has two 64 KiB slots. Each holds a header line
+//! `# ferry vm.toml generation=N crc32c=XXXXXXXX` and then the TOML text (zero-padded);
+//! the checksum covers the text. A rewrite goes to the slot *not* holding the newest
+//! valid definition, with the next generation, and is flushed: torn, it fails its
+//! checksum and the previous definition stands; whole, it wins. When a relocation moves
+//! the definition to another datastore, the new file starts at the next generation, so
+//! of two copies left by a crash the newer is the VM (the older is deleted when found).
+//! A slot 0 without a header (written before this format) is generation 0.
+
+use anyhow::{anyhow, bail, Context, Result};
+use datastore::files::DsFile;
+use diskfmt::{BlockDev, WriteFlags};
+
+use super::spec::VmSpec;
+
+/// Bytes of the `vm.toml` file.
+pub const CONFIG_SIZE: u64 = 1 << 20;
+/// Bytes per slot.
+const SLOT: u64 = 64 << 10;
+const MAGIC: &str = "# ferry vm.toml generation=";
+
+/// A definition as read from its file.
+#[derive(Debug, Clone)]
+pub struct Stored {
+    pub spec: VmSpec,
+    pub generation: u64,
+    pub slot: u64,
+}
+
+fn encode(spec: &VmSpec, generation: u64) -> Result<Vec<u8>> {
+    let text = spec.to_toml();
+    let header = format!("{MAGIC}{generation} crc32c={:08x}\n", crc32c::crc32c(text.as_bytes()));
+    let mut buf = format!("{header}{text}").into_bytes();
+    let len = (buf.len() as u64 + 1).div_ceil(4096) * 4096;
+    if len > SLOT {
+        bail!("the definition of {} is larger than 64 KiB", spec.name);
+    }
+    buf.resize(len as usize, 0);
+    Ok(buf)
+}
+
+/// The generation and text of one slot, if it holds a valid definition.
+fn decode(buf: &[u8], slot: u64) -> Option<(u64, String)> {
+    let end = buf.iter().position(|b| *b == 0).unwrap_or(buf.len());
+    let text = std::str::from_utf8(&buf[..end]).ok()?;
+    if text.trim().is_empty() {
+        return None;
+    }
+    let Some(rest) = text.strip_prefix(MAGIC) else {
+        return (slot == 0).then(|| (0, text.to_string()));
+    };
+    let (line, body) = rest.split_once('\n')?;
+    let (g, crc) = line.split_once(" crc32c=")?;
+    let g: u64 = g.parse().ok()?;
+    let crc = u32::from_str_radix(crc, 16).ok()?;
+    (crc32c::crc32c(body.as_bytes()) == crc).then(|| (g, body.to_string()))
+}
+
+/// Reads the newest valid definition in an open (or lock-free) `vm.toml`.
+pub async fn read(f: &DsFile, label: &str) -> Result<Stored> {
+    let mut buf = vec![0u8; (2 * SLOT) as usize];
+    f.read(0, &mut buf).await?;
+    let mut best: Option<(u64, u64, String)> = None;
+    for slot in 0..2u64 {
+        let b = &buf[(slot * SLOT) as usize..((slot + 1) * SLOT) as usize];
+        if let Some((g, text)) = decode(b, slot) {
+            if best.as_ref().is_none_or(|(bg, _, _)| g > *bg) {
+                best = Some((g, slot, text));
+            }
+        }
+    }
+    let (generation, slot, text) =
+        best.ok_or_else(|| anyhow!("{label}: holds no valid VM definition"))?;
+    let spec = VmSpec::parse(&text).map_err(|e| anyhow!("{label}: {e}"))?;
+    Ok(Stored {
+        spec,
+        generation,
+        slot,
+    })
+}
+
+/// Writes `spec` as the next generation after `prev` (into the other slot) and flushes.
+pub async fn write_next(f: &DsFile, spec: &VmSpec, prev: Option<&Stored>) -> Result<Stored> {
+    let (generation, slot) = match prev {
+        Some(p) => (p.generation + 1, 1 - p.slot),
+        None => (1, 0),
+    };
+    write_at(f, spec, generation, slot).await
+}
+
+/// Writes `spec` with `generation` into `slot` and flushes.
+pub async fn write_at(f: &DsFile, spec: &VmSpec, generation: u64, slot: u64) -> Result<Stored> {
+    let buf = encode(spec, generation)?;
+    f.write(slot * SLOT, &buf, WriteFlags::NONE)
+        .await
+        .context("writing the VM definition")?;
+    f.flush().await.context("committing the VM definition")?;
+    Ok(Stored {
+        spec: spec.clone(),
+        generation,
+        slot,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn slots_decode_only_when_whole() {
+        let spec = crate::vm::spec::tests::spec();
+        let buf = encode(&spec, 7).unwrap();
+        let (g, text) = decode(&buf, 1).unwrap();
+        assert_eq!(g, 7);
+        assert_eq!(VmSpec::parse(&text).unwrap(), spec);
+        // A torn write (half of the new text) fails its checksum.
+        let mut torn = buf.clone();
+        let n = torn.iter().position(|b| *b == 0).unwrap();
+        torn[n / 2..].fill(0);
+        assert!(decode(&torn, 1).is_none());
+        // Legacy text without a header counts in slot 0 only.
+        assert_eq!(decode(b"name = \"a\"\n\0\0", 0).unwrap().0, 0);
+        assert!(decode(b"name = \"a\"\n\0\0", 1).is_none());
+        assert!(decode(&[0u8; 64], 0).is_none());
+    }
+}

@@ -1,0 +1,776 @@
+//! Storage relocation (Storage vMotion): moves a VM's disks — and its definition — to
+//! other datastores, live or powered off, with the [`mirror`] engine.
+//!
+//! Running VM: each disk's export mirrors its file into a new file on the destination
+//! datastore; when every disk is in sync, the pivot holds guest I/O on all of them,
+//! writes the definition naming the new files (the commit point: `vm.toml` rewritten
+//! into its other slot, or created on its new datastore with the next generation), lets
+//! I/O go on to the new files, and then deletes the old ones. QEMU is not involved.
+//! Powered-off VM: the same engine copies with nobody writing, under the definition's
+//! lock so the VM cannot start meanwhile.
+//!
+//! A journal in `run_dir/relocations/<vm>.json` names the old and new files. An agent
+//! restarted after a crash settles it before serving any export ([`recover`]): the
+//! newest valid definition decides — if it names the new files, the relocation is
+//! finished (exports point there, old files deleted); otherwise it is undone (new files
+//! deleted). Either way no acknowledged write is lost: until the commit the old files
+//! are the disks and hold everything; from the commit the new ones hold everything the
+//! old ones did (all in sync and flushed, guest I/O held).
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context, Result};
+use datastore::files::DsFile;
+use datastore::LockMode;
+use diskfmt::{BlockDev, Provisioning};
+use mirror::{Mirror, Phase};
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+use uuid::Uuid;
+
+use super::config::{self, Stored, CONFIG_SIZE};
+use super::{config_path, export_name, locate, VmSpec};
+use crate::agent::exports::ExportSpec;
+use crate::agent::membership::Member;
+use crate::agent::tasks::Task;
+use crate::agent::Agent;
+
+/// What `POST /v1/vms/NAME/relocate` asks for.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RelocateReq {
+    /// The new home of the definition, and of every disk not named in `disks`.
+    pub datastore: Option<String>,
+    /// Per-disk destinations: disk name → datastore.
+    #[serde(default)]
+    pub disks: BTreeMap<String, String>,
+    /// `same` (default), `thin`, `lazy-thick` or `eager-thick`.
+    pub disk_format: Option<String>,
+    /// Bulk copy rate limit in bytes/s.
+    pub speed: Option<u64>,
+    /// Another host: live host relocation (not on this host's agent yet).
+    pub host: Option<String>,
+}
+
+/// One disk's move.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct DiskMove {
+    disk: String,
+    size: u64,
+    from_ds: Uuid,
+    from_path: String,
+    to_ds: Uuid,
+    to_path: String,
+    to_prov: Provisioning,
+}
+
+/// The journal of a relocation in progress.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct Journal {
+    vm: String,
+    config_from: Uuid,
+    config_to: Uuid,
+    /// The generation the committed definition has.
+    generation: u64,
+    moves: Vec<DiskMove>,
+}
+
+/// Relocations running in this agent process (one per VM at a time).
+static BUSY: Mutex<BTreeSet<String>> = Mutex::new(BTreeSet::new());
+
+struct BusyGuard(String);
+impl Drop for BusyGuard {
+    fn drop(&mut self) {
+        BUSY.lock().expect("busy").remove(&self.0);
+    }
+}
+
+/// Test hooks, from `FERRY_FAILPOINTS` (comma-separated names): `pivot-before-config`,
+/// `pivot-after-config`, `pivot-after-switch` kill the agent (SIGKILL) at that pivot
+/// step; `mirror-freeze` freezes the bulk copiers once every disk is ready and holds
+/// the pivot until `run_dir/relocations/<vm>.go` exists.
+fn failpoint(name: &str) -> bool {
+    std::env::var("FERRY_FAILPOINTS")
+        .map(|v| v.split(',').any(|f| f.trim() == name))
+        .unwrap_or(false)
+}
+
+fn crash_at(name: &str) {
+    if failpoint(name) {
+        tracing::warn!("failpoint {name}: killing the agent");
+        let _ = nix::sys::signal::raise(nix::sys::signal::Signal::SIGKILL);
+    }
+}
+
+fn journal_path(agent: &Agent, vm: &str) -> PathBuf {
+    agent
+        .cfg
+        .run_dir
+        .join("relocations")
+        .join(format!("{vm}.json"))
+}
+
+fn save_journal(agent: &Agent, j: &Journal) -> Result<()> {
+    let p = journal_path(agent, &j.vm);
+    std::fs::create_dir_all(p.parent().expect("has a parent"))?;
+    let tmp = p.with_extension("json.tmp");
+    let f = std::fs::File::create(&tmp)?;
+    serde_json::to_writer_pretty(&f, j)?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, &p).with_context(|| format!("{}: cannot write", p.display()))
+}
+
+fn member(agent: &Agent, u: &Uuid) -> Result<Arc<Member>> {
+    agent
+        .member_by_uuid(u)
+        .ok_or_else(|| anyhow!("datastore {u} is not configured on this host"))
+}
+
+/// A free path for `disk` of `vm` in `m` (never the source's own path).
+fn target_path(m: &Member, vm: &str, disk: &str, avoid: Option<&str>) -> String {
+    let plain = format!("/{vm}/{disk}");
+    if Some(plain.as_str()) != avoid && datastore::files::stat(&m.ds, &plain).is_err() {
+        return plain;
+    }
+    loop {
+        let p = format!("/{vm}/{disk}-{}", &Uuid::new_v4().simple().to_string()[..8]);
+        if datastore::files::stat(&m.ds, &p).is_err() {
+            return p;
+        }
+    }
+}
+
+/// Validates a request and works out what moves where.
+async fn plan(agent: &Agent, name: &str, r: &RelocateReq) -> Result<(Arc<Member>, Stored, Journal)> {
+    if let Some(h) = &r.host {
+        if *h != agent.cfg.host {
+            bail!(
+                "relocating VM {name} to another host ({h}) is not supported by this agent yet; \
+                 only --datastore and --disk moves are"
+            );
+        }
+    }
+    let (home, stored) = locate(agent, name)
+        .await
+        .ok_or_else(|| anyhow!("no VM named {name:?} on this host's datastores"))?;
+    let spec = &stored.spec;
+    let ds_of = |label: &str| {
+        agent.member(label).ok_or_else(|| {
+            anyhow!(
+                "this host has no datastore {label:?} (datastores here: {})",
+                agent
+                    .members
+                    .iter()
+                    .map(|m| m.label().to_string())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )
+        })
+    };
+    for d in r.disks.keys() {
+        if !spec.disks.iter().any(|x| &x.name == d) {
+            bail!(
+                "VM {name} has no disk {d:?} (its disks: {})",
+                spec.disks
+                    .iter()
+                    .map(|x| x.name.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            );
+        }
+    }
+    let format: Option<Provisioning> = match r.disk_format.as_deref() {
+        None | Some("same") => None,
+        Some(f) => Some(f.parse().map_err(|e: String| anyhow!("disk format: {e}"))?),
+    };
+    let config_to = match &r.datastore {
+        Some(l) => ds_of(l)?,
+        None => Arc::clone(&home),
+    };
+    let mut moves = Vec::new();
+    let mut need: BTreeMap<Uuid, u64> = BTreeMap::new();
+    for d in &spec.disks {
+        let from = ds_of(&d.datastore)
+            .with_context(|| format!("disk {} is on datastore {:?}", d.name, d.datastore))?;
+        let to = match r.disks.get(&d.name).or(r.datastore.as_ref()) {
+            Some(l) => ds_of(l)?,
+            None => Arc::clone(&from),
+        };
+        let cur: Provisioning = d.provisioning.parse().map_err(|e: String| anyhow!(e))?;
+        let prov = format.unwrap_or(cur);
+        if to.ds.uuid() == from.ds.uuid() && prov == cur {
+            continue;
+        }
+        let st = datastore::files::stat(&from.ds, &d.path)
+            .with_context(|| format!("disk {} of VM {name}", d.name))?;
+        // One host mirrors a disk only if it is the disk's only user: an export of the
+        // file other than the VM's own (a second reader or writer) is refused.
+        let own = export_name(name, &d.name);
+        if let Some((other, _)) = agent.exports.lock().await.iter().find(|(n, e)| {
+            **n != own && e.spec.datastore == *from.ds.uuid() && e.spec.path == d.path
+        }) {
+            bail!(
+                "disk {} of VM {name} ({}:{}) is also open as export {other:?}; a disk with \
+                 more than one user cannot be mirrored: remove that export first",
+                d.name,
+                from.label(),
+                d.path
+            );
+        }
+        *need.entry(*to.ds.uuid()).or_default() += match prov {
+            Provisioning::Thin => st.allocated_bytes,
+            _ => d.size,
+        };
+        moves.push(DiskMove {
+            disk: d.name.clone(),
+            size: d.size,
+            from_ds: *from.ds.uuid(),
+            from_path: d.path.clone(),
+            to_ds: *to.ds.uuid(),
+            to_path: target_path(
+                &to,
+                name,
+                &d.name,
+                (to.ds.uuid() == from.ds.uuid()).then_some(d.path.as_str()),
+            ),
+            to_prov: prov,
+        });
+    }
+    if moves.is_empty() && config_to.ds.uuid() == home.ds.uuid() {
+        bail!(
+            "VM {name} is already where it was asked to go (definition on {}, disks: {}): nothing to relocate",
+            home.label(),
+            spec.disks
+                .iter()
+                .map(|d| format!("{} on {} ({})", d.name, d.datastore, d.provisioning))
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+    }
+    for (u, bytes) in &need {
+        let m = member(agent, u)?;
+        let s = Arc::clone(&m.session);
+        let sp = tokio::task::spawn_blocking(move || s.space())
+            .await
+            .expect("space task")?;
+        let free = sp.free_blocks * sp.block_size;
+        // Room for the data plus the file's own metadata and a little slack.
+        if free < bytes + bytes / 64 + (8 << 20) {
+            bail!(
+                "datastore {} has {} MiB free; VM {name}'s disks need about {} MiB there: free \
+                 space or choose another datastore",
+                m.label(),
+                free >> 20,
+                bytes >> 20
+            );
+        }
+    }
+    let j = Journal {
+        vm: name.to_string(),
+        config_from: *home.ds.uuid(),
+        config_to: *config_to.ds.uuid(),
+        generation: stored.generation + 1,
+        moves,
+    };
+    Ok((home, stored, j))
+}
+
+/// Checks a request and starts the relocation as a task; returns the task.
+pub async fn start(agent: &Arc<Agent>, name: &str, r: RelocateReq) -> Result<Arc<Task>> {
+    {
+        let mut busy = BUSY.lock().expect("busy");
+        if !busy.insert(name.to_string()) {
+            bail!("VM {name} is already being relocated; wait for that task or cancel it");
+        }
+    }
+    let guard = BusyGuard(name.to_string());
+    let (home, stored, j) = plan(agent, name, &r).await?;
+    let task = agent.tasks.start("relocate-vm", name, true);
+    let total: u64 = j.moves.iter().map(|m| m.size).sum();
+    task.progress(0, total);
+    let (a, t) = (Arc::clone(agent), Arc::clone(&task));
+    tokio::spawn(async move {
+        let _guard = guard;
+        let out = run(&a, &t, home, stored, j, r.speed).await;
+        match out {
+            Ok(v) => t.finish(Ok(v)),
+            Err(e) => {
+                tracing::error!("relocation of {}: {e:#}", t.object);
+                t.finish(Err(format!("{e:#}")))
+            }
+        }
+    });
+    Ok(task)
+}
+
+/// One disk being mirrored.
+struct Moving {
+    mv: DiskMove,
+    mirror: Arc<Mirror>,
+    /// Cold relocation: the files the mirror uses (the source locked by us).
+    cold: Option<(Arc<DsFile>, Arc<DsFile>)>,
+}
+
+async fn run(
+    agent: &Arc<Agent>,
+    task: &Arc<Task>,
+    home: Arc<Member>,
+    stored: Stored,
+    j: Journal,
+    speed: Option<u64>,
+) -> Result<Value> {
+    let t0 = Instant::now();
+    let name = j.vm.clone();
+    let running = agent.vms.lock().await.contains_key(&name);
+    // A powered-off VM: its definition's lock keeps it from starting meanwhile.
+    let cold_cfg = if running {
+        None
+    } else {
+        Some(
+            home.session
+                .open(&config_path(&name), LockMode::Exclusive)
+                .await
+                .map_err(|e| anyhow!("VM {name} cannot be relocated from this host: {e}"))?,
+        )
+    };
+    save_journal(agent, &j)?;
+    let mut moving: Vec<Moving> = Vec::new();
+    // The definition's new file, made now (empty: not yet a definition) so that the
+    // pivot only writes and flushes it.
+    let mut new_cfg: Option<DsFile> = None;
+    let out = async {
+        if j.config_to != j.config_from {
+            new_cfg = Some(create_config(agent, &name, &j).await?);
+        }
+        for mv in &j.moves {
+            let to = member(agent, &mv.to_ds)?;
+            let s = Arc::clone(&to.session);
+            let folder = format!("/{name}");
+            let _ = tokio::task::spawn_blocking(move || s.mkdir(&folder)).await;
+            let target = to
+                .session
+                .create(&mv.to_path, mv.size, mv.to_prov)
+                .await
+                .with_context(|| format!("creating {}:{}", to.label(), mv.to_path))?;
+            let opts = mirror::Options {
+                speed,
+                ..mirror::Options::default()
+            };
+            let m = if running {
+                let gate = {
+                    let t = agent.exports.lock().await;
+                    let e = t.get(&export_name(&name, &mv.disk)).ok_or_else(|| {
+                        anyhow!("disk {} of VM {name} is not exported here", mv.disk)
+                    })?;
+                    Arc::clone(&e.gate)
+                };
+                let m = gate.start_mirror(target, opts).await?;
+                moving.push(Moving {
+                    mv: mv.clone(),
+                    mirror: Arc::clone(&m),
+                    cold: None,
+                });
+                m
+            } else {
+                let from = member(agent, &mv.from_ds)?;
+                let src = match from.session.open(&mv.from_path, LockMode::Exclusive).await {
+                    Ok(f) => Arc::new(f),
+                    Err(e) => {
+                        let _ = target.close().await;
+                        return Err(e.into());
+                    }
+                };
+                let target = Arc::new(target);
+                let m = Mirror::start(
+                    Arc::clone(&src) as Arc<dyn BlockDev>,
+                    Arc::clone(&target) as Arc<dyn BlockDev>,
+                    opts,
+                )?;
+                moving.push(Moving {
+                    mv: mv.clone(),
+                    mirror: Arc::clone(&m),
+                    cold: Some((src, target)),
+                });
+                m
+            };
+            tracing::info!(
+                "VM {name}: mirroring disk {} to {}:{}",
+                mv.disk,
+                to.label(),
+                mv.to_path
+            );
+            let _ = m;
+        }
+        // Until every disk is in sync.
+        loop {
+            let (mut done, mut ready, mut failed) = (0u64, true, None);
+            for mv in &moving {
+                let p = mv.mirror.progress();
+                done += p.done_bytes.min(mv.mv.size);
+                match mv.mirror.phase() {
+                    Phase::Ready => {}
+                    Phase::Failed(e) => failed = Some(format!("disk {}: {e}", mv.mv.disk)),
+                    Phase::Cancelled => failed = Some(format!("disk {}: cancelled", mv.mv.disk)),
+                    _ => ready = false,
+                }
+            }
+            let total: u64 = j.moves.iter().map(|m| m.size).sum();
+            task.progress(done.min(total), total);
+            if let Some(e) = failed {
+                bail!("{e}; the VM stays on its current disks");
+            }
+            if task.cancelled() {
+                bail!("cancelled; the VM stays on its current disks");
+            }
+            if ready {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        if failpoint("mirror-freeze") {
+            for mv in &moving {
+                mv.mirror.freeze_copier(true);
+            }
+            let go = journal_path(agent, &name).with_extension("go");
+            tracing::warn!("failpoint mirror-freeze: copiers frozen; waiting for {}", go.display());
+            while !go.exists() && !task.cancelled() {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            let _ = std::fs::remove_file(&go);
+        }
+        Ok(())
+    }
+    .await;
+    if let Err(e) = out {
+        if let Some(f) = new_cfg.take() {
+            let _ = f.close().await;
+        }
+        undo(agent, &name, moving, &j).await;
+        if let Some(c) = cold_cfg {
+            let _ = c.close().await;
+        }
+        return Err(e);
+    }
+
+    // The pivot: hold guest I/O on every disk, commit the new definition, let I/O go
+    // on to the new files.
+    let pause0 = Instant::now();
+    let mut pivots = Vec::new();
+    let mut failed = None;
+    for mv in &moving {
+        match mv.mirror.prepare_pivot(Duration::from_secs(10)).await {
+            Ok(p) => pivots.push(p),
+            Err(e) => {
+                failed = Some(e);
+                break;
+            }
+        }
+    }
+    if let Some(e) = failed {
+        drop(pivots);
+        if let Some(f) = new_cfg.take() {
+            let _ = f.close().await;
+        }
+        undo(agent, &name, moving, &j).await;
+        if let Some(c) = cold_cfg {
+            let _ = c.close().await;
+        }
+        return Err(anyhow!("{e}; the VM stays on its current disks"));
+    }
+    crash_at("pivot-before-config");
+    let mut spec = stored.spec.clone();
+    for mv in &j.moves {
+        let to = member(agent, &mv.to_ds)?;
+        if let Some(d) = spec.disks.iter_mut().find(|d| d.name == mv.disk) {
+            d.datastore = to.label().to_string();
+            d.path = mv.to_path.clone();
+            d.provisioning = mv.to_prov.as_str().to_string();
+        }
+    }
+    let committed = commit_config(agent, &name, &stored, &spec, &j, cold_cfg.as_ref(), new_cfg.as_ref()).await;
+    match committed {
+        Ok(()) => {}
+        Err(e) => {
+            drop(pivots);
+            if let Some(f) = new_cfg.take() {
+                let _ = f.close().await;
+            }
+            undo(agent, &name, moving, &j).await;
+            if let Some(c) = cold_cfg {
+                let _ = c.close().await;
+            }
+            return Err(e.context("committing the new definition; the VM stays on its current disks"));
+        }
+    };
+    crash_at("pivot-after-config");
+    for p in pivots {
+        p.commit();
+    }
+    let pause = pause0.elapsed();
+    tracing::info!("VM {name}: pivoted to its new disks (guest I/O held {pause:?})");
+
+    // Committed: from here on only forward.
+    let mut old_files: Vec<(Uuid, String, Option<DsFile>)> = Vec::new();
+    let mut copied = 0u64;
+    let mut disks_out = Vec::new();
+    for Moving { mv, mirror, cold } in moving {
+        let p = mirror.progress();
+        copied += p.done_bytes;
+        let to = member(agent, &mv.to_ds)?;
+        disks_out.push(json!({
+            "disk": mv.disk,
+            "from": format!("{}:{}", member(agent, &mv.from_ds).map(|m| m.label().to_string()).unwrap_or_default(), mv.from_path),
+            "to": format!("{}:{}", to.label(), mv.to_path),
+            "format": mv.to_prov.as_str(),
+            "copied_bytes": p.done_bytes,
+            "mirrored_bytes": p.mirrored_bytes,
+        }));
+        match cold {
+            None => {
+                // The export holds the last reference to the mirror (and so to the files).
+                drop(mirror);
+                let ename = export_name(&name, &mv.disk);
+                let mut t = agent.exports.lock().await;
+                if let Some(e) = t.get_mut(&ename) {
+                    match e.gate.finish_pivot(to.device.clone(), &mv.to_path).await {
+                        Ok(old) => old_files.push((mv.from_ds, mv.from_path.clone(), Some(old))),
+                        Err(err) => tracing::error!("export {ename}: {err:#}"),
+                    }
+                    e.spec = ExportSpec {
+                        datastore: mv.to_ds,
+                        path: mv.to_path.clone(),
+                        ..e.spec.clone()
+                    };
+                }
+                agent.save_exports(&t).await?;
+            }
+            Some((src, target)) => {
+                mirror.finish().await;
+                drop(mirror);
+                if let Ok(t) = Arc::try_unwrap(target) {
+                    t.close().await?;
+                }
+                old_files.push((mv.from_ds, mv.from_path.clone(), Arc::try_unwrap(src).ok()));
+            }
+        }
+    }
+    crash_at("pivot-after-switch");
+    // The running VM now holds its new definition's lock.
+    let old_cfg = {
+        let mut vms = agent.vms.lock().await;
+        match vms.get_mut(&name) {
+            Some(vm) => {
+                vm.spec = spec.clone();
+                vm.datastore = member(agent, &j.config_to)?.label().to_string();
+                match new_cfg {
+                    Some(f) => vm.config.replace(f),
+                    None => None,
+                }
+            }
+            None => new_cfg,
+        }
+    };
+    if let Some(c) = old_cfg {
+        let _ = c.close().await;
+    }
+    if let Some(c) = cold_cfg {
+        let _ = c.close().await;
+    }
+    // The old files go.
+    for (ds, path, f) in old_files {
+        if let Some(f) = f {
+            let _ = f.close().await;
+        }
+        let m = member(agent, &ds)?;
+        if let Err(e) = m.session.remove(&path).await {
+            tracing::error!("VM {name}: removing the old disk {}:{path}: {e}", m.label());
+        }
+    }
+    if j.config_to != j.config_from {
+        let m = member(agent, &j.config_from)?;
+        if let Err(e) = m.session.remove(&config_path(&name)).await {
+            tracing::error!("VM {name}: removing the old definition on {}: {e}", m.label());
+        }
+    }
+    remove_empty_folders(agent, &name).await;
+    let _ = std::fs::remove_file(journal_path(agent, &name));
+    let total = t0.elapsed();
+    Ok(json!({
+        "vm": name,
+        "running": running,
+        "datastore": member(agent, &j.config_to)?.label(),
+        "disks": disks_out,
+        "copied_bytes": copied,
+        "duration_s": total.as_secs_f64(),
+        "io_pause_ms": pause.as_secs_f64() * 1000.0,
+    }))
+}
+
+/// Creates the definition's file on its new datastore (no valid slot yet).
+async fn create_config(agent: &Agent, name: &str, j: &Journal) -> Result<DsFile> {
+    let to = member(agent, &j.config_to)?;
+    let s = Arc::clone(&to.session);
+    let folder = format!("/{name}");
+    let _ = tokio::task::spawn_blocking(move || s.mkdir(&folder)).await;
+    to.session
+        .create(&config_path(name), CONFIG_SIZE, Provisioning::Thin)
+        .await
+        .with_context(|| format!("creating {}:{}", to.label(), config_path(name)))
+}
+
+/// Writes the definition naming the new files: the commit point. In place (the other
+/// slot of the open `vm.toml`), or into the new file made by [`create_config`].
+async fn commit_config(
+    agent: &Agent,
+    name: &str,
+    stored: &Stored,
+    spec: &VmSpec,
+    j: &Journal,
+    cold_cfg: Option<&DsFile>,
+    new_cfg: Option<&DsFile>,
+) -> Result<()> {
+    if let Some(f) = new_cfg {
+        config::write_at(f, spec, j.generation, 0).await?;
+        return Ok(());
+    }
+    let vms = agent.vms.lock().await;
+    let f = match (vms.get(name).and_then(|v| v.config.as_ref()), cold_cfg) {
+        (Some(f), _) | (None, Some(f)) => f,
+        _ => bail!("VM {name}: its definition is not open here"),
+    };
+    config::write_at(f, spec, j.generation, 1 - stored.slot).await?;
+    Ok(())
+}
+
+/// Undoes a relocation that did not commit: mirrors stopped, new files deleted.
+async fn undo(agent: &Agent, name: &str, moving: Vec<Moving>, j: &Journal) {
+    for mv in moving {
+        match mv.cold {
+            None => {
+                drop(mv.mirror);
+                let gate = {
+                    let t = agent.exports.lock().await;
+                    t.get(&export_name(name, &mv.mv.disk)).map(|e| Arc::clone(&e.gate))
+                };
+                if let Some(g) = gate {
+                    if let Some(t) = g.abort_mirror().await {
+                        let _ = t.close().await;
+                    }
+                }
+            }
+            Some((src, target)) => {
+                mv.mirror.cancel().await;
+                drop(mv.mirror);
+                if let Ok(t) = Arc::try_unwrap(target) {
+                    let _ = t.close().await;
+                }
+                if let Ok(s) = Arc::try_unwrap(src) {
+                    let _ = s.close().await;
+                }
+            }
+        }
+    }
+    for mv in &j.moves {
+        if let Ok(m) = member(agent, &mv.to_ds) {
+            if let Err(e) = m.session.remove(&mv.to_path).await {
+                if !matches!(e, datastore::Error::NotFound { .. }) {
+                    tracing::error!("VM {name}: removing {}:{}: {e}", m.label(), mv.to_path);
+                }
+            }
+        }
+    }
+    remove_empty_folders(agent, name).await;
+    let _ = std::fs::remove_file(journal_path(agent, name));
+}
+
+/// Removes the VM's folder on datastores where it is now empty.
+async fn remove_empty_folders(agent: &Agent, name: &str) {
+    for m in &agent.members {
+        let _ = m.session.remove(&format!("/{name}")).await;
+    }
+}
+
+/// Settles relocations an earlier agent process left unfinished (see the module docs).
+/// Runs before the exports are restored, and fixes their table.
+pub async fn recover(agent: &Agent) -> Result<()> {
+    let dir = agent.cfg.run_dir.join("relocations");
+    let Ok(rd) = std::fs::read_dir(&dir) else {
+        return Ok(());
+    };
+    let exports_path = agent.cfg.run_dir.join("exports.json");
+    for e in rd.flatten() {
+        let p = e.path();
+        if p.extension().is_none_or(|x| x != "json") {
+            let _ = std::fs::remove_file(&p);
+            continue;
+        }
+        let j: Journal = match std::fs::read(&p)
+            .map_err(anyhow::Error::from)
+            .and_then(|b| serde_json::from_slice(&b).map_err(anyhow::Error::from))
+        {
+            Ok(j) => j,
+            Err(err) => {
+                tracing::error!("{}: unreadable relocation journal: {err:#}", p.display());
+                continue;
+            }
+        };
+        let name = j.vm.clone();
+        let best = locate(agent, &name).await;
+        let forward = best.as_ref().is_some_and(|(m, st)| {
+            m.ds.uuid() == &j.config_to
+                && st.generation >= j.generation
+                && j.moves.iter().all(|mv| {
+                    st.spec
+                        .disks
+                        .iter()
+                        .any(|d| d.name == mv.disk && d.path == mv.to_path)
+                })
+        });
+        tracing::warn!(
+            "VM {name}: an interrupted relocation is {}",
+            if forward { "finished (its new definition was committed)" } else { "undone (its new definition was not committed)" }
+        );
+        // Point the disk exports at the files the definition names.
+        let mut specs = crate::agent::exports::load(&exports_path)?;
+        for mv in &j.moves {
+            let ename = export_name(&name, &mv.disk);
+            for s in specs.iter_mut().filter(|s| s.name == ename) {
+                (s.datastore, s.path) = if forward {
+                    (mv.to_ds, mv.to_path.clone())
+                } else {
+                    (mv.from_ds, mv.from_path.clone())
+                };
+            }
+        }
+        crate::agent::exports::save(&exports_path, &specs)?;
+        // Delete the side that lost.
+        for mv in &j.moves {
+            let (ds, path) = if forward {
+                (mv.from_ds, &mv.from_path)
+            } else {
+                (mv.to_ds, &mv.to_path)
+            };
+            if let Ok(m) = member(agent, &ds) {
+                match m.session.remove(path).await {
+                    Ok(()) | Err(datastore::Error::NotFound { .. }) => {}
+                    Err(err) => tracing::error!("VM {name}: removing {}:{path}: {err}", m.label()),
+                }
+            }
+        }
+        if j.config_to != j.config_from {
+            let loser = if forward { j.config_from } else { j.config_to };
+            if let Ok(m) = member(agent, &loser) {
+                match m.session.remove(&config_path(&name)).await {
+                    Ok(()) | Err(datastore::Error::NotFound { .. }) => {}
+                    Err(err) => tracing::error!("VM {name}: removing a stale definition on {}: {err}", m.label()),
+                }
+            }
+        }
+        remove_empty_folders(agent, &name).await;
+        let _ = std::fs::remove_file(&p);
+    }
+    Ok(())
+}
