@@ -3,7 +3,9 @@
 # formats and provisionings, checked against qemu-img), the datastore's locking (Step 2:
 # two hosts, a lock, a host killed and fenced, the lock taken over) and files in the
 # datastore (Step 3: a qcow2 imported thin, opened by one host and refused to the other,
-# exported back identical, checked). Later steps grow it into the live relocation demo.
+# exported back identical, checked), host agents with NBD exports and a lock handoff
+# (Step 4), the test VM under QEMU (Step 5), and Storage vMotion: that VM moved live to
+# another datastore, every acknowledged write checked (Step 6). Later steps add host moves.
 # Sets the machine up first (scripts/setup.sh). Run as root.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -112,10 +114,14 @@ show qemu-img compare "$work/thin.qcow2" "$work/back.qcow2"
 show $F datastore check "$l2"
 
 step "Step 4: a host agent on each host; alpha serves disk0 over NBD with its lock"
+# A second datastore, demo2, that only alpha sees (for Step 6).
+$F datastore create "$work/lun2.img" --label demo2 --size 256M --profile test --max-hosts 8 >/dev/null
+l3=$(losetup --find --show --direct-io=on "$work/lun2.img"); loops+=("$l3")
 for h in alpha beta; do
   dev=$l1; [ $h = beta ] && dev=$l2
   printf 'host = "demo-%s"\nrun_dir = "%s"\nprofile = "test"\n[[datastore]]\ndevice = "%s"\n' \
     "$h" "$work/run-$h" "$dev" > "$work/$h.toml"
+  [ $h = alpha ] && printf '[[datastore]]\ndevice = "%s"\n' "$l3" >> "$work/$h.toml"
   FERRY_LOG=warn $F agent --config "$work/$h.toml" & agent_pids+=($!)
 done
 for h in alpha beta; do
@@ -153,7 +159,18 @@ echo "$ $F vm console demo-vm (first lines and the last acknowledged writes)"
 $F vm console demo-vm $A | grep -E "FBOOT|FSTART"
 $F vm console demo-vm $A | grep "^FW" | tail -n 3
 echo "... $($F vm console demo-vm $A | grep -c '^FW') writes acknowledged (flushed) and logged so far"
+
+step "Step 6: Storage vMotion — demo-vm moves live from datastore demo to demo2, thin to eager-thick"
+pid_before=$($F vm ls --json $A | grep -o '"pid": *[0-9]*' | head -1)
+show $F relocate-vm demo-vm --datastore demo2 --disk-format eager-thick $A
+show $F vm ls $A
+echo "QEMU before: $pid_before; after: $($F vm ls --json $A | grep -o '"pid": *[0-9]*' | head -1) (the same process: the guest never noticed)"
+sleep 5
 show $F vm stop demo-vm --force $A
+step "The verifier: every write the guest saw acknowledged, before, during and after the move, is on the new disk"
+show $F export add demo2:/demo-vm/disk0 --name moved --read-only $A
+show $F guest-check --log "$work/run-alpha/vms/demo-vm/console.log" --nbd "$work/run-alpha/nbd.sock" --export moved
+show $F export rm moved $A
 show $F vm rm demo-vm $A
 
 step "Both hosts leave cleanly"

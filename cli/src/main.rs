@@ -6,6 +6,7 @@ mod agentctl;
 mod cluster;
 mod disk;
 mod dsfiles;
+mod guestcheck;
 mod host;
 mod relocate;
 mod units;
@@ -53,6 +54,9 @@ enum Command {
     Vm(vmctl::VmCommand),
     /// Move a VM to other datastores (live when it runs): disks, definition, or both.
     RelocateVm(relocate::RelocateArgs),
+    /// Check the test guest's console logs against its disk: every acknowledged write
+    /// present, and the longest pause between them.
+    GuestCheck(guestcheck::GuestCheckArgs),
     /// Long-running work of an agent.
     #[command(subcommand)]
     Task(agentctl::TaskCommand),
@@ -96,6 +100,7 @@ fn main() -> ExitCode {
         Command::Task(cmd) => rt.block_on(agentctl::run_task(cmd)),
         Command::Vm(cmd) => rt.block_on(vmctl::run(cmd)),
         Command::RelocateVm(a) => rt.block_on(relocate::run(a)),
+        Command::GuestCheck(a) => rt.block_on(guestcheck::run(a)),
     };
     match result {
         Ok(code) => ExitCode::from(code),

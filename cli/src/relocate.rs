@@ -49,7 +49,10 @@ pub async fn run(a: RelocateArgs) -> Result<u8> {
         disks.insert(n.to_string(), json!(ds));
     }
     if a.datastore.is_none() && disks.is_empty() && a.disk_format == "same" {
-        bail!("say where VM {} goes: --datastore DS, --disk NAME=DS or --disk-format", a.vm);
+        bail!(
+            "say where VM {} goes: --datastore DS, --disk NAME=DS or --disk-format",
+            a.vm
+        );
     }
     let body = json!({
         "datastore": a.datastore, "host": a.host, "disks": disks,
@@ -59,7 +62,9 @@ pub async fn run(a: RelocateArgs) -> Result<u8> {
         .agent
         .call("POST", &format!("/v1/vms/{}/relocate", a.vm), Some(body))
         .await?;
-    let id = t["id"].as_u64().ok_or_else(|| anyhow!("the agent returned no task: {t}"))?;
+    let id = t["id"]
+        .as_u64()
+        .ok_or_else(|| anyhow!("the agent returned no task: {t}"))?;
     if a.no_wait {
         if a.json {
             println!("{}", serde_json::to_string_pretty(&t)?);
@@ -80,7 +85,10 @@ pub async fn run(a: RelocateArgs) -> Result<u8> {
         b
     });
     let end: Value = loop {
-        let v = a.agent.call("GET", &format!("/v1/tasks/{id}"), None).await?;
+        let v = a
+            .agent
+            .call("GET", &format!("/v1/tasks/{id}"), None)
+            .await?;
         if let Some(b) = &bar {
             b.set_length(v["progress"]["total_bytes"].as_u64().unwrap_or(0));
             b.set_position(v["progress"]["done_bytes"].as_u64().unwrap_or(0));
@@ -122,7 +130,10 @@ pub async fn run(a: RelocateArgs) -> Result<u8> {
             Ok(0)
         }
         Some("cancelled") => {
-            eprintln!("ferry: relocation of VM {} was cancelled; it stays where it was", a.vm);
+            eprintln!(
+                "ferry: relocation of VM {} was cancelled; it stays where it was",
+                a.vm
+            );
             Ok(1)
         }
         _ => bail!(

@@ -614,7 +614,9 @@ impl Mirror {
             if let Err(e) = flushed {
                 let mut st = self.sh.st.lock().expect("mirror state");
                 self.sh.set_phase(&mut st, Phase::Ready);
-                return Err(fail(format!("flushing the target before the pivot failed: {e}")));
+                return Err(fail(format!(
+                    "flushing the target before the pivot failed: {e}"
+                )));
             }
             return Ok(Pivot {
                 mirror: Arc::clone(self),

@@ -74,4 +74,3 @@ pub fn state(bed: &AgentBed, i: usize, vm: &str) -> String {
     let v = bed.call_ok(i, "GET", &format!("/v1/vms/{vm}"), None);
     v["state"].as_str().unwrap().to_string()
 }
-

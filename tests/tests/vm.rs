@@ -8,8 +8,8 @@ use std::time::{Duration, Instant};
 
 use ferry_guest::{check, parse_logs};
 use ferry_tests::agents::{read_export, AgentBed};
-use ferry_tests::vms::{console, create_vm, state, wait_writes};
 use ferry_tests::cluster::SERIAL;
+use ferry_tests::vms::{console, create_vm, state, wait_writes};
 use serde_json::json;
 
 #[test]

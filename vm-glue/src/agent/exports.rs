@@ -107,8 +107,8 @@ fn gone(name: &Path) -> diskfmt::Error {
 
 /// Closes a file shared with a mirror once the mirror has let go of it.
 async fn close_shared(f: Arc<DsFile>, keep_lock: bool) -> Result<()> {
-    let f = Arc::try_unwrap(f)
-        .map_err(|_| anyhow::anyhow!("the file is still in use by a mirror"))?;
+    let f =
+        Arc::try_unwrap(f).map_err(|_| anyhow::anyhow!("the file is still in use by a mirror"))?;
     if keep_lock {
         f.detach().await?;
     } else {
@@ -379,7 +379,10 @@ impl Gate {
         }
         if g.mirror.is_some() {
             let _ = target.close().await;
-            bail!("{}: a relocation of this disk already runs", self.name.display());
+            bail!(
+                "{}: a relocation of this disk already runs",
+                self.name.display()
+            );
         }
         let source = Arc::clone(g.file.as_ref().ok_or_else(|| gone(&self.name))?);
         let target = Arc::new(target);

@@ -31,7 +31,10 @@ pub struct Stored {
 
 fn encode(spec: &VmSpec, generation: u64) -> Result<Vec<u8>> {
     let text = spec.to_toml();
-    let header = format!("{MAGIC}{generation} crc32c={:08x}\n", crc32c::crc32c(text.as_bytes()));
+    let header = format!(
+        "{MAGIC}{generation} crc32c={:08x}\n",
+        crc32c::crc32c(text.as_bytes())
+    );
     let mut buf = format!("{header}{text}").into_bytes();
     let len = (buf.len() as u64 + 1).div_ceil(4096) * 4096;
     if len > SLOT {

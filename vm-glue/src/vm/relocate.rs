@@ -144,7 +144,11 @@ fn target_path(m: &Member, vm: &str, disk: &str, avoid: Option<&str>) -> String 
 }
 
 /// Validates a request and works out what moves where.
-async fn plan(agent: &Agent, name: &str, r: &RelocateReq) -> Result<(Arc<Member>, Stored, Journal)> {
+async fn plan(
+    agent: &Agent,
+    name: &str,
+    r: &RelocateReq,
+) -> Result<(Arc<Member>, Stored, Journal)> {
     if let Some(h) = &r.host {
         if *h != agent.cfg.host {
             bail!(
@@ -206,6 +210,20 @@ async fn plan(agent: &Agent, name: &str, r: &RelocateReq) -> Result<(Arc<Member>
         }
         let st = datastore::files::stat(&from.ds, &d.path)
             .with_context(|| format!("disk {} of VM {name}", d.name))?;
+        if st
+            .lock
+            .as_deref()
+            .is_some_and(|l| l.contains("multi-writer"))
+        {
+            bail!(
+                "disk {} of VM {name} ({}:{}) is open multi-writer ({}); one host cannot \
+                 mirror a disk others write: close it there first",
+                d.name,
+                from.label(),
+                d.path,
+                st.lock.as_deref().unwrap_or_default()
+            );
+        }
         // One host mirrors a disk only if it is the disk's only user: an export of the
         // file other than the VM's own (a second reader or writer) is refused.
         let own = export_name(name, &d.name);
@@ -406,10 +424,11 @@ async fn run(
         }
         // Until every disk is in sync.
         loop {
-            let (mut done, mut ready, mut failed) = (0u64, true, None);
+            let (mut done, mut total, mut ready, mut failed) = (0u64, 0u64, true, None);
             for mv in &moving {
                 let p = mv.mirror.progress();
-                done += p.done_bytes.min(mv.mv.size);
+                done += p.done_bytes;
+                total += p.total_bytes;
                 match mv.mirror.phase() {
                     Phase::Ready => {}
                     Phase::Failed(e) => failed = Some(format!("disk {}: {e}", mv.mv.disk)),
@@ -417,7 +436,6 @@ async fn run(
                     _ => ready = false,
                 }
             }
-            let total: u64 = j.moves.iter().map(|m| m.size).sum();
             task.progress(done.min(total), total);
             if let Some(e) = failed {
                 bail!("{e}; the VM stays on its current disks");
@@ -435,7 +453,10 @@ async fn run(
                 mv.mirror.freeze_copier(true);
             }
             let go = journal_path(agent, &name).with_extension("go");
-            tracing::warn!("failpoint mirror-freeze: copiers frozen; waiting for {}", go.display());
+            tracing::warn!(
+                "failpoint mirror-freeze: copiers frozen; waiting for {}",
+                go.display()
+            );
             while !go.exists() && !task.cancelled() {
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
@@ -490,7 +511,16 @@ async fn run(
             d.provisioning = mv.to_prov.as_str().to_string();
         }
     }
-    let committed = commit_config(agent, &name, &stored, &spec, &j, cold_cfg.as_ref(), new_cfg.as_ref()).await;
+    let committed = commit_config(
+        agent,
+        &name,
+        &stored,
+        &spec,
+        &j,
+        cold_cfg.as_ref(),
+        new_cfg.as_ref(),
+    )
+    .await;
     match committed {
         Ok(()) => {}
         Err(e) => {
@@ -502,7 +532,9 @@ async fn run(
             if let Some(c) = cold_cfg {
                 let _ = c.close().await;
             }
-            return Err(e.context("committing the new definition; the VM stays on its current disks"));
+            return Err(
+                e.context("committing the new definition; the VM stays on its current disks")
+            );
         }
     };
     crash_at("pivot-after-config");
@@ -592,7 +624,10 @@ async fn run(
     if j.config_to != j.config_from {
         let m = member(agent, &j.config_from)?;
         if let Err(e) = m.session.remove(&config_path(&name)).await {
-            tracing::error!("VM {name}: removing the old definition on {}: {e}", m.label());
+            tracing::error!(
+                "VM {name}: removing the old definition on {}: {e}",
+                m.label()
+            );
         }
     }
     remove_empty_folders(agent, &name).await;
@@ -653,7 +688,8 @@ async fn undo(agent: &Agent, name: &str, moving: Vec<Moving>, j: &Journal) {
                 drop(mv.mirror);
                 let gate = {
                     let t = agent.exports.lock().await;
-                    t.get(&export_name(name, &mv.mv.disk)).map(|e| Arc::clone(&e.gate))
+                    t.get(&export_name(name, &mv.mv.disk))
+                        .map(|e| Arc::clone(&e.gate))
                 };
                 if let Some(g) = gate {
                     if let Some(t) = g.abort_mirror().await {
@@ -679,6 +715,19 @@ async fn undo(agent: &Agent, name: &str, moving: Vec<Moving>, j: &Journal) {
                 if !matches!(e, datastore::Error::NotFound { .. }) {
                     tracing::error!("VM {name}: removing {}:{}: {e}", m.label(), mv.to_path);
                 }
+            }
+        }
+    }
+    if j.config_to != j.config_from {
+        // The new definition's file, made empty before the pivot: never committed.
+        if let Ok(m) = member(agent, &j.config_to) {
+            match m.session.remove(&config_path(name)).await {
+                Ok(()) | Err(datastore::Error::NotFound { .. }) => {}
+                Err(e) => tracing::error!(
+                    "VM {name}: removing {}:{}: {e}",
+                    m.label(),
+                    config_path(name)
+                ),
             }
         }
     }
@@ -731,7 +780,11 @@ pub async fn recover(agent: &Agent) -> Result<()> {
         });
         tracing::warn!(
             "VM {name}: an interrupted relocation is {}",
-            if forward { "finished (its new definition was committed)" } else { "undone (its new definition was not committed)" }
+            if forward {
+                "finished (its new definition was committed)"
+            } else {
+                "undone (its new definition was not committed)"
+            }
         );
         // Point the disk exports at the files the definition names.
         let mut specs = crate::agent::exports::load(&exports_path)?;
@@ -765,7 +818,10 @@ pub async fn recover(agent: &Agent) -> Result<()> {
             if let Ok(m) = member(agent, &loser) {
                 match m.session.remove(&config_path(&name)).await {
                     Ok(()) | Err(datastore::Error::NotFound { .. }) => {}
-                    Err(err) => tracing::error!("VM {name}: removing a stale definition on {}: {err}", m.label()),
+                    Err(err) => tracing::error!(
+                        "VM {name}: removing a stale definition on {}: {err}",
+                        m.label()
+                    ),
                 }
             }
         }
