@@ -17,11 +17,21 @@ use crate::{run_ok, LoopDev};
 /// The cluster secret every test agent shares.
 pub const SECRET: &str = "test-cluster-secret-0123456789";
 
+/// A TCP port free now, below the kernel's ephemeral range (so no outgoing connection
+/// takes it before the agent binds it) and not handed out before by this process.
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free port")
+    static NEXT: std::sync::Mutex<u16> = std::sync::Mutex::new(0);
+    let mut next = NEXT.lock().unwrap_or_else(|e| e.into_inner());
+    if *next == 0 {
+        *next = 20_000 + (std::process::id() % 400) as u16 * 30;
+    }
+    loop {
+        let p = *next;
+        *next = if p >= 32_000 { 20_000 } else { p + 1 };
+        if std::net::TcpListener::bind(("0.0.0.0", p)).is_ok() {
+            return p;
+        }
+    }
 }
 
 /// One host's agent.
