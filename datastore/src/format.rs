@@ -493,7 +493,7 @@ impl HostSlot {
 }
 
 /// A host incarnation: host id and host generation. Locks and leases name owners so.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 pub struct Owner {
     pub host_id: u32,
     pub generation: u64,

@@ -77,6 +77,8 @@ pub struct AgentBed {
     pub images: Vec<PathBuf>,
     /// Environment for the next start of each agent (e.g. failpoints).
     pub env: Vec<Vec<(String, String)>>,
+    /// With [`AgentBed::networked`]: the network of hosts in namespaces.
+    pub net: Option<Net>,
     pub devices: Vec<LoopDev>,
     pub hosts: Vec<AgentHost>,
 }
@@ -236,15 +238,67 @@ impl AgentBed {
             image,
             images,
             env: vec![Vec::new(); n],
+            net: None,
             devices,
             hosts,
         }
     }
 
+    /// Like [`AgentBed::with_datastores`], but each host is a network namespace of its
+    /// own: a bridge `br0` inside it holds the host's address (10.99.S.i+1/24) and one end
+    /// of a veth pair whose other end is on a bridge in the root namespace linking all
+    /// hosts. Agents (and so QEMU) run inside their host's namespace and listen on its
+    /// address; VMs' taps go on the host's `br0`.
+    pub fn networked(n: usize, labels: &[&str], mib: u64) -> AgentBed {
+        let mut bed = AgentBed::with_datastores(n, labels, mib);
+        let id = COUNTER.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        let short = format!("{}{}", std::process::id() % 10_000, id % 10);
+        let subnet = (std::process::id() as usize * 7 + id as usize) % 200 + 20;
+        let net = Net {
+            bridge: format!("fyb{short}"),
+            ns: (0..n).map(|i| format!("fy{short}h{i}")).collect(),
+            veth: (0..n).map(|i| format!("fy{short}v{i}")).collect(),
+            addr: (0..n)
+                .map(|i| format!("10.99.{subnet}.{}", i + 1))
+                .collect(),
+        };
+        net.create();
+        for (i, h) in bed.hosts.iter_mut().enumerate() {
+            h.mgmt = format!("{}:7000", net.addr[i]);
+            h.nbd = format!("{}:7001", net.addr[i]);
+            let text = std::fs::read_to_string(&h.config).expect("config");
+            let text: String = text
+                .lines()
+                .map(|l| {
+                    if l.starts_with("management_listen") {
+                        format!("management_listen = \"{}\"", h.mgmt)
+                    } else if l.starts_with("nbd_listen") {
+                        format!("nbd_listen = \"{}\"", h.nbd)
+                    } else {
+                        l.to_string()
+                    }
+                })
+                .collect::<Vec<_>>()
+                .join("\n");
+            std::fs::write(&h.config, text + "\n").expect("config");
+        }
+        bed.net = Some(net);
+        bed
+    }
+
+    /// Cuts (false) or restores (true) host `i`'s link to the others.
+    pub fn link(&self, i: usize, up: bool) {
+        let net = self.net.as_ref().expect("a networked bed");
+        run_ok(
+            "ip",
+            &["link", "set", &net.veth[i], if up { "up" } else { "down" }],
+        );
+    }
+
     /// Starts host `i`'s agent and waits until its control API answers.
     pub fn start(&mut self, i: usize) {
         let env = self.env[i].clone();
-        let h = &mut self.hosts[i];
+        let h = &self.hosts[i];
         assert!(h.child.is_none(), "agent {i} already runs");
         let log = std::fs::OpenOptions::new()
             .create(true)
@@ -258,7 +312,21 @@ impl AgentBed {
         notify
             .set_read_timeout(Some(Duration::from_secs(10)))
             .expect("timeout");
-        let child = Command::new(ferry_bin())
+        let ns = self.net.as_ref().map(|n| n.ns[i].clone());
+        let h = &mut self.hosts[i];
+        let mut cmd = match &ns {
+            // Only the network namespace changes (`ip netns exec` would also remount
+            // /sys, hiding the cgroup2 mount fencing needs).
+            Some(ns) => {
+                let mut c = Command::new("nsenter");
+                c.arg(format!("--net=/run/netns/{ns}"))
+                    .arg("--")
+                    .arg(ferry_bin());
+                c
+            }
+            None => Command::new(ferry_bin()),
+        };
+        let child = cmd
             .arg("agent")
             .arg("--config")
             .arg(&h.config)
@@ -377,6 +445,57 @@ impl AgentBed {
     }
 }
 
+/// Hosts as network namespaces on one bridge (see [`AgentBed::networked`]).
+#[derive(Debug)]
+pub struct Net {
+    pub bridge: String,
+    pub ns: Vec<String>,
+    /// The root-namespace end of each host's veth pair (down = link cut).
+    pub veth: Vec<String>,
+    pub addr: Vec<String>,
+}
+
+impl Net {
+    fn create(&self) {
+        let ip = |args: &[&str]| {
+            run_ok("ip", args);
+        };
+        ip(&["link", "add", &self.bridge, "type", "bridge"]);
+        ip(&["link", "set", &self.bridge, "up"]);
+        for i in 0..self.ns.len() {
+            let (ns, v) = (&self.ns[i], &self.veth[i]);
+            let peer = format!("{v}p");
+            ip(&["netns", "add", ns]);
+            ip(&["link", "add", v, "type", "veth", "peer", "name", &peer]);
+            ip(&["link", "set", &peer, "netns", ns]);
+            ip(&["link", "set", v, "master", &self.bridge, "up"]);
+            ip(&["-n", ns, "link", "set", "lo", "up"]);
+            ip(&["-n", ns, "link", "add", "br0", "type", "bridge"]);
+            ip(&["-n", ns, "link", "set", &peer, "master", "br0", "up"]);
+            ip(&["-n", ns, "link", "set", "br0", "up"]);
+            ip(&[
+                "-n",
+                ns,
+                "addr",
+                "add",
+                &format!("{}/24", self.addr[i]),
+                "dev",
+                "br0",
+            ]);
+        }
+    }
+
+    fn destroy(&self) {
+        for (ns, v) in self.ns.iter().zip(&self.veth) {
+            let _ = Command::new("ip").args(["netns", "del", ns]).status();
+            let _ = Command::new("ip").args(["link", "del", v]).status();
+        }
+        let _ = Command::new("ip")
+            .args(["link", "del", &self.bridge])
+            .status();
+    }
+}
+
 static COUNTER: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
 
 /// `ferry supervise` processes reading a FIFO under `dir`.
@@ -437,6 +556,9 @@ impl Drop for AgentBed {
                     cg.remove();
                 }
             }
+        }
+        if let Some(net) = &self.net {
+            net.destroy();
         }
     }
 }

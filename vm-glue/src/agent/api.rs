@@ -170,7 +170,7 @@ async fn route(agent: &Arc<Agent>, req: &Request, tcp: bool) -> ApiResult {
     let m = req.method.as_str();
     match (m, parts.as_slice()) {
         ("GET", ["v1", "host"]) => host(agent),
-        ("GET", ["v1", "hosts"]) => hosts(agent),
+        ("GET", ["v1", "hosts"]) => ok(hosts_json(agent)),
         ("POST", ["v1", "host", "leave"]) => {
             super::leave(agent)
                 .await
@@ -253,6 +253,36 @@ async fn route(agent: &Arc<Agent>, req: &Request, tcp: bool) -> ApiResult {
                 status: 202,
                 body: task.to_json(),
             })
+        }
+        ("POST", ["v1", "vms", name, "incoming"]) => {
+            let r: crate::vm::migrate::IncomingReq = body(req)?;
+            let inc = crate::vm::migrate::incoming(agent, name, r)
+                .await
+                .map_err(vm_err)?;
+            ok(serde_json::to_value(inc).expect("json"))
+        }
+        ("POST", ["v1", "vms", name, "incoming", "finish"]) => {
+            ok(crate::vm::migrate::finish(agent, name)
+                .await
+                .map_err(vm_err)?)
+        }
+        ("POST", ["v1", "vms", name, "incoming", "abort"]) => {
+            #[derive(Deserialize, Default)]
+            #[serde(deny_unknown_fields)]
+            struct AbortReq {
+                #[serde(default)]
+                handback: std::collections::BTreeMap<uuid::Uuid, datastore::Owner>,
+            }
+            let r: AbortReq = body(req)?;
+            crate::vm::migrate::abort(agent, name, r.handback)
+                .await
+                .map_err(vm_err)?;
+            ok(json!({"aborted": name}))
+        }
+        ("POST", ["v1", "vms", _name, "check"]) => {
+            let r: crate::vm::migrate::IncomingReq = body(req)?;
+            crate::vm::migrate::check(agent, &r).map_err(vm_err)?;
+            ok(json!({"ok": true}))
         }
         ("GET", ["v1", "vms", name, "console"]) => {
             let bytes = req
@@ -356,7 +386,7 @@ fn liveness(l: Liveness) -> &'static str {
 }
 
 /// Every host any of our datastores knows, merged by name.
-fn hosts(agent: &Agent) -> ApiResult {
+pub fn hosts_json(agent: &Agent) -> Value {
     let mut by_name: std::collections::BTreeMap<String, Value> = Default::default();
     for m in &agent.members {
         // Renewed while we watched: live. Not renewed for longer than two renewal
@@ -394,7 +424,7 @@ fn hosts(agent: &Agent) -> ApiResult {
                 }));
         }
     }
-    ok(Value::Array(by_name.into_values().collect()))
+    Value::Array(by_name.into_values().collect())
 }
 
 async fn datastore_json(m: &Arc<Member>) -> Result<Value, ApiError> {

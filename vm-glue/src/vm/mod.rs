@@ -9,6 +9,7 @@
 //! by its pid file and watches it again.
 
 pub mod config;
+pub mod migrate;
 pub mod qemu;
 pub mod relocate;
 pub mod spec;
@@ -44,6 +45,8 @@ pub struct RunningVm {
     pub accel: &'static str,
     /// `vm.toml`, open with its exclusive lock while the VM runs.
     pub(crate) config: Option<DsFile>,
+    /// QEMU waits for an incoming migration (this host does not run the VM yet).
+    pub incoming: bool,
 }
 
 /// The definition's path in its datastore.
@@ -51,7 +54,7 @@ pub fn config_path(name: &str) -> String {
     format!("/{name}/vm.toml")
 }
 
-fn vm_dir(agent: &Agent, name: &str) -> PathBuf {
+pub(crate) fn vm_dir(agent: &Agent, name: &str) -> PathBuf {
     agent.cfg.run_dir.join("vms").join(name)
 }
 
@@ -298,7 +301,7 @@ pub async fn start(agent: &Arc<Agent>, name: &str) -> Result<Value> {
             agent.save_exports(&table).await?;
             exports.push(ename);
         }
-        launch(agent, &spec, &exports).await
+        launch(agent, &spec, &exports, false).await
     }
     .await;
     match started {
@@ -315,6 +318,7 @@ pub async fn start(agent: &Arc<Agent>, name: &str) -> Result<Value> {
                     cgroup,
                     accel,
                     config: Some(config),
+                    incoming: false,
                 },
             );
             drop(vms);
@@ -329,7 +333,7 @@ pub async fn start(agent: &Arc<Agent>, name: &str) -> Result<Value> {
     }
 }
 
-async fn release_exports(agent: &Agent, names: &[String]) {
+pub(crate) async fn release_exports(agent: &Agent, names: &[String]) {
     let mut table = agent.exports.lock().await;
     for n in names {
         if let Some(e) = table.remove(n) {
@@ -343,10 +347,11 @@ async fn release_exports(agent: &Agent, names: &[String]) {
 }
 
 /// Starts QEMU in the VM's cgroup; returns its pid, QMP connection, cgroup, accelerator.
-async fn launch(
+pub(crate) async fn launch(
     agent: &Agent,
     spec: &VmSpec,
     exports: &[String],
+    incoming: bool,
 ) -> Result<(u32, Arc<Qmp>, PathBuf, &'static str)> {
     let dir = vm_dir(agent, &spec.name);
     std::fs::create_dir_all(&dir)?;
@@ -364,6 +369,7 @@ async fn launch(
             exports: exports.to_vec(),
             accel,
             paused: false,
+            incoming,
         },
     );
     let cg = agent.cgroup.join(format!("vm-{}", spec.name));
@@ -444,14 +450,14 @@ fn alive(pid: u32) -> bool {
     }
 }
 
-fn kill_cgroup(cg: &Path) {
+pub(crate) fn kill_cgroup(cg: &Path) {
     let c = datastore::fence::HostCgroup::at(cg.to_path_buf());
     let _ = c.kill(Duration::from_secs(5));
     c.remove();
 }
 
 /// Watches QEMU's pid; when it is gone, releases the VM's exports and locks.
-fn watch(agent: Arc<Agent>, name: String, pid: u32) {
+pub(crate) fn watch(agent: Arc<Agent>, name: String, pid: u32) {
     tokio::spawn(async move {
         while alive(pid) {
             tokio::time::sleep(Duration::from_millis(200)).await;
@@ -488,6 +494,29 @@ pub async fn reattach(agent: &Arc<Agent>) {
             let _ = std::fs::remove_file(e.path().join("pid"));
             continue;
         }
+        let qmp = Qmp::connect(&e.path().join("qmp.sock"), Duration::from_secs(10))
+            .await
+            .ok()
+            .map(Arc::new);
+        // A QEMU still waiting for an incoming migration belonged to a relocation that
+        // died with the previous agent process: it never ran the VM here. Remove it.
+        if let Some(q) = &qmp {
+            let status = q.execute("query-status", None).await.ok();
+            if status.as_ref().is_some_and(|s| s["status"] == "inmigrate") {
+                tracing::warn!("VM {name}: QEMU (pid {pid}) still waits for a migration that ended with the previous agent; removing it");
+                kill_cgroup(&agent.cgroup.join(format!("vm-{name}")));
+                let _ = std::fs::remove_file(e.path().join("pid"));
+                if let Some(spec) = locate(agent, &name).await.map(|(_, s)| s.spec) {
+                    let names: Vec<String> = spec
+                        .disks
+                        .iter()
+                        .map(|d| export_name(&name, &d.name))
+                        .collect();
+                    release_exports(agent, &names).await;
+                }
+                continue;
+            }
+        }
         let Some((home, stored)) = locate(agent, &name).await else {
             continue;
         };
@@ -498,10 +527,6 @@ pub async fn reattach(agent: &Arc<Agent>) {
             .open(&config_path(&name), LockMode::Exclusive)
             .await
             .ok();
-        let qmp = Qmp::connect(&e.path().join("qmp.sock"), Duration::from_secs(10))
-            .await
-            .ok()
-            .map(Arc::new);
         let exports = spec
             .disks
             .iter()
@@ -519,6 +544,7 @@ pub async fn reattach(agent: &Arc<Agent>) {
                 cgroup: agent.cgroup.join(format!("vm-{name}")),
                 accel: "",
                 config,
+                incoming: false,
             },
         );
         watch(Arc::clone(agent), name, pid);

@@ -61,6 +61,8 @@ pub struct Wiring<'a> {
     pub accel: Accel,
     /// Start paused (`-S`).
     pub paused: bool,
+    /// Wait for an incoming migration (`-incoming defer`; implies paused).
+    pub incoming: bool,
 }
 
 /// The arguments after `qemu-system-x86_64`.
@@ -92,8 +94,11 @@ pub fn args(spec: &VmSpec, w: &Wiring<'_>) -> Vec<String> {
         "-serial".into(),
         "chardev:console0".into(),
     ];
-    if w.paused {
+    if w.paused || w.incoming {
         a.push("-S".into());
+    }
+    if w.incoming {
+        a.extend(["-incoming".into(), "defer".into()]);
     }
     if let Some(k) = &spec.boot.kernel {
         a.extend(["-kernel".into(), k.clone()]);

@@ -51,8 +51,16 @@ pub struct RelocateReq {
     pub disk_format: Option<String>,
     /// Bulk copy rate limit in bytes/s.
     pub speed: Option<u64>,
-    /// Another host: live host relocation (not on this host's agent yet).
+    /// Another host: live host relocation ([`super::migrate`]).
     pub host: Option<String>,
+    /// Host relocation: longest acceptable guest stop at switchover (ms).
+    pub downtime_ms: Option<u64>,
+    /// Host relocation: bandwidth limit (bytes/s).
+    pub bandwidth: Option<u64>,
+    /// Host relocation: parallel migration connections.
+    pub multifd_channels: Option<u32>,
+    /// Host relocation: give up after this long (s).
+    pub timeout_s: Option<u64>,
 }
 
 /// One disk's move.
@@ -152,8 +160,8 @@ async fn plan(
     if let Some(h) = &r.host {
         if *h != agent.cfg.host {
             bail!(
-                "relocating VM {name} to another host ({h}) is not supported by this agent yet; \
-                 only --datastore and --disk moves are"
+                "moving VM {name} to another host ({h}) and to other datastores at once is not \
+                 supported yet: move it in two steps (--host, then --datastore)"
             );
         }
     }
@@ -305,6 +313,28 @@ pub async fn start(agent: &Arc<Agent>, name: &str, r: RelocateReq) -> Result<Arc
         }
     }
     let guard = BusyGuard(name.to_string());
+    if let Some(h) = r.host.as_ref().filter(|h| **h != agent.cfg.host) {
+        if r.datastore.is_none()
+            && r.disks.is_empty()
+            && r.disk_format.as_deref().is_none_or(|f| f == "same")
+        {
+            let params = super::migrate::MigrateParams {
+                downtime_ms: r.downtime_ms,
+                bandwidth: r.bandwidth,
+                multifd_channels: r.multifd_channels,
+                timeout_s: r.timeout_s,
+            };
+            let task = super::migrate::start(agent, name, h, params).await?;
+            let t = Arc::clone(&task);
+            tokio::spawn(async move {
+                let _guard = guard;
+                while t.state() == crate::agent::tasks::TaskState::Running {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            });
+            return Ok(task);
+        }
+    }
     let (home, stored, j) = plan(agent, name, &r).await?;
     let task = agent.tasks.start("relocate-vm", name, true);
     let total: u64 = j.moves.iter().map(|m| m.size).sum();

@@ -1,0 +1,267 @@
+//! Live host relocation (vMotion) between hosts in network namespaces sharing one
+//! datastore: a running test guest moved with every acknowledged write checked and its
+//! pause measured; faults (cancel, the destination QEMU killed, a failure right after the
+//! lock handoff) that must leave the VM running on its source with nothing lost.
+
+use std::time::{Duration, Instant};
+
+use ferry_guest::{check, parse_logs, Acked, Phase};
+use ferry_tests::agents::{read_export, AgentBed};
+use ferry_tests::cluster::SERIAL;
+use ferry_tests::vms::{create_vm, wait_writes};
+use serde_json::{json, Value};
+
+fn wait_task(bed: &AgentBed, i: usize, id: u64, within: Duration) -> Value {
+    let t0 = Instant::now();
+    loop {
+        let v = bed.call_ok(i, "GET", &format!("/v1/tasks/{id}"), None);
+        if v["state"] != "running" {
+            return v;
+        }
+        assert!(
+            t0.elapsed() < within,
+            "task {id} still runs: {v}\n{}",
+            bed.log(i)
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// The console logs of `vm` on every host of the bed.
+fn logs(bed: &AgentBed, vm: &str) -> Vec<String> {
+    bed.hosts
+        .iter()
+        .map(|h| {
+            std::fs::read_to_string(h.run_dir.join("vms").join(vm).join("console.log"))
+                .unwrap_or_default()
+        })
+        .collect()
+}
+
+fn acked(bed: &AgentBed, vm: &str) -> Vec<Acked> {
+    let l = logs(bed, vm);
+    let refs: Vec<&str> = l.iter().map(|s| s.as_str()).collect();
+    let a = parse_logs(&refs);
+    let run = a.last().expect("acknowledged writes").run;
+    assert!(
+        a.iter().all(|x| x.run == run),
+        "the guest rebooted: its uptime is not continuous"
+    );
+    a
+}
+
+fn guest_now(bed: &AgentBed, vm: &str) -> u64 {
+    acked(bed, vm).last().unwrap().wall_ms
+}
+
+fn relocate(bed: &AgentBed, from: usize, vm: &str, body: Value) -> u64 {
+    let (s, v) = bed.call(from, "POST", &format!("/v1/vms/{vm}/relocate"), Some(body));
+    assert_eq!(s, 202, "{v}");
+    v["id"].as_u64().unwrap()
+}
+
+fn vm_on(bed: &AgentBed, i: usize, vm: &str) -> Value {
+    bed.call_ok(i, "GET", &format!("/v1/vms/{vm}"), None)
+}
+
+/// Waits for `n` more acknowledged writes (on whichever host runs the guest).
+fn more_writes(bed: &AgentBed, vm: &str, n: usize) {
+    let have = acked(bed, vm).len();
+    let t0 = Instant::now();
+    while acked(bed, vm).len() < have + n {
+        assert!(
+            t0.elapsed() < Duration::from_secs(120),
+            "the guest stopped writing"
+        );
+        std::thread::sleep(Duration::from_millis(300));
+    }
+}
+
+/// Every acknowledged write on the VM's disk, read through host `i`.
+fn verify(bed: &AgentBed, i: usize, vm: &str, phases: &[Phase]) -> ferry_guest::Report {
+    bed.call_ok(
+        i,
+        "POST",
+        "/v1/exports",
+        Some(json!({"name": "verify", "datastore": "ds0", "path": format!("/{vm}/disk0"), "read_only": true})),
+    );
+    let sock = bed.hosts[i].nbd_socket();
+    let r = check(&acked(bed, vm), phases, |f, n| {
+        read_export(&sock, "verify", f, n)
+    });
+    bed.call_ok(i, "DELETE", "/v1/exports/verify", None);
+    r
+}
+
+/// The destination has nothing of `vm` left: no QEMU, no export.
+fn no_leftovers(bed: &AgentBed, i: usize, vm: &str) {
+    let v = vm_on(bed, i, vm);
+    assert_ne!(v["state"], "running", "host {i} runs {vm}: {v}");
+    let ex = bed.call_ok(i, "GET", "/v1/exports", None);
+    assert!(
+        !ex.to_string().contains(&format!("{vm}-disk0")),
+        "host {i} still exports {vm}: {ex}"
+    );
+    let cg = bed.hosts[i].cgroup().join(format!("vm-{vm}"));
+    let procs = std::fs::read_to_string(cg.join("cgroup.procs")).unwrap_or_default();
+    assert!(
+        procs.trim().is_empty(),
+        "host {i} still runs QEMU for {vm}: {procs}"
+    );
+}
+
+#[test]
+fn a_running_vm_moves_live_to_another_host_and_loses_nothing() {
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let mut bed = AgentBed::networked(2, &["ds0"], 256);
+    bed.start(0);
+    bed.start(1);
+    create_vm(&bed, 0, "mig1", 32, json!([]));
+    let pid0 = bed.call_ok(0, "POST", "/v1/vms/mig1/start", None)["pid"]
+        .as_u64()
+        .unwrap();
+    wait_writes(&bed, 0, "mig1", 40);
+    // Refused before anything changes: an unknown host.
+    let (s, v) = bed.call(
+        0,
+        "POST",
+        "/v1/vms/mig1/relocate",
+        Some(json!({"host": "nohost"})),
+    );
+    assert!((400..500).contains(&s), "{v}");
+    assert!(v["error"].as_str().unwrap().contains("nohost"), "{v}");
+
+    let g_start = guest_now(&bed, "mig1");
+    let id = relocate(&bed, 0, "mig1", json!({"host": bed.hosts[1].name}));
+    let done = wait_task(&bed, 0, id, Duration::from_secs(180));
+    assert_eq!(
+        done["state"],
+        "done",
+        "{done}\n{}\n{}",
+        bed.log(0),
+        bed.log(1)
+    );
+    let g_end = guest_now(&bed, "mig1");
+    let res = &done["result"];
+    eprintln!("host relocation: {res}");
+    let pause = res["pause_ms"].as_f64().unwrap();
+    assert!(
+        pause > 0.0 && pause < 1000.0,
+        "guest-visible pause {pause} ms"
+    );
+
+    let v = vm_on(&bed, 1, "mig1");
+    assert_eq!(v["state"], "running", "{v}");
+    assert_ne!(v["pid"].as_u64().unwrap(), pid0);
+    assert_eq!(vm_on(&bed, 0, "mig1")["state"], "running elsewhere");
+    assert!(
+        !std::path::Path::new(&format!("/proc/{pid0}")).exists(),
+        "the source QEMU still runs"
+    );
+    wait_writes(&bed, 1, "mig1", 40);
+    // The VM's locks are with its new host now.
+    let (s, v) = bed.call(0, "POST", "/v1/vms/mig1/start", None);
+    assert_eq!(s, 409, "{v}");
+    bed.call_ok(1, "POST", "/v1/vms/mig1/stop", Some(json!({"force": true})));
+    let phases = [
+        Phase {
+            name: "before".into(),
+            from_wall_ms: 0,
+            to_wall_ms: g_start,
+            min_writes: 20,
+            min_overwrites: 1,
+        },
+        Phase {
+            name: "during".into(),
+            from_wall_ms: g_start,
+            to_wall_ms: g_end,
+            min_writes: 1,
+            min_overwrites: 0,
+        },
+        Phase {
+            name: "after".into(),
+            from_wall_ms: g_end,
+            to_wall_ms: u64::MAX,
+            min_writes: 20,
+            min_overwrites: 1,
+        },
+    ];
+    let r = verify(&bed, 1, "mig1", &phases);
+    eprintln!(
+        "{} acknowledged writes, phases {:?}, longest gap {} ms",
+        r.acked, r.phases, r.longest_gap_ms
+    );
+    assert!(r.ok(), "{:?}", r.errors);
+}
+
+#[test]
+fn a_failed_or_cancelled_host_relocation_leaves_the_vm_running_on_its_source() {
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let mut bed = AgentBed::networked(2, &["ds0"], 256);
+    bed.start(0);
+    bed.start(1);
+    create_vm(&bed, 0, "mig2", 32, json!([]));
+    let pid0 = bed.call_ok(0, "POST", "/v1/vms/mig2/start", None)["pid"].clone();
+    wait_writes(&bed, 0, "mig2", 30);
+    let h1 = bed.hosts[1].name.clone();
+    let slow = json!({"host": h1, "bandwidth": 1 << 20});
+
+    // Cancelled mid-migration; meanwhile the destination refuses to start it.
+    let id = relocate(&bed, 0, "mig2", slow.clone());
+    std::thread::sleep(Duration::from_secs(2));
+    let (s, v) = bed.call(1, "POST", "/v1/vms/mig2/start", None);
+    assert!(
+        s >= 400,
+        "started on the destination during its relocation: {v}"
+    );
+    bed.call_ok(0, "POST", &format!("/v1/tasks/{id}/cancel"), None);
+    let t = wait_task(&bed, 0, id, Duration::from_secs(60));
+    assert_ne!(t["state"], "done", "{t}");
+    assert_eq!(vm_on(&bed, 0, "mig2")["pid"], pid0);
+    no_leftovers(&bed, 1, "mig2");
+    more_writes(&bed, "mig2", 20);
+
+    // The destination's QEMU dies mid-migration.
+    let id = relocate(&bed, 0, "mig2", slow.clone());
+    std::thread::sleep(Duration::from_secs(2));
+    let pid = std::fs::read_to_string(bed.hosts[1].run_dir.join("vms/mig2/pid")).unwrap();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid.trim().parse().unwrap()),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    let t = wait_task(&bed, 0, id, Duration::from_secs(60));
+    assert_eq!(t["state"], "failed", "{t}");
+    assert_eq!(vm_on(&bed, 0, "mig2")["pid"], pid0);
+    no_leftovers(&bed, 1, "mig2");
+    more_writes(&bed, "mig2", 20);
+
+    // A failure right after the locks were handed over: they come back.
+    bed.signal(0, nix::sys::signal::Signal::SIGTERM);
+    bed.env[0] = vec![("FERRY_FAILPOINTS".into(), "migrate-after-handoff".into())];
+    bed.start(0);
+    let id = relocate(&bed, 0, "mig2", json!({"host": h1}));
+    let t = wait_task(&bed, 0, id, Duration::from_secs(120));
+    assert_eq!(t["state"], "failed", "{t}");
+    assert!(
+        t["error"].as_str().unwrap().contains("stays on host"),
+        "{t}"
+    );
+    assert_eq!(vm_on(&bed, 0, "mig2")["pid"], pid0);
+    no_leftovers(&bed, 1, "mig2");
+    more_writes(&bed, "mig2", 20);
+    let (s, v) = bed.call(1, "POST", "/v1/vms/mig2/start", None);
+    assert_eq!(s, 409, "{v}");
+    assert!(
+        v["error"].as_str().unwrap().contains(&bed.hosts[0].name),
+        "the locks did not come back: {v}"
+    );
+
+    bed.call_ok(0, "POST", "/v1/vms/mig2/stop", Some(json!({"force": true})));
+    let r = verify(&bed, 0, "mig2", &[]);
+    eprintln!(
+        "{} acknowledged writes through three failed relocations, longest gap {} ms",
+        r.acked, r.longest_gap_ms
+    );
+    assert!(r.ok(), "{:?}", r.errors);
+}

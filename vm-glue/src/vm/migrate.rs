@@ -1,0 +1,946 @@
+//! Live host relocation (vMotion): a running VM's memory, CPU and device state move to
+//! another host that sees the same datastores; the disks stay and change owner.
+//!
+//! The source agent drives it (`POST /v1/vms/NAME/relocate` with `host`):
+//! 1. checks the destination before anything changes (live, reachable, sees every
+//!    datastore, has the memory, the bridges, the machine type and CPU model);
+//! 2. asks the destination agent (`POST /v1/vms/NAME/incoming`) to export the VM's
+//!    files **inactive** and start QEMU paused with `-incoming defer` and
+//!    `late-block-activate`; it answers with the migration address and the owner
+//!    (host id, generation) it has on each datastore;
+//! 3. migrates with `events` and `pause-before-switchover` (and `auto-converge`); in the
+//!    pre-switchover window (source vCPUs stopped, its I/O flushed) each export goes
+//!    inactive and drains and every file lock — disks and `vm.toml` — is handed to the
+//!    destination by expected version; then the migration completes;
+//! 4. asks the destination to finish (`POST /v1/vms/NAME/incoming/finish`): it activates
+//!    the exports (the locks are already its own), takes `vm.toml`, sends `cont` and
+//!    announces the MACs; the source QEMU quits.
+//!
+//! Until the destination resumes, the source stays authoritative: any failure or cancel
+//! cancels the migration (QEMU resumes the source by itself), hands back whatever locks
+//! were handed (the destination hands them back by expected version), reactivates the
+//! source exports and removes everything on the destination.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context, Result};
+use datastore::{LockMode, Owner};
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+use uuid::Uuid;
+
+use super::spec::VmSpec;
+use super::{config_path, export_name, locate, RunningVm};
+use crate::agent::exports::{ExportSpec, Gate};
+use crate::agent::tasks::Task;
+use crate::agent::{Agent, ExportEntry};
+use crate::qmp::Qmp;
+
+/// Migration settings a caller may give.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct MigrateParams {
+    /// Longest acceptable stop of the guest at switchover (ms; QEMU's default 300).
+    pub downtime_ms: Option<u64>,
+    /// Bandwidth limit (bytes/s).
+    pub bandwidth: Option<u64>,
+    /// Parallel migration connections (multifd) when more than 1.
+    pub multifd_channels: Option<u32>,
+    /// Give up (and stay on the source) after this long (s; default 300).
+    pub timeout_s: Option<u64>,
+}
+
+/// What the destination answers to `incoming`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Incoming {
+    /// Where the source QEMU migrates to (`tcp:ADDR:PORT`).
+    pub uri: String,
+    /// The destination's owner identity per datastore uuid (for lock handoffs).
+    pub owners: BTreeMap<Uuid, Owner>,
+}
+
+/// What the source sends to `incoming`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IncomingReq {
+    pub spec: VmSpec,
+    /// The datastore holding the definition (label).
+    pub home: String,
+    pub source_host: String,
+}
+
+/// Test hooks from `FERRY_FAILPOINTS`: `migrate-after-handoff` fails the relocation
+/// right after the locks were handed to the destination.
+fn failpoint(name: &str) -> bool {
+    std::env::var("FERRY_FAILPOINTS")
+        .map(|v| v.split(',').any(|f| f.trim() == name))
+        .unwrap_or(false)
+}
+
+// ---------------------------------------------------------------------------------
+// Destination side.
+
+/// Machine types and CPU models this host's QEMU offers (asked once).
+fn qemu_offers(qemu: &str, what: &str) -> Result<String> {
+    static CACHE: std::sync::Mutex<BTreeMap<String, String>> =
+        std::sync::Mutex::new(BTreeMap::new());
+    let key = format!("{qemu} {what}");
+    if let Some(v) = CACHE.lock().expect("cache").get(&key) {
+        return Ok(v.clone());
+    }
+    let out = std::process::Command::new(qemu)
+        .args([what, "help"])
+        .output()
+        .with_context(|| format!("running {qemu} {what} help"))?;
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    CACHE.lock().expect("cache").insert(key, text.clone());
+    Ok(text)
+}
+
+fn mem_available_mib() -> u64 {
+    std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|m| {
+            m.lines()
+                .find(|l| l.starts_with("MemAvailable:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|kb| kb.parse::<u64>().ok())
+        })
+        .map_or(0, |kb| kb / 1024)
+}
+
+/// Everything this host lacks to run `spec` (empty: it can).
+fn lacks(agent: &Agent, spec: &VmSpec, home: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    for ds in std::iter::once(home).chain(spec.disks.iter().map(|d| d.datastore.as_str())) {
+        if agent.member(ds).is_none() && !out.iter().any(|o: &String| o.contains(ds)) {
+            out.push(format!("datastore {ds:?} is not configured here"));
+        }
+    }
+    let avail = mem_available_mib();
+    if avail < spec.memory_mib + 64 {
+        out.push(format!(
+            "{} MiB of memory (this host has {avail} MiB available)",
+            spec.memory_mib
+        ));
+    }
+    for n in &spec.nics {
+        if let Some(br) = &n.bridge {
+            // Asked over netlink: /sys/class/net may show another network namespace.
+            let is_bridge = std::process::Command::new("ip")
+                .args(["-o", "link", "show", "dev", br, "type", "bridge"])
+                .output()
+                .is_ok_and(|o| o.status.success() && !o.stdout.is_empty());
+            if !is_bridge {
+                out.push(format!("bridge {br}"));
+            }
+        }
+    }
+    match qemu_offers(&agent.cfg.qemu, "-machine") {
+        Ok(m)
+            if m.lines()
+                .any(|l| l.split_whitespace().next() == Some(spec.machine.as_str())) => {}
+        Ok(_) => out.push(format!("machine type {}", spec.machine)),
+        Err(e) => out.push(format!("a working QEMU ({e:#})")),
+    }
+    match qemu_offers(&agent.cfg.qemu, "-cpu") {
+        Ok(c) if c.split_whitespace().any(|w| w == spec.cpu) => {}
+        Ok(_) => out.push(format!("CPU model {}", spec.cpu)),
+        Err(_) => {}
+    }
+    out
+}
+
+/// `POST /v1/vms/NAME/incoming`: exports the VM's disks inactive and starts QEMU waiting
+/// for the migration.
+pub async fn incoming(agent: &Arc<Agent>, name: &str, r: IncomingReq) -> Result<Incoming> {
+    if r.spec.name != name {
+        bail!("the definition is of VM {:?}, not {name:?}", r.spec.name);
+    }
+    r.spec.validate().map_err(|e| anyhow!(e))?;
+    let mut vms = agent.vms.lock().await;
+    if vms.contains_key(name) {
+        bail!("VM {name} already runs on host {}", agent.cfg.host);
+    }
+    let missing = lacks(agent, &r.spec, &r.home);
+    if !missing.is_empty() {
+        bail!(
+            "host {} cannot run VM {name}: it lacks {}",
+            agent.cfg.host,
+            missing.join(", ")
+        );
+    }
+    let mut exports = Vec::new();
+    let out = async {
+        for d in &r.spec.disks {
+            let m = agent.member(&d.datastore).expect("checked");
+            let ename = export_name(name, &d.name);
+            let gate = Arc::new(
+                Gate::open(&m.session, &d.path, false, false, agent.cfg.write_hold).await?,
+            );
+            let spec = ExportSpec {
+                name: ename.clone(),
+                datastore: *m.ds.uuid(),
+                path: d.path.clone(),
+                read_only: false,
+                active: false,
+            };
+            agent.publish(&spec, &gate);
+            let mut table = agent.exports.lock().await;
+            table.insert(ename.clone(), ExportEntry { spec, gate });
+            agent.save_exports(&table).await?;
+            exports.push(ename);
+        }
+        let (pid, qmp, cgroup, accel) = super::launch(agent, &r.spec, &exports, true).await?;
+        let started = async {
+            qmp.execute(
+                "migrate-set-capabilities",
+                Some(json!({"capabilities": [
+                    {"capability": "events", "state": true},
+                    {"capability": "late-block-activate", "state": true},
+                ]})),
+            )
+            .await?;
+            let ip = agent
+                .mgmt_addr
+                .lock()
+                .expect("addr")
+                .map(|a| a.ip().to_string())
+                .ok_or_else(|| anyhow!("host {} has no management address", agent.cfg.host))?;
+            let port = std::net::TcpListener::bind((ip.as_str(), 0))?
+                .local_addr()?
+                .port();
+            let uri = format!("tcp:{ip}:{port}");
+            qmp.execute("migrate-incoming", Some(json!({"uri": uri})))
+                .await?;
+            Ok::<String, anyhow::Error>(uri)
+        }
+        .await;
+        match started {
+            Ok(uri) => Ok((pid, qmp, cgroup, accel, uri)),
+            Err(e) => {
+                super::kill_cgroup(&cgroup);
+                Err(e)
+            }
+        }
+    }
+    .await;
+    match out {
+        Ok((pid, qmp, cgroup, accel, uri)) => {
+            let owners = agent
+                .members
+                .iter()
+                .map(|m| (*m.ds.uuid(), m.session.owner()))
+                .collect();
+            vms.insert(
+                name.to_string(),
+                RunningVm {
+                    spec: r.spec.clone(),
+                    datastore: r.home.clone(),
+                    pid,
+                    qmp: Some(qmp),
+                    exports,
+                    cgroup,
+                    accel,
+                    config: None,
+                    incoming: true,
+                },
+            );
+            drop(vms);
+            super::watch(Arc::clone(agent), name.to_string(), pid);
+            tracing::info!(
+                "VM {name}: waiting for its migration from {} at {uri}",
+                r.source_host
+            );
+            Ok(Incoming { uri, owners })
+        }
+        Err(e) => {
+            drop(vms);
+            super::release_exports(agent, &exports).await;
+            Err(e)
+        }
+    }
+}
+
+/// `POST /v1/vms/NAME/incoming/finish`: the locks are ours now; activate, take the
+/// definition, wait for the migration to complete, resume, announce. Returns the
+/// RESUME time (µs since the epoch).
+pub async fn finish(agent: &Arc<Agent>, name: &str) -> Result<Value> {
+    let (qmp, exports, spec, home) = {
+        let vms = agent.vms.lock().await;
+        let vm = vms
+            .get(name)
+            .filter(|v| v.incoming)
+            .ok_or_else(|| anyhow!("VM {name} is not migrating to this host"))?;
+        (
+            vm.qmp.clone(),
+            vm.exports.clone(),
+            vm.spec.clone(),
+            vm.datastore.clone(),
+        )
+    };
+    let qmp = qmp.ok_or_else(|| anyhow!("VM {name}: no QMP connection"))?;
+    for e in &exports {
+        let (gate, ds) = {
+            let t = agent.exports.lock().await;
+            let x = t.get(e).ok_or_else(|| anyhow!("export {e} is gone"))?;
+            (Arc::clone(&x.gate), x.spec.datastore)
+        };
+        let m = agent
+            .member_by_uuid(&ds)
+            .ok_or_else(|| anyhow!("datastore {ds} is gone"))?;
+        gate.activate(&m.session)
+            .await
+            .with_context(|| format!("activating export {e}"))?;
+        let mut t = agent.exports.lock().await;
+        if let Some(x) = t.get_mut(e) {
+            x.spec.active = true;
+        }
+        agent.save_exports(&t).await?;
+    }
+    let homem = agent
+        .member(&home)
+        .ok_or_else(|| anyhow!("datastore {home} is gone"))?;
+    let cfg = homem
+        .session
+        .open(&config_path(name), LockMode::Exclusive)
+        .await
+        .context("taking the definition's lock")?;
+    // The source finished sending; wait until this side has loaded everything.
+    let t0 = Instant::now();
+    loop {
+        let st = qmp.execute("query-migrate", None).await?;
+        match st["status"].as_str() {
+            Some("completed") => break,
+            Some("failed") | Some("cancelled") => {
+                let _ = cfg.close().await;
+                bail!(
+                    "the incoming migration {}",
+                    st["status"].as_str().unwrap_or("failed")
+                );
+            }
+            _ => {}
+        }
+        if t0.elapsed() > Duration::from_secs(60) {
+            let _ = cfg.close().await;
+            bail!("the incoming migration did not complete within 60 s");
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let mut ev = qmp.events();
+    qmp.execute("cont", None).await?;
+    let resumed = qmp
+        .wait_event(&mut ev, "RESUME", Duration::from_secs(10))
+        .await
+        .map(|e| e.timestamp_us)
+        .unwrap_or(0);
+    // Tell the network where the MACs are now (RARP from each NIC).
+    let _ = qmp
+        .execute(
+            "announce-self",
+            Some(json!({"initial": 50, "max": 550, "rounds": 5, "step": 100})),
+        )
+        .await;
+    {
+        let mut vms = agent.vms.lock().await;
+        if let Some(vm) = vms.get_mut(name) {
+            vm.incoming = false;
+            vm.config = Some(cfg);
+            vm.spec = spec;
+        }
+    }
+    tracing::info!("VM {name}: resumed here after its migration");
+    Ok(json!({"resumed_us": resumed}))
+}
+
+/// `POST /v1/vms/NAME/incoming/abort`: removes everything of an incoming VM; locks it
+/// was handed go back to `handback` (per datastore uuid) by expected version.
+pub async fn abort(agent: &Arc<Agent>, name: &str, handback: BTreeMap<Uuid, Owner>) -> Result<()> {
+    let vm = {
+        let mut vms = agent.vms.lock().await;
+        match vms.get(name) {
+            Some(v) if v.incoming => vms.remove(name),
+            Some(_) => bail!("VM {name} already runs here; it cannot be aborted"),
+            None => None,
+        }
+    };
+    let Some(vm) = vm else {
+        return Ok(());
+    };
+    // QEMU first: nothing may write once the locks go back.
+    super::kill_cgroup(&vm.cgroup);
+    let _ = std::fs::remove_file(super::vm_dir(agent, name).join("pid"));
+    for e in &vm.exports {
+        let entry = agent.exports.lock().await.remove(e);
+        let Some(entry) = entry else { continue };
+        agent.unpublish(e);
+        let m = agent.member_by_uuid(&entry.spec.datastore);
+        let _ = entry.gate.shut(false).await;
+        // Handed to us but never activated: hand it back if it is ours.
+        if let (Some(m), Some(to)) = (m, handback.get(&entry.spec.datastore)) {
+            give_back(&m.session, &entry.spec.path, *to).await;
+        }
+    }
+    if let (Some(m), Some(to)) = (
+        agent.member(&vm.datastore),
+        agent
+            .member(&vm.datastore)
+            .and_then(|m| handback.get(m.ds.uuid()).copied()),
+    ) {
+        give_back(&m.session, &config_path(name), to).await;
+    }
+    let t = agent.exports.lock().await;
+    agent.save_exports(&t).await?;
+    tracing::info!("VM {name}: incoming migration aborted and removed");
+    Ok(())
+}
+
+/// Hands a file's lock to `to` if this host holds it.
+async fn give_back(session: &Arc<datastore::files::Session>, path: &str, to: Owner) {
+    let dev = session.datastore().path().to_path_buf();
+    let p = path.to_string();
+    let Ok(Ok(f)) =
+        tokio::task::spawn_blocking(move || datastore::files::DsFile::open_readonly(&dev, &p))
+            .await
+    else {
+        return;
+    };
+    let uuid = f.uuid();
+    let s = Arc::clone(session);
+    let _ = tokio::task::spawn_blocking(move || {
+        if let Ok(Some(v)) = s.lock_version(&uuid) {
+            if let Err(e) = s.handoff(&uuid, to, Some(v)) {
+                tracing::error!("handing back {uuid}: {e}");
+            }
+        }
+    })
+    .await;
+}
+
+// ---------------------------------------------------------------------------------
+// Source side.
+
+/// A control-API client for another host's agent (TCP, with the cluster secret).
+struct Peer {
+    addr: String,
+    secret: String,
+    name: String,
+}
+
+impl Peer {
+    async fn call(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<Value>,
+        within: Duration,
+    ) -> Result<Value> {
+        let go = async {
+            let s = tokio::net::TcpStream::connect(&self.addr)
+                .await
+                .with_context(|| format!("host {} at {}", self.name, self.addr))?;
+            let auth = format!("Bearer {}", self.secret);
+            let r = crate::http::call(
+                s,
+                method,
+                path,
+                &[("Authorization", auth.as_str())],
+                body.as_ref(),
+            )
+            .await
+            .with_context(|| format!("host {} at {}", self.name, self.addr))?;
+            if r.status >= 300 {
+                bail!(
+                    "host {}: {}",
+                    self.name,
+                    r.body["error"].as_str().unwrap_or(&r.body.to_string())
+                );
+            }
+            Ok(r.body)
+        };
+        tokio::time::timeout(within, go).await.map_err(|_| {
+            anyhow!(
+                "host {} at {} did not answer within {} s",
+                self.name,
+                self.addr,
+                within.as_secs()
+            )
+        })?
+    }
+}
+
+/// Finds host `name`'s agent from the heartbeat regions.
+fn peer(agent: &Agent, name: &str) -> Result<Peer> {
+    let secret =
+        agent.cfg.secret.clone().ok_or_else(|| {
+            anyhow!("host relocation needs the cluster secret in the agent config")
+        })?;
+    let hosts = crate::agent::api::hosts_json(agent);
+    let h = hosts
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|h| h["name"] == name)
+        .ok_or_else(|| anyhow!("no host {name:?} in this host's datastores"))?;
+    if h["state"] != "live" {
+        bail!(
+            "host {name} is {}, not live",
+            h["state"].as_str().unwrap_or("unknown")
+        );
+    }
+    let addr = h["address"].as_str().unwrap_or_default();
+    if addr.is_empty() {
+        bail!(
+            "host {name} publishes no management address (management_listen in its agent config)"
+        );
+    }
+    Ok(Peer {
+        addr: addr.to_string(),
+        secret,
+        name: name.to_string(),
+    })
+}
+
+/// Checks a host relocation and starts it as a task.
+pub async fn start(
+    agent: &Arc<Agent>,
+    name: &str,
+    host: &str,
+    params: MigrateParams,
+) -> Result<Arc<Task>> {
+    let (home, stored) = locate(agent, name)
+        .await
+        .ok_or_else(|| anyhow!("no VM named {name:?} on this host's datastores"))?;
+    let running = agent.vms.lock().await.get(name).map(|v| v.incoming);
+    let p = peer(agent, host)?;
+    match running {
+        Some(false) => {}
+        Some(true) => bail!("VM {name} is itself migrating to this host"),
+        None => {
+            // Powered off: nothing moves on a shared datastore; check it can run there.
+            let st = datastore::files::stat(&home.ds, &config_path(name))?;
+            if let Some(holder) = st.lock {
+                bail!("VM {name} is running elsewhere ({holder}): relocate it from the host that runs it");
+            }
+            let task = agent.tasks.start("relocate-vm", name, false);
+            let v = p
+                .call(
+                    "POST",
+                    &format!("/v1/vms/{name}/check"),
+                    Some(json!({"spec": stored.spec, "home": home.label(), "source_host": agent.cfg.host})),
+                    Duration::from_secs(20),
+                )
+                .await;
+            task.finish(match v {
+                Ok(_) => Ok(json!({"vm": name, "running": false, "host": host,
+                    "note": format!("VM {name} is powered off and its files are on datastores host {host} sees: it starts there with `ferry vm start {name} --host {host}`")})),
+                Err(e) => Err(format!("{e:#}")),
+            });
+            return Ok(task);
+        }
+    }
+    let task = agent.tasks.start("relocate-vm", name, true);
+    let (a, t, spec, label) = (
+        Arc::clone(agent),
+        Arc::clone(&task),
+        stored.spec,
+        home.label().to_string(),
+    );
+    tokio::spawn(async move {
+        let out = run(&a, &t, spec, label, p, params).await;
+        match out {
+            Ok(v) => t.finish(Ok(v)),
+            Err(e) => {
+                tracing::error!("host relocation of {}: {e:#}", t.object);
+                t.finish(Err(format!("{e:#}")))
+            }
+        }
+    });
+    Ok(task)
+}
+
+/// `POST /v1/vms/NAME/check`: whether this host could run the VM.
+pub fn check(agent: &Agent, r: &IncomingReq) -> Result<()> {
+    let missing = lacks(agent, &r.spec, &r.home);
+    if !missing.is_empty() {
+        bail!(
+            "host {} cannot run VM {}: it lacks {}",
+            agent.cfg.host,
+            r.spec.name,
+            missing.join(", ")
+        );
+    }
+    Ok(())
+}
+
+/// What the source handed over (to be handed back on failure).
+struct Handed {
+    /// Export name → (datastore uuid, file uuid).
+    exports: Vec<String>,
+    config: bool,
+}
+
+async fn run(
+    agent: &Arc<Agent>,
+    task: &Arc<Task>,
+    spec: VmSpec,
+    home: String,
+    peer: Peer,
+    params: MigrateParams,
+) -> Result<Value> {
+    let name = spec.name.clone();
+    let t0 = Instant::now();
+    let (qmp, exports) = {
+        let vms = agent.vms.lock().await;
+        let vm = vms.get(&name).ok_or_else(|| anyhow!("VM {name} stopped"))?;
+        (
+            vm.qmp
+                .clone()
+                .ok_or_else(|| anyhow!("VM {name}: no QMP connection"))?,
+            vm.exports.clone(),
+        )
+    };
+    let inc: Incoming = serde_json::from_value(
+        peer.call(
+            "POST",
+            &format!("/v1/vms/{name}/incoming"),
+            Some(json!(IncomingReq {
+                spec: spec.clone(),
+                home: home.clone(),
+                source_host: agent.cfg.host.clone()
+            })),
+            Duration::from_secs(60),
+        )
+        .await?,
+    )?;
+    let my_owners: BTreeMap<Uuid, Owner> = agent
+        .members
+        .iter()
+        .map(|m| (*m.ds.uuid(), m.session.owner()))
+        .collect();
+    let mut handed = Handed {
+        exports: Vec::new(),
+        config: false,
+    };
+    let out = migrate(
+        agent,
+        task,
+        &qmp,
+        &name,
+        &home,
+        &exports,
+        &inc,
+        &peer,
+        &params,
+        &mut handed,
+    )
+    .await;
+    match out {
+        Ok(mut v) => {
+            v["duration_s"] = json!(t0.elapsed().as_secs_f64());
+            v["host"] = json!(peer.name);
+            v["vm"] = json!(name);
+            // The source QEMU's work is done.
+            let _ = qmp
+                .execute_within("quit", None, Duration::from_secs(5))
+                .await;
+            Ok(v)
+        }
+        Err(e) => {
+            tracing::warn!("VM {name}: host relocation failed, staying here: {e:#}");
+            if rollback(agent, &qmp, &name, &home, &peer, &handed, &my_owners).await {
+                // The destination had resumed it after all (its answer was lost).
+                let _ = qmp
+                    .execute_within("quit", None, Duration::from_secs(5))
+                    .await;
+                return Ok(json!({"vm": name, "host": peer.name, "running": true,
+                    "duration_s": t0.elapsed().as_secs_f64(),
+                    "note": format!("the destination resumed the VM but its answer was lost: {e:#}")}));
+            }
+            Err(e.context(format!("VM {name} stays on host {}", agent.cfg.host)))
+        }
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn migrate(
+    agent: &Arc<Agent>,
+    task: &Arc<Task>,
+    qmp: &Arc<Qmp>,
+    name: &str,
+    home: &str,
+    exports: &[String],
+    inc: &Incoming,
+    peer: &Peer,
+    params: &MigrateParams,
+    handed: &mut Handed,
+) -> Result<Value> {
+    let mut caps = vec![
+        json!({"capability": "events", "state": true}),
+        json!({"capability": "pause-before-switchover", "state": true}),
+        json!({"capability": "auto-converge", "state": true}),
+    ];
+    if params.multifd_channels.unwrap_or(1) > 1 {
+        caps.push(json!({"capability": "multifd", "state": true}));
+    }
+    qmp.execute(
+        "migrate-set-capabilities",
+        Some(json!({"capabilities": caps})),
+    )
+    .await?;
+    let mut p = serde_json::Map::new();
+    if let Some(d) = params.downtime_ms {
+        p.insert("downtime-limit".into(), json!(d));
+    }
+    if let Some(b) = params.bandwidth {
+        p.insert("max-bandwidth".into(), json!(b));
+    }
+    if let Some(c) = params.multifd_channels.filter(|c| *c > 1) {
+        p.insert("multifd-channels".into(), json!(c));
+    }
+    if !p.is_empty() {
+        qmp.execute("migrate-set-parameters", Some(Value::Object(p)))
+            .await?;
+    }
+    let mut ev = qmp.events();
+    let started = Instant::now();
+    qmp.execute("migrate", Some(json!({"uri": inc.uri})))
+        .await?;
+    let deadline = Instant::now() + Duration::from_secs(params.timeout_s.unwrap_or(300));
+    let mut stopped_us = 0u64;
+    // Until the pre-switchover window.
+    loop {
+        if task.cancelled() {
+            bail!("cancelled");
+        }
+        if Instant::now() > deadline {
+            bail!(
+                "the migration did not converge within {} s",
+                params.timeout_s.unwrap_or(300)
+            );
+        }
+        let st = qmp.execute("query-migrate", None).await?;
+        if let Some(ram) = st.get("ram") {
+            let total = ram["total"].as_u64().unwrap_or(0);
+            let left = ram["remaining"].as_u64().unwrap_or(0);
+            task.progress(total.saturating_sub(left), total);
+        }
+        match st["status"].as_str() {
+            Some("pre-switchover") => break,
+            Some("failed") => bail!(
+                "the migration failed: {}",
+                st["error-desc"].as_str().unwrap_or("(QEMU gave no reason)")
+            ),
+            Some("cancelled") => bail!("the migration was cancelled"),
+            _ => {}
+        }
+        while let Ok(e) = ev.try_recv() {
+            if e.name == "STOP" {
+                stopped_us = e.timestamp_us;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    while let Ok(e) = ev.try_recv() {
+        if e.name == "STOP" {
+            stopped_us = e.timestamp_us;
+        }
+    }
+    // Pre-switchover: the source is stopped and its I/O flushed. Hand every lock over.
+    for e in exports {
+        let (gate, ds) = {
+            let t = agent.exports.lock().await;
+            let x = t.get(e).ok_or_else(|| anyhow!("export {e} is gone"))?;
+            (Arc::clone(&x.gate), x.spec.datastore)
+        };
+        let m = agent
+            .member_by_uuid(&ds)
+            .ok_or_else(|| anyhow!("datastore {ds} is gone"))?;
+        let to = *inc
+            .owners
+            .get(&ds)
+            .ok_or_else(|| anyhow!("host {} does not see datastore {}", peer.name, m.label()))?;
+        let version = gate.lock_version(&m.session).await;
+        gate.deactivate(&m.session, Some(to), version)
+            .await
+            .with_context(|| format!("handing export {e} to host {}", peer.name))?;
+        handed.exports.push(e.clone());
+        let mut t = agent.exports.lock().await;
+        if let Some(x) = t.get_mut(e) {
+            x.spec.active = false;
+        }
+        agent.save_exports(&t).await?;
+    }
+    {
+        let m = agent
+            .member(home)
+            .ok_or_else(|| anyhow!("datastore {home} is gone"))?;
+        let to = *inc
+            .owners
+            .get(m.ds.uuid())
+            .ok_or_else(|| anyhow!("host {} does not see datastore {home}", peer.name))?;
+        let cfg = agent
+            .vms
+            .lock()
+            .await
+            .get_mut(name)
+            .and_then(|v| v.config.take());
+        if let Some(cfg) = cfg {
+            let uuid = cfg.uuid();
+            cfg.detach().await?;
+            let s = Arc::clone(&m.session);
+            tokio::task::spawn_blocking(move || {
+                let v = s.lock_version(&uuid)?;
+                s.handoff(&uuid, to, v)
+            })
+            .await
+            .expect("handoff task")
+            .context("handing the definition's lock over")?;
+            handed.config = true;
+        }
+    }
+    if failpoint("migrate-after-handoff") {
+        bail!("failpoint migrate-after-handoff");
+    }
+    qmp.execute("migrate-continue", Some(json!({"state": "pre-switchover"})))
+        .await?;
+    let final_state = loop {
+        let st = qmp.execute("query-migrate", None).await?;
+        match st["status"].as_str() {
+            Some("completed") => break st,
+            Some("failed") | Some("cancelled") => bail!(
+                "the migration {} after the switchover began: {}",
+                st["status"].as_str().unwrap_or("failed"),
+                st["error-desc"].as_str().unwrap_or("(no reason)")
+            ),
+            _ => {}
+        }
+        if Instant::now() > deadline {
+            bail!("the migration did not complete");
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    };
+    let done = peer
+        .call(
+            "POST",
+            &format!("/v1/vms/{name}/incoming/finish"),
+            None,
+            Duration::from_secs(60),
+        )
+        .await?;
+    let resumed_us = done["resumed_us"].as_u64().unwrap_or(0);
+    let pause_ms = if resumed_us > stopped_us && stopped_us > 0 {
+        (resumed_us - stopped_us) as f64 / 1000.0
+    } else {
+        f64::NAN
+    };
+    Ok(json!({
+        "running": true,
+        "pause_ms": pause_ms,
+        "migration_s": started.elapsed().as_secs_f64(),
+        "ram_transferred_bytes": final_state["ram"]["transferred"],
+        "ram_total_bytes": final_state["ram"]["total"],
+    }))
+}
+
+/// Puts the VM back as it was on this host: the migration cancelled (QEMU resumes the
+/// source), locks handed back by the destination, exports active again, the destination
+/// cleaned. Returns true if the destination already runs the VM (nothing to roll back).
+async fn rollback(
+    agent: &Arc<Agent>,
+    qmp: &Arc<Qmp>,
+    name: &str,
+    home: &str,
+    peer: &Peer,
+    handed: &Handed,
+    my_owners: &BTreeMap<Uuid, Owner>,
+) -> bool {
+    // Ask the destination to remove its QEMU and exports and hand our locks back.
+    let body = json!({"handback": my_owners});
+    if let Err(e) = peer
+        .call(
+            "POST",
+            &format!("/v1/vms/{name}/incoming/abort"),
+            Some(body),
+            Duration::from_secs(30),
+        )
+        .await
+    {
+        if format!("{e:#}").contains("already runs here") {
+            return true;
+        }
+        tracing::warn!("VM {name}: the destination did not clean up: {e:#}");
+    }
+    let _ = qmp.execute("migrate_cancel", None).await;
+    // Our exports take their locks back (handed back, or broken once the destination
+    // is dead if it vanished with them).
+    for e in &handed.exports {
+        let (gate, ds) = {
+            let t = agent.exports.lock().await;
+            match t.get(e) {
+                Some(x) => (Arc::clone(&x.gate), x.spec.datastore),
+                None => continue,
+            }
+        };
+        let Some(m) = agent.member_by_uuid(&ds) else {
+            continue;
+        };
+        let until = Instant::now() + m.ds.superblock().host_dead() * 2;
+        loop {
+            match gate.activate(&m.session).await {
+                Ok(()) => break,
+                Err(err) if Instant::now() < until => {
+                    tracing::warn!(
+                        "VM {name}: export {e}: taking its lock back: {err:#}; retrying"
+                    );
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                }
+                Err(err) => {
+                    tracing::error!("VM {name}: export {e}: cannot take its lock back: {err:#}");
+                    break;
+                }
+            }
+        }
+        let mut t = agent.exports.lock().await;
+        if let Some(x) = t.get_mut(e) {
+            x.spec.active = gate.is_active();
+        }
+        let _ = agent.save_exports(&t).await;
+    }
+    if handed.config {
+        if let Some(m) = agent.member(home) {
+            let until = Instant::now() + m.ds.superblock().host_dead() * 2;
+            loop {
+                match m
+                    .session
+                    .open(&config_path(name), LockMode::Exclusive)
+                    .await
+                {
+                    Ok(f) => {
+                        if let Some(vm) = agent.vms.lock().await.get_mut(name) {
+                            vm.config = Some(f);
+                        }
+                        break;
+                    }
+                    Err(err) if Instant::now() < until => {
+                        tracing::warn!("VM {name}: taking vm.toml back: {err}; retrying");
+                        tokio::time::sleep(Duration::from_millis(500)).await;
+                    }
+                    Err(err) => {
+                        tracing::error!("VM {name}: cannot take vm.toml back: {err}");
+                        break;
+                    }
+                }
+            }
+        }
+    }
+    // QEMU resumes the source by itself when a migration fails; make sure it runs.
+    if let Ok(st) = qmp.execute("query-status", None).await {
+        if st["running"] != true {
+            let _ = qmp.execute("cont", None).await;
+        }
+    }
+    false
+}
