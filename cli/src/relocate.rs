@@ -18,9 +18,21 @@ pub struct RelocateArgs {
     /// The datastore for the definition and every disk not named by --disk.
     #[arg(long)]
     datastore: Option<String>,
-    /// Another host (live host relocation, a later step).
+    /// Another host that sees the VM's datastores: live host relocation (vMotion).
     #[arg(long)]
     host: Option<String>,
+    /// Host relocation: the longest acceptable guest stop at the switch, in ms.
+    #[arg(long)]
+    downtime_ms: Option<u64>,
+    /// Host relocation: migration bandwidth limit (bytes/s, e.g. 100M).
+    #[arg(long, value_parser = parse_size)]
+    bandwidth: Option<u64>,
+    /// Host relocation: parallel migration connections (multifd).
+    #[arg(long)]
+    multifd_channels: Option<u32>,
+    /// Host relocation: give up (the VM stays) after this many seconds.
+    #[arg(long)]
+    timeout: Option<u64>,
     /// A disk's own destination: NAME=DATASTORE; repeat for more.
     #[arg(long = "disk")]
     disks: Vec<String>,
@@ -106,7 +118,21 @@ pub async fn run(a: RelocateArgs) -> Result<u8> {
     }
     match end["state"].as_str() {
         Some("done") => {
-            if !a.json {
+            if !a.json && end["result"]["host"].is_string() {
+                let r = &end["result"];
+                if let Some(note) = r["note"].as_str() {
+                    println!("{note}");
+                } else {
+                    println!(
+                        "VM {} moved live to host {} in {:.1} s: guest paused {:.0} ms (stop to resume), {} of memory sent",
+                        a.vm,
+                        r["host"].as_str().unwrap_or("?"),
+                        r["duration_s"].as_f64().unwrap_or(0.0),
+                        r["pause_ms"].as_f64().unwrap_or(f64::NAN),
+                        human(r["ram_transferred_bytes"].as_u64().unwrap_or(0)),
+                    );
+                }
+            } else if !a.json {
                 let r = &end["result"];
                 for d in r["disks"].as_array().into_iter().flatten() {
                     println!(

@@ -69,6 +69,14 @@ pub struct IncomingReq {
     /// The datastore holding the definition (label).
     pub home: String,
     pub source_host: String,
+    /// The source's owner identity per datastore: where locks go back if the source
+    /// never finishes or aborts the move.
+    #[serde(default)]
+    pub source_owners: BTreeMap<Uuid, Owner>,
+    /// The destination removes the incoming VM by itself if the move has not finished
+    /// this long after it began (s).
+    #[serde(default)]
+    pub give_up_s: Option<u64>,
 }
 
 /// Test hooks from `FERRY_FAILPOINTS`: `migrate-after-handoff` fails the relocation
@@ -250,6 +258,25 @@ pub async fn incoming(agent: &Arc<Agent>, name: &str, r: IncomingReq) -> Result<
             );
             drop(vms);
             super::watch(Arc::clone(agent), name.to_string(), pid);
+            // Never left waiting: a source that neither finishes nor aborts (it died, or
+            // the network between us did) gets its locks back and nothing stays here.
+            let (a, n, back) = (Arc::clone(agent), name.to_string(), r.source_owners.clone());
+            let give_up = Duration::from_secs(r.give_up_s.unwrap_or(360));
+            tokio::spawn(async move {
+                tokio::time::sleep(give_up).await;
+                let still = a
+                    .vms
+                    .lock()
+                    .await
+                    .get(&n)
+                    .is_some_and(|v| v.incoming && v.pid == pid);
+                if still {
+                    tracing::warn!(
+                        "VM {n}: its migration did not finish within {give_up:?}; removing it"
+                    );
+                    let _ = abort(&a, &n, back).await;
+                }
+            });
             tracing::info!(
                 "VM {name}: waiting for its migration from {} at {uri}",
                 r.source_host
@@ -367,6 +394,21 @@ pub async fn abort(agent: &Arc<Agent>, name: &str, handback: BTreeMap<Uuid, Owne
         }
     };
     let Some(vm) = vm else {
+        // No incoming QEMU (it ended, or an agent restart removed it): drop inactive
+        // exports of the VM that may be left.
+        if let Some((_, st)) = locate(agent, name).await {
+            let mut left = Vec::new();
+            {
+                let t = agent.exports.lock().await;
+                for d in &st.spec.disks {
+                    let n = export_name(name, &d.name);
+                    if t.get(&n).is_some_and(|e| !e.gate.is_active()) {
+                        left.push(n);
+                    }
+                }
+            }
+            super::release_exports(agent, &left).await;
+        }
         return Ok(());
     };
     // QEMU first: nothing may write once the locks go back.
@@ -423,6 +465,7 @@ async fn give_back(session: &Arc<datastore::files::Session>, path: &str, to: Own
 // Source side.
 
 /// A control-API client for another host's agent (TCP, with the cluster secret).
+#[derive(Debug, Clone)]
 struct Peer {
     addr: String,
     secret: String,
@@ -602,6 +645,11 @@ async fn run(
             vm.exports.clone(),
         )
     };
+    let my_owners: BTreeMap<Uuid, Owner> = agent
+        .members
+        .iter()
+        .map(|m| (*m.ds.uuid(), m.session.owner()))
+        .collect();
     let inc: Incoming = serde_json::from_value(
         peer.call(
             "POST",
@@ -609,17 +657,14 @@ async fn run(
             Some(json!(IncomingReq {
                 spec: spec.clone(),
                 home: home.clone(),
-                source_host: agent.cfg.host.clone()
+                source_host: agent.cfg.host.clone(),
+                source_owners: my_owners.clone(),
+                give_up_s: Some(params.timeout_s.unwrap_or(300) + 60),
             })),
             Duration::from_secs(60),
         )
         .await?,
     )?;
-    let my_owners: BTreeMap<Uuid, Owner> = agent
-        .members
-        .iter()
-        .map(|m| (*m.ds.uuid(), m.session.owner()))
-        .collect();
     let mut handed = Handed {
         exports: Vec::new(),
         config: false,
@@ -748,7 +793,13 @@ async fn migrate(
             stopped_us = e.timestamp_us;
         }
     }
-    // Pre-switchover: the source is stopped and its I/O flushed. Hand every lock over.
+    // Pre-switchover: the source is stopped and its I/O flushed. Before handing any lock
+    // over, make sure the destination agent is still there to take it (handing locks to
+    // a host whose agent died would leave the VM waiting for host_dead).
+    peer.call("GET", "/v1/host", None, Duration::from_secs(5))
+        .await
+        .context("the destination agent stopped answering before the lock handoff")?;
+    // Hand every lock over.
     for e in exports {
         let (gate, ds) = {
             let t = agent.exports.lock().await;
@@ -857,23 +908,38 @@ async fn rollback(
     handed: &Handed,
     my_owners: &BTreeMap<Uuid, Owner>,
 ) -> bool {
-    // Ask the destination to remove its QEMU and exports and hand our locks back.
+    let _ = qmp.execute("migrate_cancel", None).await;
+    // Ask the destination to remove its QEMU and exports and hand our locks back. With
+    // nothing handed yet the source does not need its answer: the request is retried in
+    // the background (say, until a cut link is back) while the VM goes on here.
     let body = json!({"handback": my_owners});
-    if let Err(e) = peer
-        .call(
-            "POST",
-            &format!("/v1/vms/{name}/incoming/abort"),
-            Some(body),
-            Duration::from_secs(30),
-        )
+    let path = format!("/v1/vms/{name}/incoming/abort");
+    match peer
+        .call("POST", &path, Some(body.clone()), Duration::from_secs(10))
         .await
     {
-        if format!("{e:#}").contains("already runs here") {
-            return true;
+        Ok(_) => {}
+        Err(e) if format!("{e:#}").contains("already runs here") => return true,
+        Err(e) => {
+            tracing::warn!("VM {name}: the destination did not clean up yet: {e:#}; retrying in the background");
+            let (peer, n) = (peer.clone(), name.to_string());
+            tokio::spawn(async move {
+                for _ in 0..60 {
+                    tokio::time::sleep(Duration::from_secs(2)).await;
+                    match peer
+                        .call("POST", &path, Some(body.clone()), Duration::from_secs(10))
+                        .await
+                    {
+                        Ok(_) => {
+                            tracing::info!("VM {n}: the destination cleaned up");
+                            return;
+                        }
+                        Err(e) => tracing::debug!("VM {n}: abort on the destination: {e:#}"),
+                    }
+                }
+            });
         }
-        tracing::warn!("VM {name}: the destination did not clean up: {e:#}");
     }
-    let _ = qmp.execute("migrate_cancel", None).await;
     // Our exports take their locks back (handed back, or broken once the destination
     // is dead if it vanished with them).
     for e in &handed.exports {

@@ -491,7 +491,19 @@ pub async fn reattach(agent: &Arc<Agent>) {
             continue;
         };
         if !alive(pid) {
+            // QEMU ended while no agent watched it: the VM is stopped; its disks'
+            // exports (restored from the table) and their locks go.
             let _ = std::fs::remove_file(e.path().join("pid"));
+            if let Some((_, st)) = locate(agent, &name).await {
+                let names: Vec<String> = st
+                    .spec
+                    .disks
+                    .iter()
+                    .map(|d| export_name(&name, &d.name))
+                    .collect();
+                tracing::info!("VM {name}: QEMU (pid {pid}) ended while the agent was away; releasing its disks");
+                release_exports(agent, &names).await;
+            }
             continue;
         }
         let qmp = Qmp::connect(&e.path().join("qmp.sock"), Duration::from_secs(10))
