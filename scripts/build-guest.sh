@@ -6,8 +6,10 @@
 #   scripts/build-guest.sh [OUT_DIR]      (default: $FERRY_GUEST_DIR or /var/cache/ferry/guest)
 #
 # The guest's /init reads the kernel command line: `ferry.seconds=N` (0: until stopped),
-# `ferry.region_mib=M`, `ferry.dev=/dev/vda`; it loads the modules, runs the workload on
-# the disk with its log on the console (ttyS0), and powers off when it ends.
+# `ferry.region_mib=M`, `ferry.dev=/dev/vda`, `ferry.ip=ADDR/PREFIX` (eth0's address),
+# `ferry.echo_port=P` (a TCP echo server), `ferry.dirty_mib=D` (memory kept dirty); it
+# loads the modules, runs the workload on the disk with its log on the console (ttyS0),
+# and powers off when it ends.
 # A rebuild happens only when the kernel package, busybox or the workload changed.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -84,17 +86,25 @@ mount -t proc proc /proc
 mount -t sysfs sys /sys
 mount -t devtmpfs dev /dev
 for m in $(cat /modules); do insmod /lib/modules/$m.ko 2>/dev/null || echo "init: insmod $m failed"; done
-seconds=0; region=64; dev=/dev/vda
+seconds=0; region=64; dev=/dev/vda; ip=; extra=
 for a in $(cat /proc/cmdline); do
   case $a in
     ferry.seconds=*) seconds=${a#*=} ;;
     ferry.region_mib=*) region=${a#*=} ;;
     ferry.dev=*) dev=${a#*=} ;;
+    ferry.ip=*) ip=${a#*=} ;;
+    ferry.echo_port=*) extra="$extra --echo-port ${a#*=}" ;;
+    ferry.dirty_mib=*) extra="$extra --dirty-mib ${a#*=}" ;;
   esac
 done
+if [ -n "$ip" ]; then
+  for i in $(seq 50); do [ -e /sys/class/net/eth0 ] && break; sleep 0.1; done
+  ip link set lo up; ip link set eth0 up; ip addr add "$ip" dev eth0
+  echo "FNET eth0 $ip"
+fi
 for i in $(seq 100); do [ -b "$dev" ] && break; sleep 0.1; done
 echo "FBOOT uptime $(cut -d' ' -f1 /proc/uptime) disk $dev"
-/bin/workload "$dev" --seconds "$seconds" --region-mib "$region"
+/bin/workload "$dev" --seconds "$seconds" --region-mib "$region" $extra
 echo "FEXIT $?"
 poweroff -f
 EOF

@@ -175,20 +175,35 @@ async fn copy(sh: Arc<Shared>, g0: u64, g1: u64, _permit: OwnedSemaphorePermit) 
             .collect();
         (kz, sh.target.provisioning() == Provisioning::Thin)
     };
+    // Zeros are looked for per 4 KiB block, so a grain holding a little data does not
+    // allocate the whole grain on a thin target.
+    const BLOCK: u64 = 4096;
     let mut pieces: Vec<Piece> = Vec::new();
     let mut written = Vec::new();
     for (k, i) in (g0..g1).enumerate() {
-        let a = i * g;
-        let b = ((i + 1) * g).min(sh.size);
-        let zero = is_zero(&buf[(a - start) as usize..(b - start) as usize]);
-        if zero && known_zero[k] {
-            continue;
+        let ga = i * g;
+        let gb = ((i + 1) * g).min(sh.size);
+        let mut any = false;
+        let mut a = ga;
+        while a < gb {
+            let b = (a + BLOCK).min(gb);
+            let zero = is_zero(&buf[(a - start) as usize..(b - start) as usize]);
+            if !(zero && known_zero[k]) {
+                any = true;
+                match (pieces.last_mut(), zero) {
+                    (Some(Piece::Data(_, e)), false) | (Some(Piece::Zero(_, e)), true)
+                        if *e == a =>
+                    {
+                        *e = b
+                    }
+                    (_, false) => pieces.push(Piece::Data(a, b)),
+                    (_, true) => pieces.push(Piece::Zero(a, b)),
+                }
+            }
+            a = b;
         }
-        written.push(i);
-        match (pieces.last_mut(), zero) {
-            (Some(Piece::Data(_, e)), false) | (Some(Piece::Zero(_, e)), true) if *e == a => *e = b,
-            (_, false) => pieces.push(Piece::Data(a, b)),
-            (_, true) => pieces.push(Piece::Zero(a, b)),
+        if any {
+            written.push(i);
         }
     }
     let target = Arc::clone(&sh.target);

@@ -288,30 +288,27 @@ impl Shared {
             Some(false) => return source_op.await,
             Some(true) => {}
         }
+        // The target half is an owned future polled right here alongside the source
+        // half (no task hop per write); only if it outlives its timeout, or the guest's
+        // request is dropped, does it move to a task of its own as a tail.
         let target = Arc::clone(&self.target);
         let top = op.clone();
         let mut pending = Pending {
             sh: Arc::clone(self),
-            task: Some(tokio::spawn(
-                async move { top.apply(&*target, offset).await },
-            )),
+            fut: Some(Box::pin(async move { top.apply(&*target, offset).await })),
             ticket: Some(ticket),
             grains: (g0, g1),
         };
         let t = self.opts.target_timeout;
-        let task = pending.task.as_mut().expect("just set");
-        let (src, tgt) = tokio::join!(source_op, tokio::time::timeout(t, task));
+        let fut = pending.fut.as_mut().expect("just set");
+        let (src, tgt) = tokio::join!(source_op, tokio::time::timeout(t, fut));
         let tres = match tgt {
-            Ok(Ok(r)) => r,
-            Ok(Err(join)) => Err(Error::Io {
-                object: self.target.name().to_path_buf(),
-                op: "mirror write",
-                offset,
-                err: std::io::Error::other(join.to_string()),
-            }),
+            Ok(r) => {
+                pending.fut = None;
+                r
+            }
             Err(_) => Err(timed_out(self.target.name(), "mirror write", offset, t)),
         };
-        let still_running = pending.task.as_ref().is_some_and(|h| !h.is_finished());
         match tres {
             Ok(()) => {
                 let mut st = self.st.lock().expect("mirror state");
@@ -323,11 +320,7 @@ impl Shared {
             }
             Err(e) => self.target_failed(g0, g1, &e),
         }
-        if still_running {
-            pending.park();
-        } else {
-            pending.task = None;
-        }
+        pending.park();
         src
     }
 
@@ -371,17 +364,22 @@ impl Shared {
 /// request has really finished.
 struct Pending {
     sh: Arc<Shared>,
-    task: Option<JoinHandle<Result<()>>>,
+    /// The target request, while it has not finished.
+    fut: Option<TargetFut>,
     ticket: Option<Ticket>,
     grains: (u64, u64),
 }
 
+type TargetFut = std::pin::Pin<Box<dyn std::future::Future<Output = Result<()>> + Send>>;
+
 impl Pending {
+    /// Lets an unfinished target request run on as a tail (its range stays claimed
+    /// against copies until it ends); a finished one just releases its range.
     fn park(&mut self) {
-        if let (Some(task), Some(ticket)) = (self.task.take(), self.ticket.take()) {
+        if let (Some(fut), Some(ticket)) = (self.fut.take(), self.ticket.take()) {
             let tail = ticket.into_tail();
             tokio::spawn(async move {
-                let _ = task.await;
+                let _ = fut.await;
                 drop(tail);
             });
         }
@@ -390,7 +388,7 @@ impl Pending {
 
 impl Drop for Pending {
     fn drop(&mut self) {
-        if self.task.is_some() {
+        if self.fut.is_some() {
             // Dropped mid-flight (the guest's connection went away): the outcome on
             // either side is unknown, so the range is copied again.
             let (g0, g1) = self.grains;

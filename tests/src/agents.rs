@@ -453,6 +453,28 @@ pub struct Net {
     /// The root-namespace end of each host's veth pair (down = link cut).
     pub veth: Vec<String>,
     pub addr: Vec<String>,
+    /// A namespace on the same bridge that is no host: an outside client (address .100).
+    pub client_ns: String,
+    pub client_addr: String,
+    /// The subnet's first three octets ("10.99.S").
+    pub prefix: String,
+}
+
+/// Runs `f` on a thread that has entered network namespace `ns` (sockets it makes stay
+/// in that namespace, whichever thread uses them later).
+pub fn in_netns<T: Send + 'static>(ns: &str, f: impl FnOnce() -> T + Send + 'static) -> T {
+    let path = format!("/run/netns/{ns}");
+    std::thread::spawn(move || {
+        use std::os::fd::AsRawFd;
+        let fd = std::fs::File::open(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
+        // SAFETY: setns only changes this thread's network namespace; fd is a valid,
+        // open namespace file for the duration of the call.
+        let r = unsafe { libc::setns(fd.as_raw_fd(), libc::CLONE_NEWNET) };
+        assert_eq!(r, 0, "setns {path}: {}", std::io::Error::last_os_error());
+        f()
+    })
+    .join()
+    .expect("netns thread")
 }
 
 impl Net {
@@ -490,6 +512,10 @@ impl Net {
             let _ = Command::new("ip").args(["netns", "del", ns]).status();
             let _ = Command::new("ip").args(["link", "del", v]).status();
         }
+        let _ = Command::new("ip").args(["netns", "del", &self.client_ns]).status();
+        let _ = Command::new("ip")
+            .args(["link", "del", &format!("{}c", self.bridge)])
+            .status();
         let _ = Command::new("ip")
             .args(["link", "del", &self.bridge])
             .status();

@@ -16,6 +16,18 @@ pub fn create_vm(
     disk_mib: u64,
     nics: serde_json::Value,
 ) -> serde_json::Value {
+    create_vm_with(bed, i, name, disk_mib, nics, "")
+}
+
+/// [`create_vm`] with more kernel command line (`ferry.ip=`, `ferry.echo_port=`, …).
+pub fn create_vm_with(
+    bed: &AgentBed,
+    i: usize,
+    name: &str,
+    disk_mib: u64,
+    nics: serde_json::Value,
+    extra_append: &str,
+) -> serde_json::Value {
     let g = guest_dir();
     let (s, v) = bed.call(
         i,
@@ -25,7 +37,7 @@ pub fn create_vm(
             "name": name, "datastore": "ds0", "memory_mib": 128, "vcpus": 1,
             "kernel": g.join("vmlinuz"), "initrd": g.join("initramfs.img"),
             "append": format!(
-                "console=ttyS0 quiet panic=-1 ferry.seconds=0 ferry.region_mib={}",
+                "console=ttyS0 quiet panic=-1 ferry.seconds=0 ferry.region_mib={} {extra_append}",
                 (disk_mib / 2).min(32)
             ),
             "disks": [{"size": disk_mib << 20, "provisioning": "thin"}],

@@ -6,9 +6,9 @@
 use std::time::{Duration, Instant};
 
 use ferry_guest::{check, parse_logs, Acked, Phase};
-use ferry_tests::agents::{read_export, AgentBed};
+use ferry_tests::agents::{in_netns, read_export, AgentBed};
 use ferry_tests::cluster::SERIAL;
-use ferry_tests::vms::{create_vm, wait_writes};
+use ferry_tests::vms::{create_vm, create_vm_with, wait_writes};
 use serde_json::{json, Value};
 
 fn wait_task(bed: &AgentBed, i: usize, id: u64, within: Duration) -> Value {
@@ -309,4 +309,155 @@ fn a_failed_or_cancelled_host_relocation_leaves_the_vm_running_on_its_source() {
         r.acked, r.longest_gap_ms
     );
     assert!(r.ok(), "{:?}", r.errors);
+}
+
+/// Captures RARP frames from `mac` on `dev` inside namespace `ns` until `stop` is set
+/// (returns how many were seen).
+fn rarp_capture(
+    ns: &str,
+    dev: &'static str,
+    mac: [u8; 6],
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> std::thread::JoinHandle<usize> {
+    let ns = ns.to_string();
+    // The socket is made inside the namespace; reading it may happen anywhere.
+    let fd = in_netns(&ns, move || {
+        // SAFETY: plain socket/bind/setsockopt calls on a descriptor this closure owns;
+        // the structures passed are initialised and outlive the calls.
+        unsafe {
+            let proto = (libc::ETH_P_ALL as u16).to_be() as i32;
+            let fd = libc::socket(libc::AF_PACKET, libc::SOCK_RAW, proto);
+            assert!(fd >= 0, "AF_PACKET socket: {}", std::io::Error::last_os_error());
+            let name = std::ffi::CString::new(dev).unwrap();
+            let ifindex = libc::if_nametoindex(name.as_ptr());
+            assert!(ifindex > 0, "no {dev} in the namespace");
+            let mut sll: libc::sockaddr_ll = std::mem::zeroed();
+            sll.sll_family = libc::AF_PACKET as u16;
+            sll.sll_protocol = proto as u16;
+            sll.sll_ifindex = ifindex as i32;
+            let r = libc::bind(
+                fd,
+                &sll as *const libc::sockaddr_ll as *const libc::sockaddr,
+                std::mem::size_of::<libc::sockaddr_ll>() as u32,
+            );
+            assert_eq!(r, 0, "bind: {}", std::io::Error::last_os_error());
+            let tv = libc::timeval { tv_sec: 0, tv_usec: 200_000 };
+            libc::setsockopt(
+                fd,
+                libc::SOL_SOCKET,
+                libc::SO_RCVTIMEO,
+                &tv as *const libc::timeval as *const libc::c_void,
+                std::mem::size_of::<libc::timeval>() as u32,
+            );
+            fd
+        }
+    });
+    std::thread::spawn(move || {
+        let mut seen = 0;
+        let mut buf = [0u8; 2048];
+        while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+            // SAFETY: reads into a buffer we own, of the length given.
+            let n = unsafe { libc::recv(fd, buf.as_mut_ptr() as *mut libc::c_void, buf.len(), 0) };
+            if n >= 14 && buf[12..14] == [0x80, 0x35] && buf[6..12] == mac {
+                seen += 1;
+            }
+        }
+        // SAFETY: closes the descriptor this thread owns.
+        unsafe { libc::close(fd) };
+        seen
+    })
+}
+
+#[test]
+fn the_vm_keeps_its_mac_and_its_tcp_connections_across_hosts() {
+    use std::io::{Read, Write};
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let mut bed = AgentBed::networked(2, &["ds0"], 256);
+    bed.start(0);
+    bed.start(1);
+    let net = bed.net.as_ref().unwrap();
+    let guest_ip = format!("{}.50", net.prefix);
+    let mac = [0x52, 0x54, 0x00, 0x5e, 0x00, 0x01];
+    create_vm_with(
+        &bed,
+        0,
+        "net1",
+        32,
+        json!([{"mac": "52:54:00:5e:00:01", "bridge": "br0"}]),
+        &format!("ferry.ip={guest_ip}/24 ferry.echo_port=7"),
+    );
+    bed.call_ok(0, "POST", "/v1/vms/net1/start", None);
+    wait_writes(&bed, 0, "net1", 20);
+    // An outside client connects to the guest's echo server and keeps the connection.
+    let addr = format!("{guest_ip}:7");
+    let t0 = Instant::now();
+    let mut conn = loop {
+        let a = addr.clone();
+        match in_netns(&net.client_ns, move || {
+            std::net::TcpStream::connect_timeout(&a.parse().unwrap(), Duration::from_secs(2))
+        }) {
+            Ok(c) => break c,
+            Err(e) => {
+                assert!(t0.elapsed() < Duration::from_secs(60), "cannot reach the guest at {addr}: {e}");
+                std::thread::sleep(Duration::from_millis(500));
+            }
+        }
+    };
+    conn.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    let mut round = |msg: &str| {
+        conn.write_all(msg.as_bytes()).unwrap();
+        let mut b = vec![0u8; msg.len()];
+        conn.read_exact(&mut b).unwrap();
+        assert_eq!(String::from_utf8_lossy(&b), msg);
+    };
+    round("before the move\n");
+
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let cap = rarp_capture(&net.ns[1], "br0", mac, stop.clone());
+    let id = relocate(&bed, 0, "net1", json!({"host": bed.hosts[1].name}));
+    let done = wait_task(&bed, 0, id, Duration::from_secs(180));
+    assert_eq!(done["state"], "done", "{done}\n{}\n{}", bed.log(0), bed.log(1));
+    std::thread::sleep(Duration::from_secs(2));
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    let rarps = cap.join().unwrap();
+    eprintln!("{rarps} RARP frames from the VM's MAC on the destination bridge");
+    assert!(rarps > 0, "the destination did not announce the VM's MAC");
+    // The same TCP connection still works, now to the guest on the other host.
+    round("after the move\n");
+    assert_eq!(vm_on(&bed, 1, "net1")["state"], "running");
+    bed.call_ok(1, "POST", "/v1/vms/net1/stop", Some(json!({"force": true})));
+}
+
+#[test]
+fn a_migration_that_does_not_converge_ends_cleanly() {
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let mut bed = AgentBed::networked(2, &["ds0"], 256);
+    bed.start(0);
+    bed.start(1);
+    // The guest keeps 64 MiB of memory dirty; the link is limited to 1 MiB/s.
+    create_vm_with(&bed, 0, "busy", 32, json!([]), "ferry.dirty_mib=64");
+    let pid0 = bed.call_ok(0, "POST", "/v1/vms/busy/start", None)["pid"].clone();
+    wait_writes(&bed, 0, "busy", 20);
+    let id = relocate(
+        &bed,
+        0,
+        "busy",
+        json!({"host": bed.hosts[1].name, "bandwidth": 1 << 20, "timeout_s": 12}),
+    );
+    let t = wait_task(&bed, 0, id, Duration::from_secs(120));
+    eprintln!("non-converging migration: {t}");
+    match t["state"].as_str() {
+        // Auto-converge slowed the guest enough: it moved.
+        Some("done") => {
+            assert_eq!(vm_on(&bed, 1, "busy")["state"], "running");
+            eventually_no_leftovers(&bed, 0, "busy");
+        }
+        // Or it gave up: the VM stays, nothing is left behind.
+        _ => {
+            assert!(t["error"].as_str().unwrap().contains("did not converge"), "{t}");
+            assert_eq!(vm_on(&bed, 0, "busy")["pid"], pid0);
+            no_leftovers(&bed, 1, "busy");
+            more_writes(&bed, "busy", 10);
+        }
+    }
 }

@@ -5,8 +5,12 @@
 //! at the end (or on `--verify`) it checks everything it wrote. Any mismatch prints
 //! `FERR …` and ends with status 1.
 //!
-//! `workload DEVICE [--seconds N] [--region-mib M] [--verify]`; in the guest, the
-//! initramfs passes the kernel command line's `ferry.seconds=` and `ferry.region_mib=`.
+//! `workload DEVICE [--seconds N] [--region-mib M] [--verify] [--echo-port P]
+//! [--dirty-mib D]`; in the guest, the initramfs passes the kernel command line's
+//! `ferry.seconds=`, `ferry.region_mib=`, `ferry.echo_port=` and `ferry.dirty_mib=`.
+//! `--echo-port` also serves a TCP echo (a connection that must survive a host move);
+//! `--dirty-mib` keeps rewriting that much memory (a guest a migration finds hard to
+//! converge).
 
 use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
@@ -189,6 +193,41 @@ impl Workload {
     }
 }
 
+/// Echoes every TCP connection on `port` back to its sender.
+fn echo(port: u16) {
+    let l = match std::net::TcpListener::bind(("0.0.0.0", port)) {
+        Ok(l) => l,
+        Err(e) => {
+            println!("FERR cannot listen on port {port}: {e}");
+            return;
+        }
+    };
+    println!("FECHO listening on port {port}");
+    for c in l.incoming().flatten() {
+        std::thread::spawn(move || {
+            let mut r = c;
+            let mut w = match r.try_clone() {
+                Ok(w) => w,
+                Err(_) => return,
+            };
+            let _ = std::io::copy(&mut r, &mut w);
+        });
+    }
+}
+
+/// Rewrites `mib` MiB of memory, page by page, for ever.
+fn dirty(mib: usize) {
+    let mut mem = vec![0u8; mib << 20];
+    let mut round = 0u8;
+    loop {
+        round = round.wrapping_add(1);
+        for p in mem.chunks_mut(4096) {
+            p[0] = round;
+            p[2048] = round;
+        }
+    }
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     let mut dev_path = None;
@@ -205,6 +244,16 @@ fn main() {
                 region_mib = args[i].parse().expect("--region-mib M");
             }
             "--verify" => verify_only = true,
+            "--echo-port" => {
+                i += 1;
+                let port: u16 = args[i].parse().expect("--echo-port P");
+                std::thread::spawn(move || echo(port));
+            }
+            "--dirty-mib" => {
+                i += 1;
+                let mib: usize = args[i].parse().expect("--dirty-mib D");
+                std::thread::spawn(move || dirty(mib));
+            }
             p => dev_path = Some(p.to_string()),
         }
         i += 1;
