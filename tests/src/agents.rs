@@ -261,6 +261,9 @@ impl AgentBed {
             addr: (0..n)
                 .map(|i| format!("10.99.{subnet}.{}", i + 1))
                 .collect(),
+            client_ns: format!("fy{short}c"),
+            client_addr: format!("10.99.{subnet}.100"),
+            prefix: format!("10.99.{subnet}"),
         };
         net.create();
         for (i, h) in bed.hosts.iter_mut().enumerate() {
@@ -505,6 +508,23 @@ impl Net {
                 "br0",
             ]);
         }
+        let (c, cv) = (&self.client_ns, format!("{}c", self.bridge));
+        let cp = format!("{cv}p");
+        ip(&["netns", "add", c]);
+        ip(&["link", "add", &cv, "type", "veth", "peer", "name", &cp]);
+        ip(&["link", "set", &cp, "netns", c]);
+        ip(&["link", "set", &cv, "master", &self.bridge, "up"]);
+        ip(&["-n", c, "link", "set", "lo", "up"]);
+        ip(&["-n", c, "link", "set", &cp, "up"]);
+        ip(&[
+            "-n",
+            c,
+            "addr",
+            "add",
+            &format!("{}/24", self.client_addr),
+            "dev",
+            &cp,
+        ]);
     }
 
     fn destroy(&self) {
@@ -512,7 +532,9 @@ impl Net {
             let _ = Command::new("ip").args(["netns", "del", ns]).status();
             let _ = Command::new("ip").args(["link", "del", v]).status();
         }
-        let _ = Command::new("ip").args(["netns", "del", &self.client_ns]).status();
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.client_ns])
+            .status();
         let _ = Command::new("ip")
             .args(["link", "del", &format!("{}c", self.bridge)])
             .status();

@@ -21,8 +21,13 @@ pub static SERIAL: Mutex<()> = Mutex::new(());
 /// The ferry binary next to the test executable (`target/<profile>/ferry`).
 pub fn ferry_bin() -> PathBuf {
     let exe = std::env::current_exe().expect("test exe");
-    let dir = exe.parent().and_then(Path::parent).expect("target dir");
-    let bin = dir.join("ferry");
+    // Tests run from target/PROFILE/deps/, the harness's own binaries from target/PROFILE/.
+    let here = exe.parent().expect("exe dir");
+    let bin = if here.join("ferry").exists() {
+        here.join("ferry")
+    } else {
+        here.parent().expect("target dir").join("ferry")
+    };
     assert!(
         bin.exists(),
         "{} is missing: build it first (cargo build --release --bin ferry)",

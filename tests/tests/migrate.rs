@@ -60,6 +60,19 @@ fn relocate(bed: &AgentBed, from: usize, vm: &str, body: Value) -> u64 {
     v["id"].as_u64().unwrap()
 }
 
+/// Waits for a relocation task on host `i` that must succeed; returns it.
+fn wait_done(bed: &AgentBed, i: usize, id: u64) -> Value {
+    let done = wait_task(bed, i, id, Duration::from_secs(180));
+    assert_eq!(
+        done["state"],
+        "done",
+        "{done}\n{}\n{}",
+        bed.log(0),
+        bed.log(1)
+    );
+    done
+}
+
 fn vm_on(bed: &AgentBed, i: usize, vm: &str) -> Value {
     bed.call_ok(i, "GET", &format!("/v1/vms/{vm}"), None)
 }
@@ -149,14 +162,7 @@ fn a_running_vm_moves_live_to_another_host_and_loses_nothing() {
 
     let g_start = guest_now(&bed, "mig1");
     let id = relocate(&bed, 0, "mig1", json!({"host": bed.hosts[1].name}));
-    let done = wait_task(&bed, 0, id, Duration::from_secs(180));
-    assert_eq!(
-        done["state"],
-        "done",
-        "{done}\n{}\n{}",
-        bed.log(0),
-        bed.log(1)
-    );
+    let done = wait_done(&bed, 0, id);
     let g_end = guest_now(&bed, "mig1");
     let res = &done["result"];
     eprintln!("host relocation: {res}");
@@ -327,7 +333,11 @@ fn rarp_capture(
         unsafe {
             let proto = (libc::ETH_P_ALL as u16).to_be() as i32;
             let fd = libc::socket(libc::AF_PACKET, libc::SOCK_RAW, proto);
-            assert!(fd >= 0, "AF_PACKET socket: {}", std::io::Error::last_os_error());
+            assert!(
+                fd >= 0,
+                "AF_PACKET socket: {}",
+                std::io::Error::last_os_error()
+            );
             let name = std::ffi::CString::new(dev).unwrap();
             let ifindex = libc::if_nametoindex(name.as_ptr());
             assert!(ifindex > 0, "no {dev} in the namespace");
@@ -341,7 +351,10 @@ fn rarp_capture(
                 std::mem::size_of::<libc::sockaddr_ll>() as u32,
             );
             assert_eq!(r, 0, "bind: {}", std::io::Error::last_os_error());
-            let tv = libc::timeval { tv_sec: 0, tv_usec: 200_000 };
+            let tv = libc::timeval {
+                tv_sec: 0,
+                tv_usec: 200_000,
+            };
             libc::setsockopt(
                 fd,
                 libc::SOL_SOCKET,
@@ -398,12 +411,16 @@ fn the_vm_keeps_its_mac_and_its_tcp_connections_across_hosts() {
         }) {
             Ok(c) => break c,
             Err(e) => {
-                assert!(t0.elapsed() < Duration::from_secs(60), "cannot reach the guest at {addr}: {e}");
+                assert!(
+                    t0.elapsed() < Duration::from_secs(60),
+                    "cannot reach the guest at {addr}: {e}"
+                );
                 std::thread::sleep(Duration::from_millis(500));
             }
         }
     };
-    conn.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    conn.set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
     let mut round = |msg: &str| {
         conn.write_all(msg.as_bytes()).unwrap();
         let mut b = vec![0u8; msg.len()];
@@ -415,8 +432,7 @@ fn the_vm_keeps_its_mac_and_its_tcp_connections_across_hosts() {
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let cap = rarp_capture(&net.ns[1], "br0", mac, stop.clone());
     let id = relocate(&bed, 0, "net1", json!({"host": bed.hosts[1].name}));
-    let done = wait_task(&bed, 0, id, Duration::from_secs(180));
-    assert_eq!(done["state"], "done", "{done}\n{}\n{}", bed.log(0), bed.log(1));
+    let done = wait_done(&bed, 0, id);
     std::thread::sleep(Duration::from_secs(2));
     stop.store(true, std::sync::atomic::Ordering::SeqCst);
     let rarps = cap.join().unwrap();
@@ -434,8 +450,8 @@ fn a_migration_that_does_not_converge_ends_cleanly() {
     let mut bed = AgentBed::networked(2, &["ds0"], 256);
     bed.start(0);
     bed.start(1);
-    // The guest keeps 64 MiB of memory dirty; the link is limited to 1 MiB/s.
-    create_vm_with(&bed, 0, "busy", 32, json!([]), "ferry.dirty_mib=64");
+    // The guest keeps 24 MiB of memory dirty; the link is limited to 1 MiB/s.
+    create_vm_with(&bed, 0, "busy", 32, json!([]), "ferry.dirty_mib=24");
     let pid0 = bed.call_ok(0, "POST", "/v1/vms/busy/start", None)["pid"].clone();
     wait_writes(&bed, 0, "busy", 20);
     let id = relocate(
@@ -446,6 +462,13 @@ fn a_migration_that_does_not_converge_ends_cleanly() {
     );
     let t = wait_task(&bed, 0, id, Duration::from_secs(120));
     eprintln!("non-converging migration: {t}");
+    for h in &bed.hosts {
+        eprintln!(
+            "{}: qemu.log: {}",
+            h.name,
+            std::fs::read_to_string(h.run_dir.join("vms/busy/qemu.log")).unwrap_or_default()
+        );
+    }
     match t["state"].as_str() {
         // Auto-converge slowed the guest enough: it moved.
         Some("done") => {
@@ -454,7 +477,10 @@ fn a_migration_that_does_not_converge_ends_cleanly() {
         }
         // Or it gave up: the VM stays, nothing is left behind.
         _ => {
-            assert!(t["error"].as_str().unwrap().contains("did not converge"), "{t}");
+            assert!(
+                t["error"].as_str().unwrap().contains("did not converge"),
+                "{t}"
+            );
             assert_eq!(vm_on(&bed, 0, "busy")["pid"], pid0);
             no_leftovers(&bed, 1, "busy");
             more_writes(&bed, "busy", 10);

@@ -327,14 +327,6 @@ pub async fn finish(agent: &Arc<Agent>, name: &str) -> Result<Value> {
         }
         agent.save_exports(&t).await?;
     }
-    let homem = agent
-        .member(&home)
-        .ok_or_else(|| anyhow!("datastore {home} is gone"))?;
-    let cfg = homem
-        .session
-        .open(&config_path(name), LockMode::Exclusive)
-        .await
-        .context("taking the definition's lock")?;
     // The source finished sending; wait until this side has loaded everything.
     let t0 = Instant::now();
     loop {
@@ -342,7 +334,6 @@ pub async fn finish(agent: &Arc<Agent>, name: &str) -> Result<Value> {
         match st["status"].as_str() {
             Some("completed") => break,
             Some("failed") | Some("cancelled") => {
-                let _ = cfg.close().await;
                 bail!(
                     "the incoming migration {}",
                     st["status"].as_str().unwrap_or("failed")
@@ -351,10 +342,9 @@ pub async fn finish(agent: &Arc<Agent>, name: &str) -> Result<Value> {
             _ => {}
         }
         if t0.elapsed() > Duration::from_secs(60) {
-            let _ = cfg.close().await;
             bail!("the incoming migration did not complete within 60 s");
         }
-        tokio::time::sleep(Duration::from_millis(10)).await;
+        tokio::time::sleep(Duration::from_millis(2)).await;
     }
     let mut ev = qmp.events();
     qmp.execute("cont", None).await?;
@@ -363,6 +353,21 @@ pub async fn finish(agent: &Arc<Agent>, name: &str) -> Result<Value> {
         .await
         .map(|e| e.timestamp_us)
         .unwrap_or(0);
+    // The definition's lock was handed to us before the migration began.
+    let cfg = match agent.member(&home) {
+        Some(m) => match m
+            .session
+            .open(&config_path(name), LockMode::Exclusive)
+            .await
+        {
+            Ok(f) => Some(f),
+            Err(e) => {
+                tracing::error!("VM {name}: taking the definition's lock after the move: {e}");
+                None
+            }
+        },
+        None => None,
+    };
     // Tell the network where the MACs are now (RARP from each NIC).
     let _ = qmp
         .execute(
@@ -374,7 +379,7 @@ pub async fn finish(agent: &Arc<Agent>, name: &str) -> Result<Value> {
         let mut vms = agent.vms.lock().await;
         if let Some(vm) = vms.get_mut(name) {
             vm.incoming = false;
-            vm.config = Some(cfg);
+            vm.config = cfg;
             vm.spec = spec;
         }
     }
@@ -749,13 +754,45 @@ async fn migrate(
         qmp.execute("migrate-set-parameters", Some(Value::Object(p)))
             .await?;
     }
+    // The definition's lock goes first, before the guest stops: it only says which host
+    // runs the VM (a third host is refused either way), and it is handed back if the
+    // move fails. The disks' locks wait for the pre-switchover window.
+    {
+        let m = agent
+            .member(home)
+            .ok_or_else(|| anyhow!("datastore {home} is gone"))?;
+        let to = *inc
+            .owners
+            .get(m.ds.uuid())
+            .ok_or_else(|| anyhow!("host {} does not see datastore {home}", peer.name))?;
+        let cfg = agent
+            .vms
+            .lock()
+            .await
+            .get_mut(name)
+            .and_then(|v| v.config.take());
+        if let Some(cfg) = cfg {
+            let uuid = cfg.uuid();
+            cfg.detach().await?;
+            let s = Arc::clone(&m.session);
+            tokio::task::spawn_blocking(move || {
+                let v = s.lock_version(&uuid)?;
+                s.handoff(&uuid, to, v)
+            })
+            .await
+            .expect("handoff task")
+            .context("handing the definition's lock over")?;
+            handed.config = true;
+        }
+    }
     let mut ev = qmp.events();
     let started = Instant::now();
     qmp.execute("migrate", Some(json!({"uri": inc.uri})))
         .await?;
     let deadline = Instant::now() + Duration::from_secs(params.timeout_s.unwrap_or(300));
     let mut stopped_us = 0u64;
-    // Until the pre-switchover window.
+    // Until the pre-switchover window: woken by QEMU's MIGRATION events (and every
+    // 200 ms for progress, cancel and the deadline).
     loop {
         if task.cancelled() {
             bail!("cancelled");
@@ -781,12 +818,19 @@ async fn migrate(
             Some("cancelled") => bail!("the migration was cancelled"),
             _ => {}
         }
-        while let Ok(e) = ev.try_recv() {
-            if e.name == "STOP" {
-                stopped_us = e.timestamp_us;
+        let tick = tokio::time::sleep(Duration::from_millis(200));
+        tokio::pin!(tick);
+        loop {
+            tokio::select! {
+                _ = &mut tick => break,
+                e = ev.recv() => match e {
+                    Ok(e) if e.name == "STOP" => stopped_us = e.timestamp_us,
+                    Ok(e) if e.name == "MIGRATION" => break,
+                    Ok(_) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
+                    Err(_) => break,
+                },
             }
         }
-        tokio::time::sleep(Duration::from_millis(20)).await;
     }
     while let Ok(e) = ev.try_recv() {
         if e.name == "STOP" {
@@ -824,63 +868,36 @@ async fn migrate(
         }
         agent.save_exports(&t).await?;
     }
-    {
-        let m = agent
-            .member(home)
-            .ok_or_else(|| anyhow!("datastore {home} is gone"))?;
-        let to = *inc
-            .owners
-            .get(m.ds.uuid())
-            .ok_or_else(|| anyhow!("host {} does not see datastore {home}", peer.name))?;
-        let cfg = agent
-            .vms
-            .lock()
-            .await
-            .get_mut(name)
-            .and_then(|v| v.config.take());
-        if let Some(cfg) = cfg {
-            let uuid = cfg.uuid();
-            cfg.detach().await?;
-            let s = Arc::clone(&m.session);
-            tokio::task::spawn_blocking(move || {
-                let v = s.lock_version(&uuid)?;
-                s.handoff(&uuid, to, v)
-            })
-            .await
-            .expect("handoff task")
-            .context("handing the definition's lock over")?;
-            handed.config = true;
-        }
-    }
     if failpoint("migrate-after-handoff") {
         bail!("failpoint migrate-after-handoff");
     }
-    qmp.execute("migrate-continue", Some(json!({"state": "pre-switchover"})))
-        .await?;
-    let final_state = loop {
-        let st = qmp.execute("query-migrate", None).await?;
-        match st["status"].as_str() {
-            Some("completed") => break st,
-            Some("failed") | Some("cancelled") => bail!(
-                "the migration {} after the switchover began: {}",
-                st["status"].as_str().unwrap_or("failed"),
-                st["error-desc"].as_str().unwrap_or("(no reason)")
-            ),
-            _ => {}
+    // The destination takes the disks (its locks now) while QEMU sends the device state;
+    // it resumes the guest as soon as its side of the migration has completed.
+    let finish_path = format!("/v1/vms/{name}/incoming/finish");
+    let finish = peer.call("POST", &finish_path, None, Duration::from_secs(60));
+    let complete = async {
+        qmp.execute("migrate-continue", Some(json!({"state": "pre-switchover"})))
+            .await?;
+        loop {
+            let st = qmp.execute("query-migrate", None).await?;
+            match st["status"].as_str() {
+                Some("completed") => break Ok::<Value, anyhow::Error>(st),
+                Some("failed") | Some("cancelled") => bail!(
+                    "the migration {} after the switchover began: {}",
+                    st["status"].as_str().unwrap_or("failed"),
+                    st["error-desc"].as_str().unwrap_or("(no reason)")
+                ),
+                _ => {}
+            }
+            if Instant::now() > deadline {
+                bail!("the migration did not complete");
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
         }
-        if Instant::now() > deadline {
-            bail!("the migration did not complete");
-        }
-        tokio::time::sleep(Duration::from_millis(5)).await;
     };
-    let done = peer
-        .call(
-            "POST",
-            &format!("/v1/vms/{name}/incoming/finish"),
-            None,
-            Duration::from_secs(60),
-        )
-        .await?;
+    let (done, final_state) = tokio::join!(finish, complete);
+    let final_state = final_state?;
+    let done = done?;
     let resumed_us = done["resumed_us"].as_u64().unwrap_or(0);
     let pause_ms = if resumed_us > stopped_us && stopped_us > 0 {
         (resumed_us - stopped_us) as f64 / 1000.0
