@@ -432,7 +432,7 @@ fn the_vm_keeps_its_mac_and_its_tcp_connections_across_hosts() {
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let cap = rarp_capture(&net.ns[1], "br0", mac, stop.clone());
     let id = relocate(&bed, 0, "net1", json!({"host": bed.hosts[1].name}));
-    let done = wait_done(&bed, 0, id);
+    wait_done(&bed, 0, id);
     std::thread::sleep(Duration::from_secs(2));
     stop.store(true, std::sync::atomic::Ordering::SeqCst);
     let rarps = cap.join().unwrap();
