@@ -88,13 +88,14 @@ impl Inner {
         }
     }
 
-    /// Commits the metadata of what was just written, on both sides of a mirror.
+    /// Commits the metadata of what was just written to the file that is the disk: the
+    /// source while a mirror runs (the target is committed by the pivot's flush; until
+    /// then a crash leaves the source authoritative), the target once it pivoted.
     async fn durable(&self, name: &Path) -> diskfmt::Result<()> {
-        durable(self.file(name)?).await?;
-        if let Some((_, t)) = &self.mirror {
-            durable(t).await?;
+        match &self.mirror {
+            Some((m, t)) if m.phase() == mirror::Phase::Done => durable(t).await,
+            _ => durable(self.file(name)?).await,
         }
-        Ok(())
     }
 }
 
