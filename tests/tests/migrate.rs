@@ -214,7 +214,13 @@ fn a_running_vm_moves_live_to_another_host_and_loses_nothing() {
     let id = relocate(&bed, 1, "mig1", json!({"host": bed.hosts[0].name}));
     let t = wait_done(&bed, 1, id);
     assert_eq!(t["result"]["running"], false, "{t}");
-    assert!(t["result"]["note"].as_str().unwrap().contains("starts there"), "{t}");
+    assert!(
+        t["result"]["note"]
+            .as_str()
+            .unwrap()
+            .contains("starts there"),
+        "{t}"
+    );
     eprintln!(
         "{} acknowledged writes, phases {:?}, longest gap {} ms",
         r.acked, r.phases, r.longest_gap_ms
