@@ -5,7 +5,8 @@
 # datastore (Step 3: a qcow2 imported thin, opened by one host and refused to the other,
 # exported back identical, checked), host agents with NBD exports and a lock handoff
 # (Step 4), the test VM under QEMU (Step 5), and Storage vMotion: that VM moved live to
-# another datastore, every acknowledged write checked (Step 6). Later steps add host moves.
+# another datastore, every acknowledged write checked (Step 6), and the main job: the
+# running VM moved to another host and another datastore at once (Step 8).
 # Sets the machine up first (scripts/setup.sh). Run as root.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -114,14 +115,18 @@ show qemu-img compare "$work/thin.qcow2" "$work/back.qcow2"
 show $F datastore check "$l2"
 
 step "Step 4: a host agent on each host; alpha serves disk0 over NBD with its lock"
-# A second datastore, demo2, that only alpha sees (for Step 6).
+# Two more datastores: demo2 only alpha sees (Step 6), demo3 only beta sees (Step 8).
+# The agents talk over TCP (control API and NBD) with a cluster secret.
 $F datastore create "$work/lun2.img" --label demo2 --size 256M --profile test --max-hosts 8 >/dev/null
+$F datastore create "$work/lun3.img" --label demo3 --size 256M --profile test --max-hosts 8 >/dev/null
 l3=$(losetup --find --show --direct-io=on "$work/lun2.img"); loops+=("$l3")
+l4=$(losetup --find --show --direct-io=on "$work/lun3.img"); loops+=("$l4")
+port=17400
 for h in alpha beta; do
-  dev=$l1; [ $h = beta ] && dev=$l2
-  printf 'host = "demo-%s"\nrun_dir = "%s"\nprofile = "test"\n[[datastore]]\ndevice = "%s"\n' \
-    "$h" "$work/run-$h" "$dev" > "$work/$h.toml"
-  [ $h = alpha ] && printf '[[datastore]]\ndevice = "%s"\n' "$l3" >> "$work/$h.toml"
+  dev=$l1; own=$l3; [ $h = beta ] && { dev=$l2; own=$l4; }
+  printf 'host = "demo-%s"\nrun_dir = "%s"\nprofile = "test"\nmanagement_listen = "127.0.0.1:%s"\nnbd_listen = "127.0.0.1:%s"\nsecret = "demo-cluster-secret-0123"\n[[datastore]]\ndevice = "%s"\n[[datastore]]\ndevice = "%s"\n' \
+    "$h" "$work/run-$h" "$port" "$((port + 1))" "$dev" "$own" > "$work/$h.toml"
+  port=$((port + 2))
   FERRY_LOG=warn $F agent --config "$work/$h.toml" & agent_pids+=($!)
 done
 for h in alpha beta; do
@@ -166,12 +171,37 @@ show $F relocate-vm demo-vm --datastore demo2 --disk-format eager-thick $A
 show $F vm ls $A
 echo "QEMU before: $pid_before; after: $($F vm ls --json $A | grep -o '"pid": *[0-9]*' | head -1) (the same process: the guest never noticed)"
 sleep 5
-show $F vm stop demo-vm --force $A
-step "The verifier: every write the guest saw acknowledged, before, during and after the move, is on the new disk"
-show $F export add demo2:/demo-vm/disk0 --name moved --read-only $A
-show $F guest-check --log "$work/run-alpha/vms/demo-vm/console.log" --nbd "$work/run-alpha/nbd.sock" --export moved
-show $F export rm moved $A
-show $F vm rm demo-vm $A
+
+step "Step 8, the main job: demo-vm moves live to host beta AND to datastore demo3 at once"
+echo "alpha does not see demo3 and beta does not see demo2: the disk is copied over NBD (TCP)"
+echo "into a file beta creates, while the guest keeps writing; then its memory follows."
+echo "$ $F relocate-vm demo-vm --host demo-beta --datastore demo3 --json $A"
+$F relocate-vm demo-vm --host demo-beta --datastore demo3 --json $A > "$work/move.json"
+show $F vm ls $B
+sleep 5
+show $F vm stop demo-vm --force $B
+step "The verifier: every write the guest saw acknowledged — before, during and after both moves — is on its disk in demo3"
+show $F export add demo3:/demo-vm/disk0 --name moved --read-only $B
+set +e
+$F guest-check --log "$work/run-alpha/vms/demo-vm/console.log" --log "$work/run-beta/vms/demo-vm/console.log" \
+  --nbd "$work/run-beta/nbd.sock" --export moved | tee "$work/check.txt"
+verdict=${PIPESTATUS[0]}
+set -e
+show $F export rm moved $B
+show $F vm rm demo-vm $B
+python3 - "$work/move.json" "$work/check.txt" "$verdict" <<'PY'
+import json, sys
+t = json.load(open(sys.argv[1]))
+r = t["result"]
+check = open(sys.argv[2]).read().strip().splitlines()
+print("\nSummary of the main job (relocate-vm --host demo-beta --datastore demo3):")
+print(f"  total time           {r['duration_s']:.2f} s (disk copy {r.get('mirror_s', 0):.2f} s, memory {r['migration_s']:.2f} s)")
+print(f"  disk bytes copied    {r['copied_bytes'] / 2**20:.1f} MiB (+{sum(d['mirrored_bytes'] for d in r['disks']) / 2**20:.1f} MiB of guest writes mirrored)")
+print(f"  memory bytes sent    {r['ram_transferred_bytes'] / 2**20:.1f} MiB")
+print(f"  guest-visible pause  {r['pause_ms']:.0f} ms (source STOP to destination RESUME)")
+print(f"  verifier             {'PASSED' if sys.argv[3] == '0' else 'FAILED'}: {check[-1] if check else ''}")
+PY
+[ "$verdict" = 0 ]
 
 step "Both hosts leave cleanly"
 show $F export rm disk0 $A

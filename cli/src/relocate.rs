@@ -60,15 +60,17 @@ pub async fn run(a: RelocateArgs) -> Result<u8> {
             .ok_or_else(|| anyhow!("--disk {d:?}: expected NAME=DATASTORE (e.g. disk0=ds2)"))?;
         disks.insert(n.to_string(), json!(ds));
     }
-    if a.datastore.is_none() && disks.is_empty() && a.disk_format == "same" {
+    if a.host.is_none() && a.datastore.is_none() && disks.is_empty() && a.disk_format == "same" {
         bail!(
-            "say where VM {} goes: --datastore DS, --disk NAME=DS or --disk-format",
+            "say where VM {} goes: --host HOST, --datastore DS, --disk NAME=DS or --disk-format",
             a.vm
         );
     }
     let body = json!({
         "datastore": a.datastore, "host": a.host, "disks": disks,
         "disk_format": a.disk_format, "speed": a.speed,
+        "downtime_ms": a.downtime_ms, "bandwidth": a.bandwidth,
+        "multifd_channels": a.multifd_channels, "timeout_s": a.timeout,
     });
     let t = a
         .agent
@@ -120,11 +122,20 @@ pub async fn run(a: RelocateArgs) -> Result<u8> {
         Some("done") => {
             if !a.json && end["result"]["host"].is_string() {
                 let r = &end["result"];
+                print_disks(r);
                 if let Some(note) = r["note"].as_str() {
                     println!("{note}");
                 } else {
+                    let storage = match r["copied_bytes"].as_u64() {
+                        Some(c) => format!(
+                            " and datastore {} ({} of disk copied)",
+                            r["datastore"].as_str().unwrap_or("?"),
+                            human(c)
+                        ),
+                        None => String::new(),
+                    };
                     println!(
-                        "VM {} moved live to host {} in {:.1} s: guest paused {:.0} ms (stop to resume), {} of memory sent",
+                        "VM {} moved live to host {}{storage} in {:.1} s: guest paused {:.0} ms (stop to resume), {} of memory sent",
                         a.vm,
                         r["host"].as_str().unwrap_or("?"),
                         r["duration_s"].as_f64().unwrap_or(0.0),
@@ -134,16 +145,7 @@ pub async fn run(a: RelocateArgs) -> Result<u8> {
                 }
             } else if !a.json {
                 let r = &end["result"];
-                for d in r["disks"].as_array().into_iter().flatten() {
-                    println!(
-                        "disk {}: {} -> {} ({}, {} copied)",
-                        d["disk"].as_str().unwrap_or("?"),
-                        d["from"].as_str().unwrap_or("?"),
-                        d["to"].as_str().unwrap_or("?"),
-                        d["format"].as_str().unwrap_or("?"),
-                        human(d["copied_bytes"].as_u64().unwrap_or(0)),
-                    );
-                }
+                print_disks(r);
                 println!(
                     "VM {} relocated ({}; definition on {}) in {:.1} s; guest I/O held {:.1} ms at the switch",
                     a.vm,
@@ -167,5 +169,19 @@ pub async fn run(a: RelocateArgs) -> Result<u8> {
             a.vm,
             end["error"].as_str().unwrap_or("(no reason given)")
         ),
+    }
+}
+
+/// One line per disk a relocation moved.
+fn print_disks(r: &Value) {
+    for d in r["disks"].as_array().into_iter().flatten() {
+        println!(
+            "disk {}: {} -> {} ({}, {} copied)",
+            d["disk"].as_str().unwrap_or("?"),
+            d["from"].as_str().unwrap_or("?"),
+            d["to"].as_str().unwrap_or("?"),
+            d["format"].as_str().unwrap_or("?"),
+            human(d["copied_bytes"].as_u64().unwrap_or(0)),
+        );
     }
 }

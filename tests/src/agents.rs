@@ -289,6 +289,24 @@ impl AgentBed {
         bed
     }
 
+    /// Makes datastore `label` invisible to host `i` (before its agent starts): the
+    /// host's config no longer names its device, as for a LUN not presented to it.
+    pub fn hide(&self, i: usize, label: &str) {
+        let k = self
+            .images
+            .iter()
+            .position(|p| p.file_stem().is_some_and(|s| s == label))
+            .unwrap_or_else(|| panic!("no datastore {label} in the bed"));
+        let dev = self.devices[i * self.images.len() + k]
+            .path()
+            .display()
+            .to_string();
+        let text = std::fs::read_to_string(&self.hosts[i].config).expect("config");
+        let entry = format!("[[datastore]]\ndevice = \"{dev}\"\n");
+        assert!(text.contains(&entry), "host {i} does not see {label}");
+        std::fs::write(&self.hosts[i].config, text.replace(&entry, "")).expect("config");
+    }
+
     /// Cuts (false) or restores (true) host `i`'s link to the others.
     pub fn link(&self, i: usize, up: bool) {
         let net = self.net.as_ref().expect("a networked bed");

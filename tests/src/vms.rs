@@ -86,3 +86,103 @@ pub fn state(bed: &AgentBed, i: usize, vm: &str) -> String {
     let v = bed.call_ok(i, "GET", &format!("/v1/vms/{vm}"), None);
     v["state"].as_str().unwrap().to_string()
 }
+
+/// Waits until task `id` on host `i` has ended; returns it.
+pub fn wait_task(bed: &AgentBed, i: usize, id: u64, within: Duration) -> serde_json::Value {
+    let t0 = Instant::now();
+    loop {
+        let v = bed.call_ok(i, "GET", &format!("/v1/tasks/{id}"), None);
+        if v["state"] != "running" {
+            return v;
+        }
+        assert!(
+            t0.elapsed() < within,
+            "task {id} still runs: {v}\n{}",
+            bed.log(i)
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// The console logs of `vm` on every host of the bed.
+pub fn logs(bed: &AgentBed, vm: &str) -> Vec<String> {
+    bed.hosts
+        .iter()
+        .map(|h| {
+            std::fs::read_to_string(h.run_dir.join("vms").join(vm).join("console.log"))
+                .unwrap_or_default()
+        })
+        .collect()
+}
+
+/// Every write the guest saw acknowledged, across the hosts it ran on; asserts one
+/// continuous run (no reboot).
+pub fn acked(bed: &AgentBed, vm: &str) -> Vec<ferry_guest::Acked> {
+    let l = logs(bed, vm);
+    let refs: Vec<&str> = l.iter().map(|s| s.as_str()).collect();
+    let a = ferry_guest::parse_logs(&refs);
+    let run = a.last().expect("acknowledged writes").run;
+    if a.iter().any(|x| x.run != run) {
+        let per_host: Vec<String> = l
+            .iter()
+            .enumerate()
+            .map(|(i, t)| {
+                let lines: Vec<&str> = t.lines().collect();
+                let tail = lines[lines.len().saturating_sub(15)..].join("\n");
+                let runs: std::collections::BTreeSet<u64> = ferry_guest::parse_logs(&[t.as_str()])
+                    .iter()
+                    .map(|x| x.run)
+                    .collect();
+                format!("host {i}: runs {runs:x?}; last lines:\n{tail}")
+            })
+            .collect();
+        panic!(
+            "the guest rebooted: its uptime is not continuous\n{}",
+            per_host.join("\n---\n")
+        );
+    }
+    a
+}
+
+/// The guest's clock as of its newest acknowledged write.
+pub fn guest_now(bed: &AgentBed, vm: &str) -> u64 {
+    acked(bed, vm).last().unwrap().wall_ms
+}
+
+/// Waits for `n` more acknowledged writes (on whichever host runs the guest).
+pub fn more_writes(bed: &AgentBed, vm: &str, n: usize) {
+    let have = acked(bed, vm).len();
+    let t0 = Instant::now();
+    while acked(bed, vm).len() < have + n {
+        assert!(
+            t0.elapsed() < Duration::from_secs(120),
+            "the guest stopped writing"
+        );
+        std::thread::sleep(Duration::from_millis(300));
+    }
+}
+
+/// Starts a relocation of `vm` on host `from`; returns its task id.
+pub fn relocate(bed: &AgentBed, from: usize, vm: &str, body: serde_json::Value) -> u64 {
+    let (s, v) = bed.call(from, "POST", &format!("/v1/vms/{vm}/relocate"), Some(body));
+    assert_eq!(s, 202, "{v}");
+    v["id"].as_u64().unwrap()
+}
+
+/// Waits for a relocation task on host `i` that must succeed; returns it.
+pub fn wait_done(bed: &AgentBed, i: usize, id: u64) -> serde_json::Value {
+    let done = wait_task(bed, i, id, Duration::from_secs(180));
+    assert_eq!(
+        done["state"],
+        "done",
+        "{done}\n{}\n{}",
+        bed.log(0),
+        bed.log(1)
+    );
+    done
+}
+
+/// Host `i`'s view of `vm`.
+pub fn vm_on(bed: &AgentBed, i: usize, vm: &str) -> serde_json::Value {
+    bed.call_ok(i, "GET", &format!("/v1/vms/{vm}"), None)
+}

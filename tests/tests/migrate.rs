@@ -5,90 +5,14 @@
 
 use std::time::{Duration, Instant};
 
-use ferry_guest::{check, parse_logs, Acked, Phase};
+use ferry_guest::{check, Phase};
 use ferry_tests::agents::{in_netns, read_export, AgentBed};
 use ferry_tests::cluster::SERIAL;
-use ferry_tests::vms::{create_vm, create_vm_with, wait_writes};
-use serde_json::{json, Value};
-
-fn wait_task(bed: &AgentBed, i: usize, id: u64, within: Duration) -> Value {
-    let t0 = Instant::now();
-    loop {
-        let v = bed.call_ok(i, "GET", &format!("/v1/tasks/{id}"), None);
-        if v["state"] != "running" {
-            return v;
-        }
-        assert!(
-            t0.elapsed() < within,
-            "task {id} still runs: {v}\n{}",
-            bed.log(i)
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
-}
-
-/// The console logs of `vm` on every host of the bed.
-fn logs(bed: &AgentBed, vm: &str) -> Vec<String> {
-    bed.hosts
-        .iter()
-        .map(|h| {
-            std::fs::read_to_string(h.run_dir.join("vms").join(vm).join("console.log"))
-                .unwrap_or_default()
-        })
-        .collect()
-}
-
-fn acked(bed: &AgentBed, vm: &str) -> Vec<Acked> {
-    let l = logs(bed, vm);
-    let refs: Vec<&str> = l.iter().map(|s| s.as_str()).collect();
-    let a = parse_logs(&refs);
-    let run = a.last().expect("acknowledged writes").run;
-    assert!(
-        a.iter().all(|x| x.run == run),
-        "the guest rebooted: its uptime is not continuous"
-    );
-    a
-}
-
-fn guest_now(bed: &AgentBed, vm: &str) -> u64 {
-    acked(bed, vm).last().unwrap().wall_ms
-}
-
-fn relocate(bed: &AgentBed, from: usize, vm: &str, body: Value) -> u64 {
-    let (s, v) = bed.call(from, "POST", &format!("/v1/vms/{vm}/relocate"), Some(body));
-    assert_eq!(s, 202, "{v}");
-    v["id"].as_u64().unwrap()
-}
-
-/// Waits for a relocation task on host `i` that must succeed; returns it.
-fn wait_done(bed: &AgentBed, i: usize, id: u64) -> Value {
-    let done = wait_task(bed, i, id, Duration::from_secs(180));
-    assert_eq!(
-        done["state"],
-        "done",
-        "{done}\n{}\n{}",
-        bed.log(0),
-        bed.log(1)
-    );
-    done
-}
-
-fn vm_on(bed: &AgentBed, i: usize, vm: &str) -> Value {
-    bed.call_ok(i, "GET", &format!("/v1/vms/{vm}"), None)
-}
-
-/// Waits for `n` more acknowledged writes (on whichever host runs the guest).
-fn more_writes(bed: &AgentBed, vm: &str, n: usize) {
-    let have = acked(bed, vm).len();
-    let t0 = Instant::now();
-    while acked(bed, vm).len() < have + n {
-        assert!(
-            t0.elapsed() < Duration::from_secs(120),
-            "the guest stopped writing"
-        );
-        std::thread::sleep(Duration::from_millis(300));
-    }
-}
+use ferry_tests::vms::{
+    acked, create_vm, create_vm_with, guest_now, more_writes, relocate, vm_on, wait_done,
+    wait_task, wait_writes,
+};
+use serde_json::json;
 
 /// Every acknowledged write on the VM's disk, read through host `i`.
 fn verify(bed: &AgentBed, i: usize, vm: &str, phases: &[Phase]) -> ferry_guest::Report {
@@ -231,9 +155,10 @@ fn a_running_vm_moves_live_to_another_host_and_loses_nothing() {
 #[test]
 fn a_failed_or_cancelled_host_relocation_leaves_the_vm_running_on_its_source() {
     let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    let mut bed = AgentBed::networked(2, &["ds0"], 256);
+    let mut bed = AgentBed::networked(3, &["ds0"], 256);
     bed.start(0);
     bed.start(1);
+    bed.start(2);
     create_vm(&bed, 0, "mig2", 32, json!([]));
     let pid0 = bed.call_ok(0, "POST", "/v1/vms/mig2/start", None)["pid"].clone();
     wait_writes(&bed, 0, "mig2", 30);
@@ -247,6 +172,12 @@ fn a_failed_or_cancelled_host_relocation_leaves_the_vm_running_on_its_source() {
     assert!(
         s >= 400,
         "started on the destination during its relocation: {v}"
+    );
+    // ...and so does a third host.
+    let (s, v) = bed.call(2, "POST", "/v1/vms/mig2/start", None);
+    assert!(
+        s >= 400,
+        "started on a third host during its relocation: {v}"
     );
     bed.call_ok(0, "POST", &format!("/v1/tasks/{id}/cancel"), None);
     let t = wait_task(&bed, 0, id, Duration::from_secs(60));

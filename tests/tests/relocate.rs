@@ -12,25 +12,8 @@ use diskfmt::{BlockDev, WriteFlags};
 use ferry_guest::{check, check_live, parse_logs, Acked, Phase};
 use ferry_tests::agents::{block_on, read_export, AgentBed};
 use ferry_tests::cluster::{ferry_bin, SERIAL};
-use ferry_tests::vms::{console, create_vm, wait_writes};
+use ferry_tests::vms::{console, create_vm, wait_task, wait_writes};
 use serde_json::{json, Value};
-
-/// Waits for a task of host `i` to end; returns it.
-fn wait_task(bed: &AgentBed, i: usize, id: u64, within: Duration) -> Value {
-    let t0 = Instant::now();
-    loop {
-        let v = bed.call_ok(i, "GET", &format!("/v1/tasks/{id}"), None);
-        if v["state"] != "running" {
-            return v;
-        }
-        assert!(
-            t0.elapsed() < within,
-            "task {id} still runs: {v}\n{}",
-            bed.log(i)
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
-}
 
 /// The guest's clock now, as far as the host can tell: the wall time of the newest
 /// acknowledged write in its console log (the guest's clock is its own under TCG, so
@@ -369,7 +352,7 @@ fn a_powered_off_vm_moves_with_conversion_and_per_disk_destinations_and_bad_requ
         (json!({"datastore": "ds1", "disk_format": "fat"}), "fat"),
         (
             json!({"datastore": "ds1", "host": "elsewhere"}),
-            "another host",
+            "elsewhere",
         ),
     ] {
         let (s, v) = bed.call(0, "POST", "/v1/vms/cold/relocate", Some(body.clone()));

@@ -8,6 +8,13 @@
 //! (e.g. `1gbit`) every host link is shaped by `tc tbf` first. Reports the guest-visible
 //! pause (source STOP to destination RESUME, QEMU timestamps) and the total time (the
 //! request to the guest running on the destination).
+//!
+//! `migbench RUNS RATE both` (RATE `-` for an unshaped link) measures host + storage at
+//! once instead: the guest (256 MiB) has a 4 GiB thin disk holding 1 GiB of data; each
+//! run moves it to the other host *and* datastore (`relocate-vm --host --datastore`),
+//! then, as the yardsticks measured in the same run, moves the disk back alone (a
+//! storage relocation: mirror to ready + pivot) and the guest back alone (a host
+//! relocation), and migrates the plain QEMU guest once.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -138,13 +145,9 @@ async fn plain_move(
     (dst, pause, total)
 }
 
-fn main() {
-    let args: Vec<String> = std::env::args().collect();
-    let runs: usize = args.get(1).and_then(|r| r.parse().ok()).unwrap_or(3);
-    let rate = args.get(2).cloned();
-    let mut bed = AgentBed::networked(2, &["ds0"], 512);
+fn shape(bed: &AgentBed, rate: &Option<String>) {
     let net = bed.net.as_ref().unwrap();
-    if let Some(r) = &rate {
+    if let Some(r) = rate {
         for v in &net.veth {
             let ok = Command::new("tc")
                 .args([
@@ -156,6 +159,39 @@ fn main() {
             assert!(ok.success(), "tc tbf on {v}");
         }
     }
+}
+
+/// Runs relocation `body` of `vm` from host `from` to its end; (task, seconds).
+fn timed_relocation(
+    bed: &AgentBed,
+    from: usize,
+    vm: &str,
+    body: serde_json::Value,
+) -> (serde_json::Value, f64) {
+    let t0 = Instant::now();
+    let v = bed.call_ok(from, "POST", &format!("/v1/vms/{vm}/relocate"), Some(body));
+    let id = v["id"].as_u64().unwrap();
+    let done = loop {
+        let t = bed.call_ok(from, "GET", &format!("/v1/tasks/{id}"), None);
+        if t["state"] != "running" {
+            break t;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert_eq!(done["state"], "done", "{done}");
+    (done, t0.elapsed().as_secs_f64())
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    let runs: usize = args.get(1).and_then(|r| r.parse().ok()).unwrap_or(3);
+    let rate = args.get(2).cloned().filter(|r| r != "-");
+    if args.iter().any(|a| a == "both") {
+        return both(runs, rate);
+    }
+    let mut bed = AgentBed::networked(2, &["ds0"], 512);
+    shape(&bed, &rate);
+    let net = bed.net.as_ref().unwrap();
     let (ns, addr) = (net.ns.clone(), net.addr.clone());
     bed.start(0);
     bed.start(1);
@@ -252,4 +288,142 @@ fn main() {
         a - c
     );
     println!("| total time | {b:.2} s | {d:.2} s | {:.2}× |", b / d);
+}
+
+/// `migbench RUNS RATE both`: see the module docs.
+fn both(runs: usize, rate: Option<String>) {
+    let mut bed = AgentBed::networked(2, &["ds0", "ds1"], 6 << 10);
+    shape(&bed, &rate);
+    let net = bed.net.as_ref().unwrap();
+    let (ns, addr) = (net.ns.clone(), net.addr.clone());
+    bed.start(0);
+    bed.start(1);
+    let g = guest_dir();
+    bed.call_ok(
+        0,
+        "POST",
+        "/v1/vms",
+        Some(json!({
+            "name": "bench", "datastore": "ds0", "memory_mib": 256, "vcpus": 1,
+            "kernel": g.join("vmlinuz"), "initrd": g.join("initramfs.img"),
+            "append": "console=ttyS0 quiet panic=-1 ferry.seconds=0 ferry.region_mib=32",
+            "disks": [{"size": 4u64 << 30, "provisioning": "thin"}],
+        })),
+    );
+    // 1 GiB of data in four 256 MiB pieces, written through an export before the boot.
+    bed.call_ok(
+        0,
+        "POST",
+        "/v1/exports",
+        Some(json!({"name": "fill", "datastore": "ds0", "path": "/bench/disk0"})),
+    );
+    let url = format!(
+        "nbd+unix:///fill?socket={}",
+        bed.hosts[0].nbd_socket().display()
+    );
+    for k in 0..4u64 {
+        let ok = Command::new("qemu-io")
+            .args([
+                "-f",
+                "raw",
+                "-c",
+                &format!("write -P 0x5{k} {}M 256M", k * 1024 + 64),
+            ])
+            .arg(&url)
+            .stdout(Stdio::null())
+            .status()
+            .unwrap();
+        assert!(ok.success(), "qemu-io");
+    }
+    bed.call_ok(0, "DELETE", "/v1/exports/fill", None);
+    bed.call_ok(0, "POST", "/v1/vms/bench/start", None);
+    let dir: PathBuf = bed.dir.path().to_path_buf();
+    let ok = Command::new("qemu-img")
+        .args(["create", "-q", "-f", "raw"])
+        .arg(dir.join("plain.raw"))
+        .arg("64M")
+        .status()
+        .unwrap();
+    assert!(ok.success());
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    std::thread::sleep(Duration::from_secs(15));
+    let mut plain = Some(rt.block_on(plain_qemu(&ns[0], &dir, "p0", None)));
+    std::thread::sleep(Duration::from_secs(10));
+    let (mut both_t, mut both_p, mut stor_t, mut host_p, mut plain_t, mut mirror_t) =
+        (vec![], vec![], vec![], vec![], vec![], vec![]);
+    let mut pat = 0usize;
+    for r in 0..runs {
+        // Host 0 / ds0 -> host 1 / ds1, both at once.
+        let (done, total) = timed_relocation(
+            &bed,
+            0,
+            "bench",
+            json!({"host": bed.hosts[1].name, "datastore": "ds1"}),
+        );
+        let res = &done["result"];
+        both_t.push(total);
+        both_p.push(res["pause_ms"].as_f64().unwrap());
+        mirror_t.push(res["mirror_s"].as_f64().unwrap());
+        std::thread::sleep(Duration::from_secs(3));
+        // The yardsticks: the disk back alone, then the guest back alone.
+        let (_, st) = timed_relocation(&bed, 1, "bench", json!({"datastore": "ds0"}));
+        stor_t.push(st);
+        std::thread::sleep(Duration::from_secs(3));
+        let (done, _) = timed_relocation(&bed, 1, "bench", json!({"host": bed.hosts[0].name}));
+        host_p.push(done["result"]["pause_ms"].as_f64().unwrap());
+        std::thread::sleep(Duration::from_secs(3));
+        let pto = 1 - pat;
+        let (p, _, total2) = rt.block_on(plain_move(
+            plain.take().unwrap(),
+            &ns[pto],
+            &addr[pto],
+            &dir,
+            &format!("p{}", r + 1),
+        ));
+        plain = Some(p);
+        plain_t.push(total2);
+        pat = pto;
+        eprintln!(
+            "run {r}: both {total:.2} s (copy {:.2} s, pause {:.0} ms); storage alone {st:.2} s; \
+             host alone pause {:.0} ms; plain QEMU {total2:.2} s",
+            mirror_t[r], both_p[r], host_p[r]
+        );
+        std::thread::sleep(Duration::from_secs(3));
+    }
+    drop(plain);
+    let _ = bed.call(
+        0,
+        "POST",
+        "/v1/vms/bench/stop",
+        Some(json!({"force": true})),
+    );
+    let (bt, bp, st, hp, pt, mt) = (
+        median(both_t),
+        median(both_p),
+        median(stor_t),
+        median(host_p),
+        median(plain_t),
+        median(mirror_t),
+    );
+    println!(
+        "link: {}; medians of {runs} runs; 256 MiB TCG guest writing its 4 GiB thin disk (1 GiB of data)",
+        rate.as_deref().unwrap_or("unshaped veth")
+    );
+    println!();
+    println!("| | measured | yardstick | ratio / difference |");
+    println!("|---|---|---|---|");
+    println!(
+        "| total time, host + datastore at once | {bt:.2} s | storage alone {st:.2} s + plain QEMU migration {pt:.2} s = {:.2} s | {:.2}× |",
+        st + pt,
+        bt / (st + pt)
+    );
+    println!("| of which the disk copy (to in sync) | {mt:.2} s | | |");
+    println!(
+        "| guest-visible pause (STOP → RESUME) | {bp:.0} ms | host-only relocation {hp:.0} ms | {:+.0} ms |",
+        bp - hp
+    );
 }

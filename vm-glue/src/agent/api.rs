@@ -272,9 +272,11 @@ async fn route(agent: &Arc<Agent>, req: &Request, tcp: bool) -> ApiResult {
             struct AbortReq {
                 #[serde(default)]
                 handback: std::collections::BTreeMap<uuid::Uuid, datastore::Owner>,
+                #[serde(default)]
+                attempt: Option<String>,
             }
             let r: AbortReq = body(req)?;
-            crate::vm::migrate::abort(agent, name, r.handback)
+            crate::vm::migrate::abort(agent, name, r.handback, r.attempt.as_deref())
                 .await
                 .map_err(vm_err)?;
             ok(json!({"aborted": name}))

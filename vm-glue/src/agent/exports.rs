@@ -68,8 +68,10 @@ struct Inner {
     /// None once the export was shut.
     file: Option<Arc<DsFile>>,
     active: bool,
-    /// A storage relocation in progress: guest I/O goes through it.
-    mirror: Option<(Arc<Mirror>, Arc<DsFile>)>,
+    /// A storage relocation in progress: guest I/O goes through it. The target is a
+    /// file of this host (kept here to become the export's file after the pivot) or,
+    /// when the disk moves to another host, that host's export over NBD (`None`).
+    mirror: Option<(Arc<Mirror>, Option<Arc<DsFile>>)>,
     /// The datastore device and path of `file`.
     device: PathBuf,
     path: String,
@@ -93,7 +95,7 @@ impl Inner {
     /// then a crash leaves the source authoritative), the target once it pivoted.
     async fn durable(&self, name: &Path) -> diskfmt::Result<()> {
         match &self.mirror {
-            Some((m, t)) if m.phase() == mirror::Phase::Done => durable(t).await,
+            Some((m, Some(t))) if m.phase() == mirror::Phase::Done => durable(t).await,
             _ => durable(self.file(name)?).await,
         }
     }
@@ -195,6 +197,27 @@ impl Gate {
             }),
             active: watch::Sender::new(active),
         })
+    }
+
+    /// An active export of a file this host just created (and holds the lock of).
+    pub fn from_file(session: &Arc<Session>, file: DsFile, path: &str, hold: Duration) -> Gate {
+        Gate {
+            name: file.name().to_path_buf(),
+            size: file.size(),
+            lbs: file.logical_block_size(),
+            pbs: file.physical_block_size(),
+            prov: file.provisioning(),
+            read_only: false,
+            hold,
+            inner: RwLock::new(Inner {
+                file: Some(Arc::new(file)),
+                active: true,
+                mirror: None,
+                device: session.datastore().path().to_path_buf(),
+                path: path.to_string(),
+            }),
+            active: watch::Sender::new(true),
+        }
     }
 
     pub fn is_active(&self) -> bool {
@@ -321,7 +344,9 @@ impl Gate {
             // relocation's to clean up.
             m.cancel().await;
             drop(m);
-            close_shared(target, keep_lock).await?;
+            if let Some(t) = target {
+                close_shared(t, keep_lock).await?;
+            }
         }
         if active {
             close_shared(file, keep_lock).await?;
@@ -338,8 +363,8 @@ impl Gate {
         let flushed = match (&g.file, g.active) {
             (Some(f), true) => {
                 let mut r = f.flush().await.map_err(anyhow::Error::from);
-                if let Some((_, t)) = &g.mirror {
-                    r = r.and(t.flush().await.map_err(anyhow::Error::from));
+                if let Some((m, _)) = &g.mirror {
+                    r = r.and(m.target().flush().await.map_err(anyhow::Error::from));
                 }
                 r
             }
@@ -370,37 +395,93 @@ impl Gate {
     /// Starts mirroring the export's file to `target` (a new file on some datastore,
     /// open with its exclusive lock); guest I/O goes through the mirror from now on.
     pub async fn start_mirror(&self, target: DsFile, opts: mirror::Options) -> Result<Arc<Mirror>> {
+        let target = Arc::new(target);
+        match self
+            .begin_mirror(
+                Arc::clone(&target) as Arc<dyn BlockDev>,
+                Some(target.clone()),
+                opts,
+            )
+            .await
+        {
+            Ok(m) => Ok(m),
+            Err(e) => {
+                let _ = close_shared(target, false).await;
+                Err(e)
+            }
+        }
+    }
+
+    /// Starts mirroring the export's file to another host's export of the disk's new
+    /// file (an NBD client): the disk moves with its VM to that host
+    /// ([`Gate::release_synced`] ends it).
+    pub async fn start_mirror_remote(
+        &self,
+        target: Arc<dyn BlockDev>,
+        opts: mirror::Options,
+    ) -> Result<Arc<Mirror>> {
+        self.begin_mirror(target, None, opts).await
+    }
+
+    async fn begin_mirror(
+        &self,
+        target: Arc<dyn BlockDev>,
+        file: Option<Arc<DsFile>>,
+        opts: mirror::Options,
+    ) -> Result<Arc<Mirror>> {
         let mut g = self.inner.write().await;
         if !g.active || self.read_only {
-            let _ = target.close().await;
             bail!(
                 "{}: only an active, writable export can be relocated",
                 self.name.display()
             );
         }
         if g.mirror.is_some() {
-            let _ = target.close().await;
             bail!(
                 "{}: a relocation of this disk already runs",
                 self.name.display()
             );
         }
         let source = Arc::clone(g.file.as_ref().ok_or_else(|| gone(&self.name))?);
-        let target = Arc::new(target);
-        let m = match Mirror::start(
-            source as Arc<dyn BlockDev>,
-            Arc::clone(&target) as Arc<dyn BlockDev>,
-            opts,
-        ) {
-            Ok(m) => m,
-            Err(e) => {
-                drop(g);
-                close_shared(target, false).await?;
-                return Err(e.into());
-            }
-        };
-        g.mirror = Some((Arc::clone(&m), target));
+        let m = Mirror::start(source as Arc<dyn BlockDev>, target, opts)?;
+        g.mirror = Some((Arc::clone(&m), file));
         Ok(m)
+    }
+
+    /// Ends a mirror to another host once its target holds everything: with no request
+    /// able to enter (the export is held for the whole step), checks that the target is
+    /// in sync and flushes it, stops the mirror, flushes the file and releases its lock
+    /// (the export stays, inactive, until its VM is gone — or is activated again if the
+    /// move is rolled back). Fails, changing nothing, if the target is not in sync
+    /// within `within`.
+    /// Returns the mirror's final progress.
+    pub async fn release_synced(&self, within: Duration) -> Result<mirror::Progress> {
+        let mut g = self.inner.write().await;
+        let Some(m) = g.mirror.as_ref().map(|(m, _)| Arc::clone(m)) else {
+            bail!("{}: no relocation of this disk runs", self.name.display());
+        };
+        let pivot = m
+            .prepare_pivot(within)
+            .await
+            .with_context(|| format!("{}: the disk's new copy", self.name.display()))?;
+        // Everything is on the target and flushed; nothing can come in meanwhile.
+        drop(pivot);
+        g.mirror = None;
+        m.cancel().await;
+        let progress = m.progress();
+        drop(m);
+        let file = g.file(&self.name)?;
+        file.flush().await?;
+        let d = g.device.clone();
+        let p = g.path.clone();
+        let view = tokio::task::spawn_blocking(move || DsFile::open_readonly(&d, &p))
+            .await
+            .expect("open task")?;
+        let old = g.file.replace(Arc::new(view)).expect("checked above");
+        g.active = false;
+        self.active.send_replace(false);
+        close_shared(old, false).await?;
+        Ok(progress)
     }
 
     /// After the mirror's pivot was committed: serves the target file directly from
@@ -415,6 +496,13 @@ impl Gate {
             g.mirror = Some((m, target));
             bail!("{}: the relocation has not pivoted", self.name.display());
         }
+        let Some(target) = target else {
+            g.mirror = Some((m, None));
+            bail!(
+                "{}: the relocation's target is on another host",
+                self.name.display()
+            );
+        };
         m.finish().await;
         drop(m);
         let old = g.file.replace(target).ok_or_else(|| gone(&self.name))?;
@@ -436,7 +524,7 @@ impl Gate {
         }
         m.cancel().await;
         drop(m);
-        Arc::try_unwrap(target).ok()
+        target.and_then(|t| Arc::try_unwrap(t).ok())
     }
 
     /// Waits until the export is active, or fails after the write hold.

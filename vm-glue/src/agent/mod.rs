@@ -210,6 +210,20 @@ impl Agent {
         exports::save(&self.exports_path(), &specs)
     }
 
+    /// Serves `gate` as export `spec.name` (published, recorded in the table).
+    pub async fn add_vm_export(&self, spec: ExportSpec, gate: Arc<Gate>) -> Result<()> {
+        self.publish(&spec, &gate);
+        let mut table = self.exports.lock().await;
+        table.insert(spec.name.clone(), ExportEntry { spec, gate });
+        self.save_exports(&table).await
+    }
+
+    /// An export's gate and datastore uuid, by export name.
+    pub async fn export_gate(&self, name: &str) -> Option<(Arc<Gate>, uuid::Uuid)> {
+        let t = self.exports.lock().await;
+        t.get(name).map(|x| (Arc::clone(&x.gate), x.spec.datastore))
+    }
+
     pub fn member(&self, key: &str) -> Option<Arc<Member>> {
         self.members
             .iter()
@@ -411,6 +425,7 @@ pub async fn run(cfg: Config, exe: PathBuf) -> Result<Stop> {
             })?;
     }
     crate::vm::relocate::recover(&agent).await?;
+    crate::vm::targets::recover(&agent).await?;
     agent.restore_exports().await?;
     crate::vm::reattach(&agent).await;
 

@@ -31,12 +31,19 @@ pub struct Task {
     total: AtomicU64,
     cancel: AtomicBool,
     result: Mutex<Value>,
+    /// What the task does now, in a few words (e.g. "copying disks").
+    stage: Mutex<String>,
 }
 
 impl Task {
     pub fn progress(&self, done: u64, total: u64) {
         self.total.store(total, Ordering::Relaxed);
         self.done.store(done, Ordering::Relaxed);
+    }
+
+    /// Names the step the task is at now.
+    pub fn stage(&self, what: &str) {
+        *self.stage.lock().expect("task") = what.to_string();
     }
 
     /// Whether a cancel was asked for.
@@ -88,6 +95,7 @@ impl Task {
             "kind": self.kind,
             "object": self.object,
             "state": state,
+            "stage": self.stage.lock().expect("task").clone(),
             "error": error,
             "cancellable": self.cancellable,
             "progress": {"done_bytes": done, "total_bytes": total, "rate_bytes_per_s": rate, "eta_s": eta},
@@ -119,6 +127,7 @@ impl Tasks {
             total: AtomicU64::new(0),
             cancel: AtomicBool::new(false),
             result: Mutex::new(Value::Null),
+            stage: Mutex::new(String::new()),
         });
         let mut all = self.all.lock().expect("tasks");
         all.insert(id, Arc::clone(&t));

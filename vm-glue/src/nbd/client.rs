@@ -48,6 +48,8 @@ enum Endpoint {
 struct Conn {
     writer: tokio::sync::Mutex<Writer>,
     pending: Arc<Mutex<Option<HashMap<u64, Pending>>>>,
+    /// The socket (alive as long as `writer` is), to shut down under a stuck write.
+    fd: std::os::fd::RawFd,
 }
 
 /// What the handshake learnt.
@@ -84,6 +86,8 @@ pub struct NbdClient {
     cookie: AtomicU64,
     reconnect: std::time::Duration,
     reconnecting: tokio::sync::Mutex<()>,
+    /// Set by [`NbdClient::close`]: no request and no reconnection from then on.
+    closed: std::sync::atomic::AtomicBool,
 }
 
 impl std::fmt::Debug for NbdClient {
@@ -166,6 +170,7 @@ impl NbdClient {
             cookie: AtomicU64::new(1),
             reconnect: std::time::Duration::ZERO,
             reconnecting: tokio::sync::Mutex::new(()),
+            closed: std::sync::atomic::AtomicBool::new(false),
         })
     }
 
@@ -180,16 +185,34 @@ impl NbdClient {
         match endpoint {
             Endpoint::Unix(path) => {
                 let s = tokio::net::UnixStream::connect(path).await?;
+                let fd = std::os::fd::AsRawFd::as_raw_fd(&s);
                 let (r, w) = s.into_split();
-                Self::handshake(name, r, Box::new(w), export).await
+                Self::handshake(name, r, Box::new(w), export, fd).await
             }
             Endpoint::Tcp(addr) => {
                 let s = tokio::net::TcpStream::connect(addr).await?;
                 let _ = s.set_nodelay(true);
+                let fd = std::os::fd::AsRawFd::as_raw_fd(&s);
                 let (r, w) = s.into_split();
-                Self::handshake(name, r, Box::new(w), export).await
+                Self::handshake(name, r, Box::new(w), export, fd).await
             }
         }
+    }
+
+    /// Ends the client for good: requests in flight fail, later ones fail at once, and
+    /// it never reconnects (a request held somewhere cannot reach the export later).
+    pub fn close(&self) {
+        self.closed.store(true, Ordering::SeqCst);
+        let conn = Arc::clone(&self.conn.lock().expect("conn"));
+        // Dropping the waiters fails every request in flight; shutting the socket down
+        // ends a write stuck on a dead link (without waiting for the writer's lock).
+        conn.pending.lock().expect("pending").take();
+        // (`conn` holds the write half, so the descriptor is still this socket.)
+        let _ = nix::sys::socket::shutdown(conn.fd, nix::sys::socket::Shutdown::Both);
+    }
+
+    fn is_closed(&self) -> bool {
+        self.closed.load(Ordering::SeqCst)
     }
 
     /// Connects again after the connection was lost (once for all requests that saw
@@ -202,6 +225,9 @@ impl NbdClient {
         let deadline = tokio::time::Instant::now() + self.reconnect;
         let mut last;
         loop {
+            if self.is_closed() {
+                return Err(bad("the client was closed"));
+            }
             match Self::open(&self.name, &self.endpoint, &self.export).await {
                 Ok((conn, info)) if info.size == self.size => {
                     tracing::info!("{}: reconnected", self.name.display());
@@ -234,6 +260,7 @@ impl NbdClient {
         r: R,
         mut w: Writer,
         export: &str,
+        fd: std::os::fd::RawFd,
     ) -> std::io::Result<(Conn, Info)>
     where
         R: AsyncRead + Unpin + Send + 'static,
@@ -335,6 +362,7 @@ impl NbdClient {
             Conn {
                 writer: tokio::sync::Mutex::new(w),
                 pending,
+                fd,
             },
             Info {
                 size,
@@ -359,6 +387,9 @@ impl NbdClient {
         payload: &[u8],
     ) -> diskfmt::Result<Outcome> {
         loop {
+            if self.is_closed() {
+                return Err(self.io_err("request", offset, bad("the client was closed")));
+            }
             let conn = Arc::clone(&self.conn.lock().expect("conn"));
             match self
                 .request_on(&conn, kind, flags, offset, length, payload)

@@ -107,6 +107,14 @@ pub async fn write_at(f: &DsFile, spec: &VmSpec, generation: u64, slot: u64) -> 
     })
 }
 
+/// Makes `slot` hold no definition (a commit that failed half-way must not count).
+pub async fn invalidate(f: &DsFile, slot: u64) -> Result<()> {
+    f.write(slot * SLOT, &[0u8; 4096], WriteFlags::FUA)
+        .await
+        .context("clearing a VM definition slot")?;
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -20,6 +20,14 @@
 //! cancels the migration (QEMU resumes the source by itself), hands back whatever locks
 //! were handed (the destination hands them back by expected version), reactivates the
 //! source exports and removes everything on the destination.
+//!
+//! With `storage` (host + storage at once, `--host H --datastore DS`) the destination
+//! also creates, locks and exports the disks' new files ([`super::targets`]); before the
+//! memory moves, the source mirrors each disk into them over NBD on TCP until all are
+//! in sync; in the pre-switchover window each mirror ends in sync and its source file's
+//! lock is released (instead of handed); the destination commits the definition naming
+//! the new files once its side of the migration completed, then resumes; the source
+//! deletes the old files.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -32,10 +40,12 @@ use serde_json::{json, Value};
 use uuid::Uuid;
 
 use super::spec::VmSpec;
+use super::targets::{self, NewDisk, NewStorage};
 use super::{config_path, export_name, locate, RunningVm};
 use crate::agent::exports::{ExportSpec, Gate};
 use crate::agent::tasks::Task;
-use crate::agent::{Agent, ExportEntry};
+use crate::agent::Agent;
+use crate::nbd::client::NbdClient;
 use crate::qmp::Qmp;
 
 /// Migration settings a caller may give.
@@ -52,6 +62,10 @@ pub struct MigrateParams {
     pub timeout_s: Option<u64>,
 }
 
+/// QEMU's own defaults (7.2), set again for every migration.
+const DEFAULT_DOWNTIME_MS: u64 = 300;
+const DEFAULT_BANDWIDTH: u64 = 128 << 20;
+
 /// What the destination answers to `incoming`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Incoming {
@@ -59,6 +73,12 @@ pub struct Incoming {
     pub uri: String,
     /// The destination's owner identity per datastore uuid (for lock handoffs).
     pub owners: BTreeMap<Uuid, Owner>,
+    /// With `storage`: the destination's NBD address (TCP) serving the new files.
+    #[serde(default)]
+    pub nbd: Option<String>,
+    /// With `storage`: the definition the VM will run from there (the new files).
+    #[serde(default)]
+    pub spec: Option<VmSpec>,
 }
 
 /// What the source sends to `incoming`.
@@ -77,6 +97,17 @@ pub struct IncomingReq {
     /// this long after it began (s).
     #[serde(default)]
     pub give_up_s: Option<u64>,
+    /// Host + storage at once: the disks that move to new files on the destination's
+    /// datastores, and the definition's new datastore ([`targets`]).
+    #[serde(default)]
+    pub storage: Option<NewStorage>,
+    /// Parallel migration connections (the destination must expect them too).
+    #[serde(default)]
+    pub multifd_channels: Option<u32>,
+    /// Names this attempt: an abort for another (an earlier attempt's retried abort)
+    /// leaves it alone.
+    #[serde(default)]
+    pub attempt: Option<String>,
 }
 
 /// Test hooks from `FERRY_FAILPOINTS`: `migrate-after-handoff` fails the relocation
@@ -172,7 +203,18 @@ pub async fn incoming(agent: &Arc<Agent>, name: &str, r: IncomingReq) -> Result<
     if vms.contains_key(name) {
         bail!("VM {name} already runs on host {}", agent.cfg.host);
     }
-    let missing = lacks(agent, &r.spec, &r.home);
+    // What this host will run: with storage, the disks' new datastores.
+    let mut wanted = r.spec.clone();
+    let mut home = r.home.clone();
+    if let Some(st) = &r.storage {
+        for d in wanted.disks.iter_mut() {
+            if let Some(nd) = st.disks.get(&d.name) {
+                d.datastore = nd.datastore.clone();
+            }
+        }
+        home = st.home.clone();
+    }
+    let missing = lacks(agent, &wanted, &home);
     if !missing.is_empty() {
         bail!(
             "host {} cannot run VM {name}: it lacks {}",
@@ -181,10 +223,21 @@ pub async fn incoming(agent: &Arc<Agent>, name: &str, r: IncomingReq) -> Result<
         );
     }
     let mut exports = Vec::new();
+    let mut spec = r.spec.clone();
+    let mut new_config = None;
     let out = async {
-        for d in &r.spec.disks {
-            let m = agent.member(&d.datastore).expect("checked");
+        if let Some(st) = &r.storage {
+            let p = targets::prepare(agent, &r.spec, st).await?;
+            exports = p.exports;
+            spec = p.spec;
+            new_config = p.config;
+        }
+        for d in &spec.disks {
             let ename = export_name(name, &d.name);
+            if exports.contains(&ename) {
+                continue;
+            }
+            let m = agent.member(&d.datastore).expect("checked");
             let gate = Arc::new(
                 Gate::open(&m.session, &d.path, false, false, agent.cfg.write_hold).await?,
             );
@@ -195,22 +248,34 @@ pub async fn incoming(agent: &Arc<Agent>, name: &str, r: IncomingReq) -> Result<
                 read_only: false,
                 active: false,
             };
-            agent.publish(&spec, &gate);
-            let mut table = agent.exports.lock().await;
-            table.insert(ename.clone(), ExportEntry { spec, gate });
-            agent.save_exports(&table).await?;
+            agent.add_vm_export(spec, gate).await?;
             exports.push(ename);
         }
-        let (pid, qmp, cgroup, accel) = super::launch(agent, &r.spec, &exports, true).await?;
+        // In the definition's disk order.
+        let exports: Vec<String> = spec
+            .disks
+            .iter()
+            .map(|d| export_name(name, &d.name))
+            .collect();
+        let (pid, qmp, cgroup, accel) = super::launch(agent, &spec, &exports, true).await?;
         let started = async {
+            let multifd = r.multifd_channels.unwrap_or(1) > 1;
             qmp.execute(
                 "migrate-set-capabilities",
                 Some(json!({"capabilities": [
                     {"capability": "events", "state": true},
                     {"capability": "late-block-activate", "state": true},
+                    {"capability": "multifd", "state": multifd},
                 ]})),
             )
             .await?;
+            if multifd {
+                qmp.execute(
+                    "migrate-set-parameters",
+                    Some(json!({"multifd-channels": r.multifd_channels})),
+                )
+                .await?;
+            }
             let ip = agent
                 .mgmt_addr
                 .lock()
@@ -227,7 +292,7 @@ pub async fn incoming(agent: &Arc<Agent>, name: &str, r: IncomingReq) -> Result<
         }
         .await;
         match started {
-            Ok(uri) => Ok((pid, qmp, cgroup, accel, uri)),
+            Ok(uri) => Ok((pid, qmp, cgroup, accel, uri, exports)),
             Err(e) => {
                 super::kill_cgroup(&cgroup);
                 Err(e)
@@ -236,7 +301,7 @@ pub async fn incoming(agent: &Arc<Agent>, name: &str, r: IncomingReq) -> Result<
     }
     .await;
     match out {
-        Ok((pid, qmp, cgroup, accel, uri)) => {
+        Ok((pid, qmp, cgroup, accel, uri, exports)) => {
             let owners = agent
                 .members
                 .iter()
@@ -245,15 +310,17 @@ pub async fn incoming(agent: &Arc<Agent>, name: &str, r: IncomingReq) -> Result<
             vms.insert(
                 name.to_string(),
                 RunningVm {
-                    spec: r.spec.clone(),
-                    datastore: r.home.clone(),
+                    spec: spec.clone(),
+                    datastore: home.clone(),
                     pid,
                     qmp: Some(qmp),
                     exports,
                     cgroup,
                     accel,
-                    config: None,
+                    config: new_config,
                     incoming: true,
+                    storage: r.storage.clone(),
+                    attempt: r.attempt.clone(),
                 },
             );
             drop(vms);
@@ -274,18 +341,35 @@ pub async fn incoming(agent: &Arc<Agent>, name: &str, r: IncomingReq) -> Result<
                     tracing::warn!(
                         "VM {n}: its migration did not finish within {give_up:?}; removing it"
                     );
-                    let _ = abort(&a, &n, back).await;
+                    let _ = abort(&a, &n, back, None).await;
                 }
             });
             tracing::info!(
                 "VM {name}: waiting for its migration from {} at {uri}",
                 r.source_host
             );
-            Ok(Incoming { uri, owners })
+            let nbd = r
+                .storage
+                .as_ref()
+                .and_then(|_| *agent.nbd_tcp_addr.lock().expect("addr"))
+                .map(|a| a.to_string());
+            if r.storage.is_some() && nbd.is_none() {
+                tracing::warn!("VM {name}: no NBD TCP listener (nbd_listen) for its disks' copy");
+            }
+            Ok(Incoming {
+                uri,
+                owners,
+                nbd,
+                spec: r.storage.as_ref().map(|_| spec),
+            })
         }
         Err(e) => {
             drop(vms);
             super::release_exports(agent, &exports).await;
+            if let Some(c) = new_config.take() {
+                let _ = c.close().await;
+            }
+            targets::discard(agent, name).await;
             Err(e)
         }
     }
@@ -295,7 +379,7 @@ pub async fn incoming(agent: &Arc<Agent>, name: &str, r: IncomingReq) -> Result<
 /// definition, wait for the migration to complete, resume, announce. Returns the
 /// RESUME time (µs since the epoch).
 pub async fn finish(agent: &Arc<Agent>, name: &str) -> Result<Value> {
-    let (qmp, exports, spec, home) = {
+    let (qmp, exports, spec, home, storage) = {
         let vms = agent.vms.lock().await;
         let vm = vms
             .get(name)
@@ -306,15 +390,15 @@ pub async fn finish(agent: &Arc<Agent>, name: &str) -> Result<Value> {
             vm.exports.clone(),
             vm.spec.clone(),
             vm.datastore.clone(),
+            vm.storage.clone(),
         )
     };
     let qmp = qmp.ok_or_else(|| anyhow!("VM {name}: no QMP connection"))?;
     for e in &exports {
-        let (gate, ds) = {
-            let t = agent.exports.lock().await;
-            let x = t.get(e).ok_or_else(|| anyhow!("export {e} is gone"))?;
-            (Arc::clone(&x.gate), x.spec.datastore)
-        };
+        let (gate, ds) = agent
+            .export_gate(e)
+            .await
+            .ok_or_else(|| anyhow!("export {e} is gone"))?;
         let m = agent
             .member_by_uuid(&ds)
             .ok_or_else(|| anyhow!("datastore {ds} is gone"))?;
@@ -346,6 +430,42 @@ pub async fn finish(agent: &Arc<Agent>, name: &str) -> Result<Value> {
         }
         tokio::time::sleep(Duration::from_millis(2)).await;
     }
+    // A host + storage move commits here: the definition naming the new files is
+    // written (the source can no longer resume: its side of the migration completed).
+    let mut cfg = None;
+    if let Some(st) = &storage {
+        let own = agent
+            .vms
+            .lock()
+            .await
+            .get_mut(name)
+            .and_then(|v| v.config.take());
+        let f = match own {
+            Some(f) => f,
+            None => {
+                // The definition stays on its datastore: its lock was handed to us.
+                let m = agent
+                    .member(&home)
+                    .ok_or_else(|| anyhow!("datastore {home} is gone"))?;
+                m.session
+                    .open(&config_path(name), LockMode::Exclusive)
+                    .await
+                    .context("taking the definition's lock")?
+            }
+        };
+        if let Err(e) = targets::commit(agent, &f, &spec, st).await {
+            if let Some(v) = agent.vms.lock().await.get_mut(name) {
+                v.config = Some(f);
+            }
+            return Err(e.context(format!("VM {name}: committing its new definition")));
+        }
+        let mut vms = agent.vms.lock().await;
+        if let Some(vm) = vms.get_mut(name) {
+            vm.incoming = false;
+            vm.storage = None;
+        }
+        cfg = Some(f);
+    }
     let mut ev = qmp.events();
     qmp.execute("cont", None).await?;
     let resumed = qmp
@@ -354,8 +474,9 @@ pub async fn finish(agent: &Arc<Agent>, name: &str) -> Result<Value> {
         .map(|e| e.timestamp_us)
         .unwrap_or(0);
     // The definition's lock was handed to us before the migration began.
-    let cfg = match agent.member(&home) {
-        Some(m) => match m
+    let cfg = match (cfg, agent.member(&home)) {
+        (Some(f), _) => Some(f),
+        (None, Some(m)) => match m
             .session
             .open(&config_path(name), LockMode::Exclusive)
             .await
@@ -366,7 +487,7 @@ pub async fn finish(agent: &Arc<Agent>, name: &str) -> Result<Value> {
                 None
             }
         },
-        None => None,
+        (None, None) => None,
     };
     // Tell the network where the MACs are now (RARP from each NIC).
     let _ = qmp
@@ -389,10 +510,20 @@ pub async fn finish(agent: &Arc<Agent>, name: &str) -> Result<Value> {
 
 /// `POST /v1/vms/NAME/incoming/abort`: removes everything of an incoming VM; locks it
 /// was handed go back to `handback` (per datastore uuid) by expected version.
-pub async fn abort(agent: &Arc<Agent>, name: &str, handback: BTreeMap<Uuid, Owner>) -> Result<()> {
+pub async fn abort(
+    agent: &Arc<Agent>,
+    name: &str,
+    handback: BTreeMap<Uuid, Owner>,
+    attempt: Option<&str>,
+) -> Result<()> {
     let vm = {
         let mut vms = agent.vms.lock().await;
         match vms.get(name) {
+            // A late abort of an earlier attempt: this one is not its business.
+            Some(v) if v.incoming && attempt.is_some() && v.attempt.as_deref() != attempt => {
+                tracing::info!("VM {name}: ignoring the abort of an earlier move attempt");
+                return Ok(());
+            }
             Some(v) if v.incoming => vms.remove(name),
             Some(_) => bail!("VM {name} already runs here; it cannot be aborted"),
             None => None,
@@ -414,8 +545,10 @@ pub async fn abort(agent: &Arc<Agent>, name: &str, handback: BTreeMap<Uuid, Owne
             }
             super::release_exports(agent, &left).await;
         }
+        targets::discard(agent, name).await;
         return Ok(());
     };
+    let mut vm = vm;
     // QEMU first: nothing may write once the locks go back.
     super::kill_cgroup(&vm.cgroup);
     let _ = std::fs::remove_file(super::vm_dir(agent, name).join("pid"));
@@ -430,6 +563,10 @@ pub async fn abort(agent: &Arc<Agent>, name: &str, handback: BTreeMap<Uuid, Owne
             give_back(&m.session, &entry.spec.path, *to).await;
         }
     }
+    // A host + storage move's new vm.toml (never committed) is not handed anywhere.
+    if let Some(c) = vm.config.take() {
+        let _ = c.close().await;
+    }
     if let (Some(m), Some(to)) = (
         agent.member(&vm.datastore),
         agent
@@ -438,6 +575,8 @@ pub async fn abort(agent: &Arc<Agent>, name: &str, handback: BTreeMap<Uuid, Owne
     ) {
         give_back(&m.session, &config_path(name), to).await;
     }
+    // A host + storage move: its new files (and new vm.toml) go.
+    targets::discard(agent, name).await;
     let t = agent.exports.lock().await;
     agent.save_exports(&t).await?;
     tracing::info!("VM {name}: incoming migration aborted and removed");
@@ -551,16 +690,102 @@ fn peer(agent: &Agent, name: &str) -> Result<Peer> {
     })
 }
 
+/// The storage half of `relocate-vm --host H --datastore DS [--disk NAME=DS]...`.
+#[derive(Debug, Clone, Default)]
+pub struct StorageReq {
+    /// The definition's new datastore, and every disk's not named in `disks`.
+    pub datastore: Option<String>,
+    /// Per-disk datastores (on the destination host).
+    pub disks: BTreeMap<String, String>,
+    /// `same`, `thin`, `lazy-thick` or `eager-thick`.
+    pub disk_format: Option<String>,
+    /// Copy rate limit (bytes/s).
+    pub speed: Option<u64>,
+}
+
+/// Works out which disks move to new files (and whether the definition moves); `None`
+/// when nothing but the host changes.
+async fn plan_storage(
+    agent: &Agent,
+    name: &str,
+    stored: &super::config::Stored,
+    home: &str,
+    req: &StorageReq,
+) -> Result<Option<NewStorage>> {
+    let spec = &stored.spec;
+    let format: Option<diskfmt::Provisioning> = match req.disk_format.as_deref() {
+        None | Some("same") => None,
+        Some(f) => Some(f.parse().map_err(|e: String| anyhow!("disk format: {e}"))?),
+    };
+    super::relocate::check_disk_names(name, spec, req.disks.keys())?;
+    let mut disks = BTreeMap::new();
+    for d in &spec.disks {
+        let to = req
+            .disks
+            .get(&d.name)
+            .or(req.datastore.as_ref())
+            .cloned()
+            .unwrap_or_else(|| d.datastore.clone());
+        let cur: diskfmt::Provisioning = d.provisioning.parse().map_err(|e: String| anyhow!(e))?;
+        let prov = format.unwrap_or(cur);
+        if to == d.datastore && prov == cur {
+            continue;
+        }
+        let m = agent.member(&d.datastore).ok_or_else(|| {
+            anyhow!(
+                "disk {} is on datastore {:?}, not configured here",
+                d.name,
+                d.datastore
+            )
+        })?;
+        let st = datastore::files::stat(&m.ds, &d.path)
+            .with_context(|| format!("disk {} of VM {name}", d.name))?;
+        if st
+            .lock
+            .as_deref()
+            .is_some_and(|l| l.contains("multi-writer"))
+        {
+            bail!(
+                "disk {} of VM {name} ({}:{}) is open multi-writer; one host cannot mirror a \
+                 disk others write: close it there first",
+                d.name,
+                m.label(),
+                d.path
+            );
+        }
+        disks.insert(
+            d.name.clone(),
+            NewDisk {
+                datastore: to,
+                provisioning: prov.as_str().to_string(),
+                allocated: st.allocated_bytes,
+            },
+        );
+    }
+    let new_home = req.datastore.clone().unwrap_or_else(|| home.to_string());
+    if disks.is_empty() && new_home == home {
+        return Ok(None);
+    }
+    Ok(Some(NewStorage {
+        disks,
+        home: new_home,
+        generation: stored.generation,
+        slot: stored.slot,
+    }))
+}
+
 /// Checks a host relocation and starts it as a task.
 pub async fn start(
     agent: &Arc<Agent>,
     name: &str,
     host: &str,
     params: MigrateParams,
+    storage: StorageReq,
 ) -> Result<Arc<Task>> {
     let (home, stored) = locate(agent, name)
         .await
         .ok_or_else(|| anyhow!("no VM named {name:?} on this host's datastores"))?;
+    let new_storage = plan_storage(agent, name, &stored, home.label(), &storage).await?;
     let running = agent.vms.lock().await.get(name).map(|v| v.incoming);
     let p = peer(agent, host)?;
     match running {
@@ -572,15 +797,82 @@ pub async fn start(
             if let Some(holder) = st.lock {
                 bail!("VM {name} is running elsewhere ({holder}): relocate it from the host that runs it");
             }
-            let task = agent.tasks.start("relocate-vm", name, false);
-            let v = p
+            // With storage too: the files move here first (to datastores this host sees
+            // as well), then it is a check like the above.
+            let mut there = stored.spec.clone();
+            let mut there_home = home.label().to_string();
+            if let Some(st) = &new_storage {
+                for (disk, nd) in &st.disks {
+                    if agent.member(&nd.datastore).is_none() {
+                        bail!(
+                            "VM {name} is powered off and datastore {} (for disk {disk}) is not \
+                             visible from host {}: a powered-off VM moves only to datastores its \
+                             current host sees too; start it and move it live, or move it to a \
+                             shared datastore first",
+                            nd.datastore,
+                            agent.cfg.host
+                        );
+                    }
+                    if let Some(d) = there.disks.iter_mut().find(|d| &d.name == disk) {
+                        d.datastore = nd.datastore.clone();
+                    }
+                }
+                if agent.member(&st.home).is_none() {
+                    bail!(
+                        "VM {name} is powered off and datastore {} is not visible from host {}: \
+                         start it and move it live, or choose a datastore both hosts see",
+                        st.home,
+                        agent.cfg.host
+                    );
+                }
+                there_home = st.home.clone();
+            }
+            let check = p
                 .call(
                     "POST",
                     &format!("/v1/vms/{name}/check"),
-                    Some(json!({"spec": stored.spec, "home": home.label(), "source_host": agent.cfg.host})),
+                    Some(json!({"spec": there, "home": there_home, "source_host": agent.cfg.host})),
                     Duration::from_secs(20),
                 )
                 .await;
+            if let Some(st) = new_storage {
+                check?;
+                let task = agent.tasks.start("relocate-vm", name, true);
+                let r = super::relocate::RelocateReq {
+                    datastore: Some(st.home.clone()),
+                    disks: st
+                        .disks
+                        .iter()
+                        .map(|(d, nd)| (d.clone(), nd.datastore.clone()))
+                        .collect(),
+                    disk_format: storage.disk_format.clone(),
+                    speed: storage.speed,
+                    ..Default::default()
+                };
+                let (a, t, n, h) = (
+                    Arc::clone(agent),
+                    Arc::clone(&task),
+                    name.to_string(),
+                    host.to_string(),
+                );
+                tokio::spawn(async move {
+                    let out = super::relocate::relocate_here(&a, &t, &n, &r).await;
+                    t.finish(match out {
+                        Ok(mut v) => {
+                            v["host"] = json!(h);
+                            v["note"] = json!(format!(
+                                "VM {n} is powered off; its files moved to datastores host {h} sees: \
+                                 it starts there with `ferry vm start {n} --host {h}`"
+                            ));
+                            Ok(v)
+                        }
+                        Err(e) => Err(format!("{e:#}")),
+                    });
+                });
+                return Ok(task);
+            }
+            let task = agent.tasks.start("relocate-vm", name, false);
+            let v = check;
             task.finish(match v {
                 Ok(_) => Ok(json!({"vm": name, "running": false, "host": host,
                     "note": format!("VM {name} is powered off and its files are on datastores host {host} sees: it starts there with `ferry vm start {name} --host {host}`")})),
@@ -597,7 +889,7 @@ pub async fn start(
         home.label().to_string(),
     );
     tokio::spawn(async move {
-        let out = run(&a, &t, spec, label, p, params).await;
+        let out = run(&a, &t, spec, label, p, params, new_storage, storage.speed).await;
         match out {
             Ok(v) => t.finish(Ok(v)),
             Err(e) => {
@@ -628,8 +920,11 @@ struct Handed {
     /// Export name → (datastore uuid, file uuid).
     exports: Vec<String>,
     config: bool,
+    /// Disks copied to the destination: export name and the copy's final progress.
+    copies: Vec<(String, mirror::Progress)>,
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn run(
     agent: &Arc<Agent>,
     task: &Arc<Task>,
@@ -637,6 +932,8 @@ async fn run(
     home: String,
     peer: Peer,
     params: MigrateParams,
+    storage: Option<NewStorage>,
+    speed: Option<u64>,
 ) -> Result<Value> {
     let name = spec.name.clone();
     let t0 = Instant::now();
@@ -655,6 +952,7 @@ async fn run(
         .iter()
         .map(|m| (*m.ds.uuid(), m.session.owner()))
         .collect();
+    let attempt = Uuid::new_v4().to_string();
     let inc: Incoming = serde_json::from_value(
         peer.call(
             "POST",
@@ -664,7 +962,10 @@ async fn run(
                 home: home.clone(),
                 source_host: agent.cfg.host.clone(),
                 source_owners: my_owners.clone(),
-                give_up_s: Some(params.timeout_s.unwrap_or(300) + 60),
+                give_up_s: Some(2 * params.timeout_s.unwrap_or(300) + 60),
+                storage: storage.clone(),
+                multifd_channels: params.multifd_channels,
+                attempt: Some(attempt.clone()),
             })),
             Duration::from_secs(60),
         )
@@ -673,20 +974,59 @@ async fn run(
     let mut handed = Handed {
         exports: Vec::new(),
         config: false,
+        copies: Vec::new(),
     };
-    let out = migrate(
-        agent,
-        task,
-        &qmp,
-        &name,
-        &home,
-        &exports,
-        &inc,
-        &peer,
-        &params,
-        &mut handed,
-    )
+    // Host + storage: the disks that move to new files on the destination.
+    let moving: Vec<String> = storage
+        .iter()
+        .flat_map(|s| s.disks.keys().map(|d| export_name(&name, d)))
+        .collect();
+    let hand_config = storage.as_ref().is_none_or(|s| s.home == home);
+    let mut clients = Vec::new();
+    let out = async {
+        let mut mirror_s = 0.0;
+        if !moving.is_empty() {
+            let m0 = Instant::now();
+            mirror_disks(
+                agent,
+                task,
+                &name,
+                &inc,
+                &peer,
+                &moving,
+                speed,
+                &params,
+                &mut clients,
+            )
+            .await?;
+            mirror_s = m0.elapsed().as_secs_f64();
+        }
+        let mut v = migrate(
+            agent,
+            task,
+            &qmp,
+            &name,
+            &home,
+            &exports,
+            &inc,
+            &peer,
+            &params,
+            &moving,
+            hand_config,
+            &mut handed,
+        )
+        .await?;
+        if !moving.is_empty() {
+            v["mirror_s"] = json!(mirror_s);
+        }
+        Ok::<Value, anyhow::Error>(v)
+    }
     .await;
+    // The copies ended (in sync, or cancelled): nothing may reach the new files from
+    // here any more, not even a request that was held up.
+    for c in &clients {
+        c.close();
+    }
     match out {
         Ok(mut v) => {
             v["duration_s"] = json!(t0.elapsed().as_secs_f64());
@@ -696,11 +1036,47 @@ async fn run(
             let _ = qmp
                 .execute_within("quit", None, Duration::from_secs(5))
                 .await;
+            if let Some(st) = &storage {
+                let mut copied = 0;
+                let mut disks = Vec::new();
+                let new_spec = inc.spec.as_ref().unwrap_or(&spec);
+                for (e, p) in &handed.copies {
+                    copied += p.done_bytes;
+                    let d = spec
+                        .disks
+                        .iter()
+                        .find(|d| export_name(&name, &d.name) == *e);
+                    let n = d.and_then(|d| new_spec.disks.iter().find(|x| x.name == d.name));
+                    if let (Some(d), Some(n)) = (d, n) {
+                        disks.push(json!({
+                            "disk": d.name,
+                            "from": format!("{}:{}", d.datastore, d.path),
+                            "to": format!("{}:{}", n.datastore, n.path),
+                            "format": n.provisioning,
+                            "copied_bytes": p.done_bytes,
+                            "mirrored_bytes": p.mirrored_bytes,
+                        }));
+                    }
+                }
+                v["disks"] = json!(disks);
+                v["copied_bytes"] = json!(copied);
+                v["datastore"] = json!(st.home);
+                remove_moved(agent, &name, &spec, &home, st).await;
+            }
             Ok(v)
         }
         Err(e) => {
             tracing::warn!("VM {name}: host relocation failed, staying here: {e:#}");
-            if rollback(agent, &qmp, &name, &home, &peer, &handed, &my_owners).await {
+            for e in &moving {
+                if let Some((gate, _)) = agent.export_gate(e).await {
+                    gate.abort_mirror().await;
+                }
+            }
+            if rollback(
+                agent, &qmp, &name, &home, &peer, &handed, &my_owners, &attempt,
+            )
+            .await
+            {
                 // The destination had resumed it after all (its answer was lost).
                 let _ = qmp
                     .execute_within("quit", None, Duration::from_secs(5))
@@ -725,39 +1101,43 @@ async fn migrate(
     inc: &Incoming,
     peer: &Peer,
     params: &MigrateParams,
+    moving: &[String],
+    hand_config: bool,
     handed: &mut Handed,
 ) -> Result<Value> {
-    let mut caps = vec![
+    // Every setting is given each time: QEMU keeps them from an earlier (failed) attempt.
+    let multifd = params.multifd_channels.unwrap_or(1) > 1;
+    let caps = vec![
         json!({"capability": "events", "state": true}),
         json!({"capability": "pause-before-switchover", "state": true}),
         json!({"capability": "auto-converge", "state": true}),
+        json!({"capability": "multifd", "state": multifd}),
     ];
-    if params.multifd_channels.unwrap_or(1) > 1 {
-        caps.push(json!({"capability": "multifd", "state": true}));
-    }
     qmp.execute(
         "migrate-set-capabilities",
         Some(json!({"capabilities": caps})),
     )
     .await?;
     let mut p = serde_json::Map::new();
-    if let Some(d) = params.downtime_ms {
-        p.insert("downtime-limit".into(), json!(d));
+    p.insert(
+        "downtime-limit".into(),
+        json!(params.downtime_ms.unwrap_or(DEFAULT_DOWNTIME_MS)),
+    );
+    p.insert(
+        "max-bandwidth".into(),
+        json!(params.bandwidth.unwrap_or(DEFAULT_BANDWIDTH)),
+    );
+    if multifd {
+        p.insert("multifd-channels".into(), json!(params.multifd_channels));
     }
-    if let Some(b) = params.bandwidth {
-        p.insert("max-bandwidth".into(), json!(b));
-    }
-    if let Some(c) = params.multifd_channels.filter(|c| *c > 1) {
-        p.insert("multifd-channels".into(), json!(c));
-    }
-    if !p.is_empty() {
-        qmp.execute("migrate-set-parameters", Some(Value::Object(p)))
-            .await?;
-    }
+    qmp.execute("migrate-set-parameters", Some(Value::Object(p)))
+        .await?;
     // The definition's lock goes first, before the guest stops: it only says which host
     // runs the VM (a third host is refused either way), and it is handed back if the
-    // move fails. The disks' locks wait for the pre-switchover window.
-    {
+    // move fails. The disks' locks wait for the pre-switchover window. (When the
+    // definition changes datastore, its new file is the destination's from the start
+    // and the old one stays locked here until it is deleted.)
+    if hand_config {
         let m = agent
             .member(home)
             .ok_or_else(|| anyhow!("datastore {home} is gone"))?;
@@ -787,6 +1167,7 @@ async fn migrate(
     }
     let mut ev = qmp.events();
     let started = Instant::now();
+    task.stage("migrating memory");
     qmp.execute("migrate", Some(json!({"uri": inc.uri})))
         .await?;
     let deadline = Instant::now() + Duration::from_secs(params.timeout_s.unwrap_or(300));
@@ -837,30 +1218,38 @@ async fn migrate(
             stopped_us = e.timestamp_us;
         }
     }
+    task.stage("switching over");
     // Pre-switchover: the source is stopped and its I/O flushed. Before handing any lock
     // over, make sure the destination agent is still there to take it (handing locks to
     // a host whose agent died would leave the VM waiting for host_dead).
     peer.call("GET", "/v1/host", None, Duration::from_secs(5))
         .await
         .context("the destination agent stopped answering before the lock handoff")?;
-    // Hand every lock over.
+    // Hand every lock over; a disk moving to a new file instead ends its mirror, in
+    // sync (the new file is the destination's own), and lets its lock go.
     for e in exports {
-        let (gate, ds) = {
-            let t = agent.exports.lock().await;
-            let x = t.get(e).ok_or_else(|| anyhow!("export {e} is gone"))?;
-            (Arc::clone(&x.gate), x.spec.datastore)
-        };
-        let m = agent
-            .member_by_uuid(&ds)
-            .ok_or_else(|| anyhow!("datastore {ds} is gone"))?;
-        let to = *inc
-            .owners
-            .get(&ds)
-            .ok_or_else(|| anyhow!("host {} does not see datastore {}", peer.name, m.label()))?;
-        let version = gate.lock_version(&m.session).await;
-        gate.deactivate(&m.session, Some(to), version)
+        let (gate, ds) = agent
+            .export_gate(e)
             .await
-            .with_context(|| format!("handing export {e} to host {}", peer.name))?;
+            .ok_or_else(|| anyhow!("export {e} is gone"))?;
+        if moving.contains(e) {
+            let p = gate
+                .release_synced(Duration::from_secs(10))
+                .await
+                .with_context(|| format!("completing the copy of export {e}"))?;
+            handed.copies.push((e.clone(), p));
+        } else {
+            let m = agent
+                .member_by_uuid(&ds)
+                .ok_or_else(|| anyhow!("datastore {ds} is gone"))?;
+            let to = *inc.owners.get(&ds).ok_or_else(|| {
+                anyhow!("host {} does not see datastore {}", peer.name, m.label())
+            })?;
+            let version = gate.lock_version(&m.session).await;
+            gate.deactivate(&m.session, Some(to), version)
+                .await
+                .with_context(|| format!("handing export {e} to host {}", peer.name))?;
+        }
         handed.exports.push(e.clone());
         let mut t = agent.exports.lock().await;
         if let Some(x) = t.get_mut(e) {
@@ -913,9 +1302,120 @@ async fn migrate(
     }))
 }
 
+/// Mirrors each moving disk into the destination's export of its new file (NBD over
+/// TCP) until every one is in sync; returns the mirrors (they keep the new files in
+/// sync until the pre-switchover window ends them).
+#[allow(clippy::too_many_arguments)]
+async fn mirror_disks(
+    agent: &Arc<Agent>,
+    task: &Arc<Task>,
+    name: &str,
+    inc: &Incoming,
+    peer: &Peer,
+    moving: &[String],
+    speed: Option<u64>,
+    params: &MigrateParams,
+    clients: &mut Vec<Arc<NbdClient>>,
+) -> Result<()> {
+    let addr = inc.nbd.clone().ok_or_else(|| {
+        anyhow!(
+            "host {} serves no NBD over TCP (nbd_listen in its agent config): the disks cannot be copied there",
+            peer.name
+        )
+    })?;
+    let secret = agent.cfg.secret.clone().unwrap_or_default();
+    let mut out = Vec::new();
+    for e in moving {
+        let (gate, _) = agent
+            .export_gate(e)
+            .await
+            .ok_or_else(|| anyhow!("export {e} is gone"))?;
+        let target = NbdClient::connect_tcp(&addr, &crate::agent::exports::tcp_name(&secret, e))
+            .await
+            .with_context(|| {
+                format!(
+                    "host {}: the new file of export {e} over NBD at {addr}",
+                    peer.name
+                )
+            })?
+            .reconnect_for(Duration::from_secs(2));
+        let target = Arc::new(target);
+        clients.push(Arc::clone(&target));
+        // Over the network a target that stops answering must not hold guest writes
+        // long: they are answered from the source after 3 s (the range is sent again).
+        let opts = mirror::Options {
+            speed,
+            target_timeout: Duration::from_secs(3),
+            ..mirror::Options::default()
+        };
+        let m = gate.start_mirror_remote(target, opts).await?;
+        tracing::info!(
+            "VM {name}: mirroring export {e} to host {} ({addr})",
+            peer.name
+        );
+        out.push((e.clone(), m));
+    }
+    task.stage("copying disks");
+    let limit = params.timeout_s.unwrap_or(300);
+    let deadline = Instant::now() + Duration::from_secs(limit);
+    loop {
+        let (mut done, mut total, mut ready) = (0u64, 0u64, true);
+        for (e, m) in &out {
+            let p = m.progress();
+            done += p.done_bytes;
+            total += p.total_bytes;
+            match m.phase() {
+                mirror::Phase::Ready => {}
+                mirror::Phase::Failed(err) => {
+                    bail!("copying export {e} to host {}: {err}", peer.name)
+                }
+                mirror::Phase::Cancelled => bail!("the copy of export {e} was cancelled"),
+                _ => ready = false,
+            }
+        }
+        task.progress(done.min(total), total);
+        if ready {
+            return Ok(());
+        }
+        if task.cancelled() {
+            bail!("cancelled while copying the disks");
+        }
+        if Instant::now() > deadline {
+            bail!(
+                "the disks' copy to host {} was not in sync within {limit} s",
+                peer.name
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// After a host + storage move: deletes the files the VM left here (the disks that
+/// moved; `vm.toml` if the definition moved), once its QEMU is gone.
+async fn remove_moved(agent: &Agent, name: &str, spec: &VmSpec, home: &str, st: &NewStorage) {
+    let t0 = Instant::now();
+    while agent.vms.lock().await.contains_key(name) && t0.elapsed() < Duration::from_secs(15) {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let doomed = spec
+        .disks
+        .iter()
+        .filter(|d| st.disks.contains_key(&d.name))
+        .map(|d| (d.datastore.clone(), d.path.clone()))
+        .chain((st.home != home).then(|| (home.to_string(), config_path(name))));
+    for (ds, path) in doomed {
+        let Some(m) = agent.member(&ds) else { continue };
+        if let Err(e) = m.session.remove(&path).await {
+            tracing::error!("VM {name}: removing its old file {ds}:{path}: {e}");
+        }
+    }
+    super::relocate::remove_empty_folders(agent, name).await;
+}
+
 /// Puts the VM back as it was on this host: the migration cancelled (QEMU resumes the
 /// source), locks handed back by the destination, exports active again, the destination
 /// cleaned. Returns true if the destination already runs the VM (nothing to roll back).
+#[allow(clippy::too_many_arguments)]
 async fn rollback(
     agent: &Arc<Agent>,
     qmp: &Arc<Qmp>,
@@ -924,12 +1424,14 @@ async fn rollback(
     peer: &Peer,
     handed: &Handed,
     my_owners: &BTreeMap<Uuid, Owner>,
+    attempt: &str,
 ) -> bool {
+    // (A disk that moved to a new file was only released: taking it back is immediate.)
     let _ = qmp.execute("migrate_cancel", None).await;
     // Ask the destination to remove its QEMU and exports and hand our locks back. With
     // nothing handed yet the source does not need its answer: the request is retried in
     // the background (say, until a cut link is back) while the VM goes on here.
-    let body = json!({"handback": my_owners});
+    let body = json!({"handback": my_owners, "attempt": attempt});
     let path = format!("/v1/vms/{name}/incoming/abort");
     match peer
         .call("POST", &path, Some(body.clone()), Duration::from_secs(10))
@@ -960,12 +1462,8 @@ async fn rollback(
     // Our exports take their locks back (handed back, or broken once the destination
     // is dead if it vanished with them).
     for e in &handed.exports {
-        let (gate, ds) = {
-            let t = agent.exports.lock().await;
-            match t.get(e) {
-                Some(x) => (Arc::clone(&x.gate), x.spec.datastore),
-                None => continue,
-            }
+        let Some((gate, ds)) = agent.export_gate(e).await else {
+            continue;
         };
         let Some(m) = agent.member_by_uuid(&ds) else {
             continue;

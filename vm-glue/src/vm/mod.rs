@@ -13,6 +13,7 @@ pub mod migrate;
 pub mod qemu;
 pub mod relocate;
 pub mod spec;
+pub mod targets;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -26,7 +27,7 @@ use serde_json::{json, Value};
 
 use crate::agent::exports::{ExportSpec, Gate};
 use crate::agent::membership::Member;
-use crate::agent::{Agent, ExportEntry};
+use crate::agent::Agent;
 use crate::qmp::Qmp;
 use spec::VmSpec;
 
@@ -47,6 +48,10 @@ pub struct RunningVm {
     pub(crate) config: Option<DsFile>,
     /// QEMU waits for an incoming migration (this host does not run the VM yet).
     pub incoming: bool,
+    /// An incoming host + storage move: where the disks and the definition go.
+    pub(crate) storage: Option<targets::NewStorage>,
+    /// The incoming move's attempt id (aborts naming another attempt are ignored).
+    pub(crate) attempt: Option<String>,
 }
 
 /// The definition's path in its datastore.
@@ -295,10 +300,7 @@ pub async fn start(agent: &Arc<Agent>, name: &str) -> Result<Value> {
                 read_only: false,
                 active: true,
             };
-            agent.publish(&spec, &gate);
-            let mut table = agent.exports.lock().await;
-            table.insert(ename.clone(), ExportEntry { spec, gate });
-            agent.save_exports(&table).await?;
+            agent.add_vm_export(spec, gate).await?;
             exports.push(ename);
         }
         launch(agent, &spec, &exports, false).await
@@ -319,6 +321,8 @@ pub async fn start(agent: &Arc<Agent>, name: &str) -> Result<Value> {
                     accel,
                     config: Some(config),
                     incoming: false,
+                    storage: None,
+                    attempt: None,
                 },
             );
             drop(vms);
@@ -557,6 +561,8 @@ pub async fn reattach(agent: &Arc<Agent>) {
                 accel: "",
                 config,
                 incoming: false,
+                storage: None,
+                attempt: None,
             },
         );
         watch(Arc::clone(agent), name, pid);

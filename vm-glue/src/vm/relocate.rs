@@ -122,13 +122,17 @@ fn journal_path(agent: &Agent, vm: &str) -> PathBuf {
 }
 
 fn save_journal(agent: &Agent, j: &Journal) -> Result<()> {
-    let p = journal_path(agent, &j.vm);
+    write_durably(&journal_path(agent, &j.vm), j)
+}
+
+/// Writes `v` as JSON to `p` atomically and durably (a journal of this host's run_dir).
+pub(super) fn write_durably(p: &std::path::Path, v: &impl Serialize) -> Result<()> {
     std::fs::create_dir_all(p.parent().expect("has a parent"))?;
     let tmp = p.with_extension("json.tmp");
     let f = std::fs::File::create(&tmp)?;
-    serde_json::to_writer_pretty(&f, j)?;
+    serde_json::to_writer_pretty(&f, v)?;
     f.sync_all()?;
-    std::fs::rename(&tmp, &p).with_context(|| format!("{}: cannot write", p.display()))
+    std::fs::rename(&tmp, p).with_context(|| format!("{}: cannot write", p.display()))
 }
 
 fn member(agent: &Agent, u: &Uuid) -> Result<Arc<Member>> {
@@ -138,7 +142,7 @@ fn member(agent: &Agent, u: &Uuid) -> Result<Arc<Member>> {
 }
 
 /// A free path for `disk` of `vm` in `m` (never the source's own path).
-fn target_path(m: &Member, vm: &str, disk: &str, avoid: Option<&str>) -> String {
+pub(super) fn target_path(m: &Member, vm: &str, disk: &str, avoid: Option<&str>) -> String {
     let plain = format!("/{vm}/{disk}");
     if Some(plain.as_str()) != avoid && datastore::files::stat(&m.ds, &plain).is_err() {
         return plain;
@@ -151,20 +155,31 @@ fn target_path(m: &Member, vm: &str, disk: &str, avoid: Option<&str>) -> String 
     }
 }
 
+/// Refuses disk names `spec` does not have.
+pub(super) fn check_disk_names<'a>(
+    name: &str,
+    spec: &VmSpec,
+    mut asked: impl Iterator<Item = &'a String>,
+) -> Result<()> {
+    if let Some(d) = asked.find(|d| !spec.disks.iter().any(|x| &x.name == *d)) {
+        bail!(
+            "VM {name} has no disk {d:?} (its disks: {})",
+            spec.disks
+                .iter()
+                .map(|x| x.name.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+    }
+    Ok(())
+}
+
 /// Validates a request and works out what moves where.
 async fn plan(
     agent: &Agent,
     name: &str,
     r: &RelocateReq,
 ) -> Result<(Arc<Member>, Stored, Journal)> {
-    if let Some(h) = &r.host {
-        if *h != agent.cfg.host {
-            bail!(
-                "moving VM {name} to another host ({h}) and to other datastores at once is not \
-                 supported yet: move it in two steps (--host, then --datastore)"
-            );
-        }
-    }
     let (home, stored) = locate(agent, name)
         .await
         .ok_or_else(|| anyhow!("no VM named {name:?} on this host's datastores"))?;
@@ -182,18 +197,7 @@ async fn plan(
             )
         })
     };
-    for d in r.disks.keys() {
-        if !spec.disks.iter().any(|x| &x.name == d) {
-            bail!(
-                "VM {name} has no disk {d:?} (its disks: {})",
-                spec.disks
-                    .iter()
-                    .map(|x| x.name.as_str())
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            );
-        }
-    }
+    check_disk_names(name, spec, r.disks.keys())?;
     let format: Option<Provisioning> = match r.disk_format.as_deref() {
         None | Some("same") => None,
         Some(f) => Some(f.parse().map_err(|e: String| anyhow!("disk format: {e}"))?),
@@ -314,26 +318,27 @@ pub async fn start(agent: &Arc<Agent>, name: &str, r: RelocateReq) -> Result<Arc
     }
     let guard = BusyGuard(name.to_string());
     if let Some(h) = r.host.as_ref().filter(|h| **h != agent.cfg.host) {
-        if r.datastore.is_none()
-            && r.disks.is_empty()
-            && r.disk_format.as_deref().is_none_or(|f| f == "same")
-        {
-            let params = super::migrate::MigrateParams {
-                downtime_ms: r.downtime_ms,
-                bandwidth: r.bandwidth,
-                multifd_channels: r.multifd_channels,
-                timeout_s: r.timeout_s,
-            };
-            let task = super::migrate::start(agent, name, h, params).await?;
-            let t = Arc::clone(&task);
-            tokio::spawn(async move {
-                let _guard = guard;
-                while t.state() == crate::agent::tasks::TaskState::Running {
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                }
-            });
-            return Ok(task);
-        }
+        let params = super::migrate::MigrateParams {
+            downtime_ms: r.downtime_ms,
+            bandwidth: r.bandwidth,
+            multifd_channels: r.multifd_channels,
+            timeout_s: r.timeout_s,
+        };
+        let storage = super::migrate::StorageReq {
+            datastore: r.datastore.clone(),
+            disks: r.disks.clone(),
+            disk_format: r.disk_format.clone(),
+            speed: r.speed,
+        };
+        let task = super::migrate::start(agent, name, h, params, storage).await?;
+        let t = Arc::clone(&task);
+        tokio::spawn(async move {
+            let _guard = guard;
+            while t.state() == crate::agent::tasks::TaskState::Running {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        });
+        return Ok(task);
     }
     let (home, stored, j) = plan(agent, name, &r).await?;
     let task = agent.tasks.start("relocate-vm", name, true);
@@ -352,6 +357,18 @@ pub async fn start(agent: &Arc<Agent>, name: &str, r: RelocateReq) -> Result<Arc
         }
     });
     Ok(task)
+}
+
+/// Relocates a powered-off VM's files on this host (part of a cold host + storage
+/// move whose destination datastores this host sees).
+pub(super) async fn relocate_here(
+    agent: &Arc<Agent>,
+    task: &Arc<Task>,
+    name: &str,
+    r: &RelocateReq,
+) -> Result<Value> {
+    let (home, stored, j) = plan(agent, name, r).await?;
+    run(agent, task, home, stored, j, r.speed).await
 }
 
 /// One disk being mirrored.
@@ -766,7 +783,7 @@ async fn undo(agent: &Agent, name: &str, moving: Vec<Moving>, j: &Journal) {
 }
 
 /// Removes the VM's folder on datastores where it is now empty.
-async fn remove_empty_folders(agent: &Agent, name: &str) {
+pub(super) async fn remove_empty_folders(agent: &Agent, name: &str) {
     for m in &agent.members {
         let _ = m.session.remove(&format!("/{name}")).await;
     }

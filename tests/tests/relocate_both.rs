@@ -1,0 +1,356 @@
+//! Host + storage at once (the full `relocate-vm --host H --datastore DS`): a running
+//! test guest moved to another host and datastore in one live operation — where both
+//! hosts see the new datastore, where only the destination does (no shared storage for
+//! the disks), with two disks on two datastores and the definition on a third — every
+//! acknowledged write checked on the new disks; then faults at each phase that must
+//! leave the VM running on its source with no target file, export, lock or QEMU left.
+
+use std::time::{Duration, Instant};
+
+use ferry_guest::{check, Phase};
+use ferry_tests::agents::{read_export, AgentBed};
+use ferry_tests::cluster::SERIAL;
+use ferry_tests::vms::{
+    acked, create_vm, guest_now, more_writes, relocate, vm_on, wait_done, wait_task, wait_writes,
+};
+use serde_json::{json, Value};
+
+fn stat(bed: &AgentBed, i: usize, ds: &str, path: &str) -> u16 {
+    bed.call(
+        i,
+        "GET",
+        &format!("/v1/datastores/{ds}/stat?path={path}"),
+        None,
+    )
+    .0
+}
+
+/// Checks every acknowledged write against `ds:path`, read through host `i`.
+fn verify(bed: &AgentBed, i: usize, vm: &str, at: &str, phases: &[Phase]) -> ferry_guest::Report {
+    let (ds, path) = at.split_once(':').expect("DS:PATH");
+    bed.call_ok(
+        i,
+        "POST",
+        "/v1/exports",
+        Some(json!({"name": "verify", "datastore": ds, "path": path, "read_only": true})),
+    );
+    let sock = bed.hosts[i].nbd_socket();
+    let r = check(&acked(bed, vm), phases, |f, n| {
+        read_export(&sock, "verify", f, n)
+    });
+    bed.call_ok(i, "DELETE", "/v1/exports/verify", None);
+    eprintln!(
+        "{vm}: {} acknowledged writes checked on {at}, phases {:?}, longest gap {} ms",
+        r.acked, r.phases, r.longest_gap_ms
+    );
+    r
+}
+
+fn phases(start: u64, end: u64) -> Vec<Phase> {
+    vec![
+        Phase {
+            name: "before".into(),
+            from_wall_ms: 0,
+            to_wall_ms: start,
+            min_writes: 20,
+            min_overwrites: 1,
+        },
+        Phase {
+            name: "during".into(),
+            from_wall_ms: start,
+            to_wall_ms: end,
+            min_writes: 1,
+            min_overwrites: 0,
+        },
+        Phase {
+            name: "after".into(),
+            from_wall_ms: end,
+            to_wall_ms: u64::MAX,
+            min_writes: 20,
+            min_overwrites: 1,
+        },
+    ]
+}
+
+/// Where a finished relocation put disk `n` (`DS:PATH`).
+fn moved_to(done: &Value, n: usize) -> String {
+    done["result"]["disks"][n]["to"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no disk {n} in {done}"))
+        .to_string()
+}
+
+/// Waits until relocation task `id` on host `i` is at `stage`.
+fn wait_stage(bed: &AgentBed, i: usize, id: u64, stage: &str) {
+    let t0 = Instant::now();
+    loop {
+        let t = bed.call_ok(i, "GET", &format!("/v1/tasks/{id}"), None);
+        if t["stage"] == stage {
+            return;
+        }
+        assert_eq!(t["state"], "running", "never reached {stage}: {t}");
+        assert!(
+            t0.elapsed() < Duration::from_secs(120),
+            "never reached {stage}: {t}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// What destination host `i` still has of `vm`'s move to `ds`, if anything.
+fn leftovers(bed: &AgentBed, i: usize, vm: &str, ds: &str) -> Option<String> {
+    let v = vm_on(bed, i, vm);
+    if v["state"] == "running" {
+        return Some(format!("host {i} runs {vm}: {v}"));
+    }
+    let ex = bed.call_ok(i, "GET", "/v1/exports", None);
+    if ex.to_string().contains(&format!("{vm}-disk0")) {
+        return Some(format!("host {i} still exports {vm}: {ex}"));
+    }
+    let cg = bed.hosts[i].cgroup().join(format!("vm-{vm}"));
+    let procs = std::fs::read_to_string(cg.join("cgroup.procs")).unwrap_or_default();
+    if !procs.trim().is_empty() {
+        return Some(format!("host {i} still runs QEMU for {vm}: {procs}"));
+    }
+    let files = bed.call(
+        i,
+        "GET",
+        &format!("/v1/datastores/{ds}/files?path=/{vm}"),
+        None,
+    );
+    if files.0 != 404 {
+        return Some(format!("{ds} still holds /{vm}: {}", files.1));
+    }
+    None
+}
+
+fn eventually_no_leftovers(bed: &AgentBed, i: usize, vm: &str, ds: &str) {
+    let t0 = Instant::now();
+    while let Some(l) = leftovers(bed, i, vm, ds) {
+        assert!(t0.elapsed() < Duration::from_secs(90), "{l}");
+        std::thread::sleep(Duration::from_millis(500));
+    }
+}
+
+#[test]
+fn a_running_vm_moves_to_another_host_and_datastore_at_once_and_back() {
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let mut bed = AgentBed::networked(2, &["ds0", "ds1"], 256);
+    bed.start(0);
+    bed.start(1);
+    create_vm(&bed, 0, "both1", 64, json!([]));
+    bed.call_ok(0, "POST", "/v1/vms/both1/start", None);
+    wait_writes(&bed, 0, "both1", 40);
+    let (h0, h1) = (bed.hosts[0].name.clone(), bed.hosts[1].name.clone());
+
+    let g_start = guest_now(&bed, "both1");
+    let id = relocate(&bed, 0, "both1", json!({"host": h1, "datastore": "ds1"}));
+    let done = wait_done(&bed, 0, id);
+    eprintln!("host + storage relocation: {}", done["result"]);
+    let res = &done["result"];
+    let pause = res["pause_ms"].as_f64().unwrap();
+    assert!(
+        pause > 0.0 && pause < 1000.0,
+        "guest-visible pause {pause} ms"
+    );
+    assert!(res["copied_bytes"].as_u64().unwrap() > 0, "{res}");
+    let at = moved_to(&done, 0);
+    assert!(at.starts_with("ds1:"), "{at}");
+    assert_eq!(vm_on(&bed, 1, "both1")["state"], "running");
+    assert_eq!(stat(&bed, 1, "ds1", "/both1/vm.toml"), 200);
+    assert_eq!(stat(&bed, 0, "ds0", "/both1/disk0"), 404, "old disk left");
+    assert_eq!(
+        stat(&bed, 0, "ds0", "/both1/vm.toml"),
+        404,
+        "old definition left"
+    );
+    more_writes(&bed, "both1", 20);
+
+    // Right back to where it came from.
+    let id = relocate(&bed, 1, "both1", json!({"host": h0, "datastore": "ds0"}));
+    let back = wait_done(&bed, 1, id);
+    let g_end = guest_now(&bed, "both1");
+    let home = moved_to(&back, 0);
+    assert!(home.starts_with("ds0:"), "{home}");
+    assert_eq!(vm_on(&bed, 0, "both1")["state"], "running");
+    assert_eq!(stat(&bed, 0, "ds1", "/both1/vm.toml"), 404);
+    let (ds, path) = at.split_once(':').unwrap();
+    assert_eq!(stat(&bed, 1, ds, path), 404, "{at} left behind");
+    more_writes(&bed, "both1", 25);
+    bed.call_ok(
+        0,
+        "POST",
+        "/v1/vms/both1/stop",
+        Some(json!({"force": true})),
+    );
+    let r = verify(&bed, 0, "both1", &home, &phases(g_start, g_end));
+    assert!(r.ok(), "{:?}", r.errors);
+}
+
+#[test]
+fn without_shared_storage_two_disks_go_to_two_datastores_and_the_definition_to_a_third() {
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let mut bed = AgentBed::networked(2, &["ds0", "ds1", "ds2", "ds3"], 256);
+    // The source sees only ds0 (which both hosts share for their heartbeats).
+    for l in ["ds1", "ds2", "ds3"] {
+        bed.hide(0, l);
+    }
+    bed.start(0);
+    bed.start(1);
+    let g = ferry_tests::agents::guest_dir();
+    let (s, v) = bed.call(
+        0,
+        "POST",
+        "/v1/vms",
+        Some(json!({
+            "name": "both2", "datastore": "ds0", "memory_mib": 128, "vcpus": 1,
+            "kernel": g.join("vmlinuz"), "initrd": g.join("initramfs.img"),
+            "append": "console=ttyS0 quiet panic=-1 ferry.seconds=0 ferry.region_mib=24",
+            "disks": [{"size": 48 << 20, "provisioning": "thin"},
+                      {"size": 16 << 20, "provisioning": "thin"}],
+            "nics": [],
+        })),
+    );
+    assert_eq!(s, 201, "{v}");
+    bed.call_ok(0, "POST", "/v1/vms/both2/start", None);
+    wait_writes(&bed, 0, "both2", 40);
+    // The source itself cannot use those datastores.
+    let (s, v) = bed.call(
+        0,
+        "POST",
+        "/v1/vms/both2/relocate",
+        Some(json!({"datastore": "ds1"})),
+    );
+    assert!((400..500).contains(&s), "{v}");
+
+    let g_start = guest_now(&bed, "both2");
+    let id = relocate(
+        &bed,
+        0,
+        "both2",
+        json!({"host": bed.hosts[1].name, "datastore": "ds3",
+               "disks": {"disk0": "ds1", "disk1": "ds2"}, "disk_format": "eager-thick"}),
+    );
+    let done = wait_done(&bed, 0, id);
+    let g_end = guest_now(&bed, "both2");
+    eprintln!("shared-nothing relocation: {}", done["result"]);
+    let d0 = moved_to(&done, 0);
+    let d1 = moved_to(&done, 1);
+    assert!(
+        d0.starts_with("ds1:") && d1.starts_with("ds2:"),
+        "{d0} {d1}"
+    );
+    assert_eq!(done["result"]["datastore"], "ds3");
+    assert_eq!(stat(&bed, 1, "ds3", "/both2/vm.toml"), 200);
+    for f in ["/both2/disk0", "/both2/disk1", "/both2/vm.toml"] {
+        assert_eq!(stat(&bed, 0, "ds0", f), 404, "{f} left on the source");
+    }
+    let v = vm_on(&bed, 1, "both2");
+    assert_eq!(v["state"], "running", "{v}");
+    more_writes(&bed, "both2", 25);
+    bed.call_ok(
+        1,
+        "POST",
+        "/v1/vms/both2/stop",
+        Some(json!({"force": true})),
+    );
+    let r = verify(&bed, 1, "both2", &d0, &phases(g_start, g_end));
+    assert!(r.ok(), "{:?}", r.errors);
+}
+
+#[test]
+fn a_failed_host_and_storage_move_leaves_the_vm_on_its_source_and_nothing_behind() {
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let mut bed = AgentBed::networked(2, &["ds0", "ds1"], 256);
+    bed.hide(0, "ds1");
+    bed.start(0);
+    bed.start(1);
+    create_vm(&bed, 0, "both3", 64, json!([]));
+    let pid0 = bed.call_ok(0, "POST", "/v1/vms/both3/start", None)["pid"].clone();
+    wait_writes(&bed, 0, "both3", 30);
+    let h1 = bed.hosts[1].name.clone();
+    let stays = |bed: &AgentBed, t: &Value| {
+        assert_ne!(t["state"], "done", "{t}");
+        assert_eq!(vm_on(bed, 0, "both3")["pid"], pid0, "{t}");
+    };
+
+    // The destination datastore is too full: refused before anything is made.
+    bed.call_ok(
+        1,
+        "POST",
+        "/v1/datastores/ds1/files",
+        Some(json!({"path": "/filler", "size": 200 << 20, "provisioning": "lazy-thick"})),
+    );
+    let id = relocate(
+        &bed,
+        0,
+        "both3",
+        json!({"host": h1, "datastore": "ds1", "disk_format": "eager-thick"}),
+    );
+    let t = wait_task(&bed, 0, id, Duration::from_secs(60));
+    stays(&bed, &t);
+    assert!(t["error"].as_str().unwrap().contains("free"), "{t}");
+    eventually_no_leftovers(&bed, 1, "both3", "ds1");
+    bed.call_ok(1, "DELETE", "/v1/datastores/ds1/files?path=/filler", None);
+
+    let copying = json!({"host": h1, "datastore": "ds1", "speed": 1 << 20, "timeout_s": 8});
+    let migrating = json!({"host": h1, "datastore": "ds1", "bandwidth": 1 << 20, "timeout_s": 8});
+    // Cancelled while the disk is copied, then while memory is.
+    for (body, stage) in [
+        (&copying, "copying disks"),
+        (&migrating, "migrating memory"),
+    ] {
+        let id = relocate(&bed, 0, "both3", body.clone());
+        wait_stage(&bed, 0, id, stage);
+        std::thread::sleep(Duration::from_secs(1));
+        bed.call_ok(0, "POST", &format!("/v1/tasks/{id}/cancel"), None);
+        let t = wait_task(&bed, 0, id, Duration::from_secs(60));
+        assert_eq!(t["state"], "cancelled", "{t}");
+        stays(&bed, &t);
+        eventually_no_leftovers(&bed, 1, "both3", "ds1");
+        more_writes(&bed, "both3", 10);
+    }
+
+    // The link cut while the disk is copied, then while memory is: the source gives up
+    // after its timeout; once the link is back the destination is cleaned.
+    for (body, stage) in [
+        (&copying, "copying disks"),
+        (&migrating, "migrating memory"),
+    ] {
+        let id = relocate(&bed, 0, "both3", body.clone());
+        wait_stage(&bed, 0, id, stage);
+        bed.link(1, false);
+        let t = wait_task(&bed, 0, id, Duration::from_secs(120));
+        assert_eq!(t["state"], "failed", "{t}");
+        stays(&bed, &t);
+        more_writes(&bed, "both3", 10);
+        bed.link(1, true);
+        eventually_no_leftovers(&bed, 1, "both3", "ds1");
+    }
+
+    // The destination agent killed while the disk is copied; restarted, it deletes the
+    // files it made.
+    let id = relocate(&bed, 0, "both3", copying.clone());
+    wait_stage(&bed, 0, id, "copying disks");
+    std::thread::sleep(Duration::from_secs(1));
+    bed.signal(1, nix::sys::signal::Signal::SIGKILL);
+    let t = wait_task(&bed, 0, id, Duration::from_secs(150));
+    assert_eq!(t["state"], "failed", "{t}");
+    stays(&bed, &t);
+    more_writes(&bed, "both3", 10);
+    bed.start(1);
+    eventually_no_leftovers(&bed, 1, "both3", "ds1");
+
+    // After all that it still moves, and nothing was lost.
+    let id = relocate(&bed, 0, "both3", json!({"host": h1, "datastore": "ds1"}));
+    let done = wait_done(&bed, 0, id);
+    more_writes(&bed, "both3", 10);
+    bed.call_ok(
+        1,
+        "POST",
+        "/v1/vms/both3/stop",
+        Some(json!({"force": true})),
+    );
+    let r = verify(&bed, 1, "both3", &moved_to(&done, 0), &[]);
+    assert!(r.ok(), "{:?}", r.errors);
+}
