@@ -2,7 +2,8 @@
 //! test guest moved to another host and datastore in one live operation — where both
 //! hosts see the new datastore, where only the destination does (no shared storage for
 //! the disks), with two disks on two datastores and the definition on a third — every
-//! acknowledged write checked on the new disks; then faults at each phase that must
+//! acknowledged write checked on the new disks; a powered-off VM moved the same ways
+//! (over NBD when its host does not see the new datastores); then faults at each phase that must
 //! leave the VM running on its source with no target file, export, lock or QEMU left.
 
 use std::time::{Duration, Instant};
@@ -44,6 +45,22 @@ fn verify(bed: &AgentBed, i: usize, vm: &str, at: &str, phases: &[Phase]) -> fer
         r.acked, r.phases, r.longest_gap_ms
     );
     r
+}
+
+/// Runs one qemu-io command against an NBD URL; it must succeed (a read with `-P`
+/// checks the pattern).
+fn qemu_io(url: &str, cmd: &str) {
+    let ro = if cmd.starts_with("read") { "-r" } else { "-n" };
+    let out = std::process::Command::new("qemu-io")
+        .args([ro, "-f", "raw", "-c", cmd, url])
+        .output()
+        .expect("qemu-io");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && !text.contains("Pattern verification failed"),
+        "qemu-io {cmd} {url}: {text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 fn phases(start: u64, end: u64) -> Vec<Phase> {
@@ -212,6 +229,53 @@ fn without_shared_storage_two_disks_go_to_two_datastores_and_the_definition_to_a
         })),
     );
     assert_eq!(s, 201, "{v}");
+    let (h0, h1) = (bed.hosts[0].name.clone(), bed.hosts[1].name.clone());
+    // Powered off first: some data in disk0, then moved to host 1's datastores (which
+    // host 0 does not see: copied over NBD), and back (host 1 sees ds0 too).
+    bed.call_ok(
+        0,
+        "POST",
+        "/v1/exports",
+        Some(json!({"name": "w", "datastore": "ds0", "path": "/both2/disk0"})),
+    );
+    let url = |i: usize, e: &str| {
+        format!(
+            "nbd+unix:///{e}?socket={}",
+            bed.hosts[i].nbd_socket().display()
+        )
+    };
+    qemu_io(&url(0, "w"), "write -P 0x5c 40M 3M");
+    bed.call_ok(0, "DELETE", "/v1/exports/w", None);
+    let id = relocate(
+        &bed,
+        0,
+        "both2",
+        json!({"host": h1, "datastore": "ds3", "disks": {"disk0": "ds1", "disk1": "ds2"}}),
+    );
+    let cold = wait_done(&bed, 0, id);
+    eprintln!("powered-off, shared-nothing: {}", cold["result"]);
+    assert_eq!(cold["result"]["running"], false);
+    let c0 = moved_to(&cold, 0);
+    assert!(c0.starts_with("ds1:"), "{c0}");
+    for f in ["/both2/disk0", "/both2/disk1", "/both2/vm.toml"] {
+        assert_eq!(stat(&bed, 0, "ds0", f), 404, "{f} left on the source");
+    }
+    assert_eq!(stat(&bed, 1, "ds3", "/both2/vm.toml"), 200);
+    let (ds, path) = c0.split_once(':').unwrap();
+    bed.call_ok(
+        1,
+        "POST",
+        "/v1/exports",
+        Some(json!({"name": "r", "datastore": ds, "path": path, "read_only": true})),
+    );
+    qemu_io(&url(1, "r"), "read -P 0x5c 40M 3M");
+    qemu_io(&url(1, "r"), "read -P 0 0 40M");
+    bed.call_ok(1, "DELETE", "/v1/exports/r", None);
+    let id = relocate(&bed, 1, "both2", json!({"host": h0, "datastore": "ds0"}));
+    let back = wait_done(&bed, 1, id);
+    assert!(moved_to(&back, 0).starts_with("ds0:"), "{back}");
+    assert_eq!(stat(&bed, 1, "ds3", "/both2/vm.toml"), 404);
+
     bed.call_ok(0, "POST", "/v1/vms/both2/start", None);
     wait_writes(&bed, 0, "both2", 40);
     // The source itself cannot use those datastores.
@@ -228,7 +292,7 @@ fn without_shared_storage_two_disks_go_to_two_datastores_and_the_definition_to_a
         &bed,
         0,
         "both2",
-        json!({"host": bed.hosts[1].name, "datastore": "ds3",
+        json!({"host": h1, "datastore": "ds3",
                "disks": {"disk0": "ds1", "disk1": "ds2"}, "disk_format": "eager-thick"}),
     );
     let done = wait_done(&bed, 0, id);

@@ -75,6 +75,9 @@ struct Inner {
     /// The datastore device and path of `file`.
     device: PathBuf,
     path: String,
+    /// A new file another host copies a disk into, not yet the disk: what is written
+    /// is committed by the copy's final flush, not write by write.
+    copy_target: bool,
 }
 
 impl Inner {
@@ -94,6 +97,9 @@ impl Inner {
     /// source while a mirror runs (the target is committed by the pivot's flush; until
     /// then a crash leaves the source authoritative), the target once it pivoted.
     async fn durable(&self, name: &Path) -> diskfmt::Result<()> {
+        if self.copy_target {
+            return Ok(());
+        }
         match &self.mirror {
             Some((m, Some(t))) if m.phase() == mirror::Phase::Done => durable(t).await,
             _ => durable(self.file(name)?).await,
@@ -194,12 +200,15 @@ impl Gate {
                 mirror: None,
                 device,
                 path: path.to_string(),
+                copy_target: false,
             }),
             active: watch::Sender::new(active),
         })
     }
 
-    /// An active export of a file this host just created (and holds the lock of).
+    /// An active export of a file this host just created (and holds the lock of), that
+    /// another host copies a disk into: writes are committed by flushes only until
+    /// [`Gate::make_disk`].
     pub fn from_file(session: &Arc<Session>, file: DsFile, path: &str, hold: Duration) -> Gate {
         Gate {
             name: file.name().to_path_buf(),
@@ -215,9 +224,16 @@ impl Gate {
                 mirror: None,
                 device: session.datastore().path().to_path_buf(),
                 path: path.to_string(),
+                copy_target: true,
             }),
             active: watch::Sender::new(true),
         }
+    }
+
+    /// The copy is complete and flushed, and the file is now the disk: every write is
+    /// committed before it is acknowledged from here on.
+    pub async fn make_disk(&self) {
+        self.inner.write().await.copy_target = false;
     }
 
     pub fn is_active(&self) -> bool {

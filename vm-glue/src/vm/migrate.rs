@@ -108,6 +108,10 @@ pub struct IncomingReq {
     /// leaves it alone.
     #[serde(default)]
     pub attempt: Option<String>,
+    /// A powered-off VM's host + storage move: only the new files, no QEMU
+    /// ([`super::cold_move`]).
+    #[serde(default)]
+    pub cold: bool,
 }
 
 /// Test hooks from `FERRY_FAILPOINTS`: `migrate-after-handoff` fails the relocation
@@ -222,6 +226,9 @@ pub async fn incoming(agent: &Arc<Agent>, name: &str, r: IncomingReq) -> Result<
             missing.join(", ")
         );
     }
+    if r.cold && r.storage.is_none() {
+        bail!("a powered-off VM's move with nothing to copy needs no incoming VM");
+    }
     let mut exports = Vec::new();
     let mut spec = r.spec.clone();
     let mut new_config = None;
@@ -234,7 +241,7 @@ pub async fn incoming(agent: &Arc<Agent>, name: &str, r: IncomingReq) -> Result<
         }
         for d in &spec.disks {
             let ename = export_name(name, &d.name);
-            if exports.contains(&ename) {
+            if exports.contains(&ename) || r.cold {
                 continue;
             }
             let m = agent.member(&d.datastore).expect("checked");
@@ -256,7 +263,13 @@ pub async fn incoming(agent: &Arc<Agent>, name: &str, r: IncomingReq) -> Result<
             .disks
             .iter()
             .map(|d| export_name(name, &d.name))
+            .filter(|e| exports.contains(e))
             .collect();
+        if r.cold {
+            // Only the files: the source copies into them; nothing runs here yet.
+            let cg = agent.cgroup.join(format!("vm-{name}"));
+            return Ok((0, None, cg, "", String::new(), exports));
+        }
         let (pid, qmp, cgroup, accel) = super::launch(agent, &spec, &exports, true).await?;
         let started = async {
             let multifd = r.multifd_channels.unwrap_or(1) > 1;
@@ -292,7 +305,7 @@ pub async fn incoming(agent: &Arc<Agent>, name: &str, r: IncomingReq) -> Result<
         }
         .await;
         match started {
-            Ok(uri) => Ok((pid, qmp, cgroup, accel, uri, exports)),
+            Ok(uri) => Ok((pid, Some(qmp), cgroup, accel, uri, exports)),
             Err(e) => {
                 super::kill_cgroup(&cgroup);
                 Err(e)
@@ -313,7 +326,7 @@ pub async fn incoming(agent: &Arc<Agent>, name: &str, r: IncomingReq) -> Result<
                     spec: spec.clone(),
                     datastore: home.clone(),
                     pid,
-                    qmp: Some(qmp),
+                    qmp,
                     exports,
                     cgroup,
                     accel,
@@ -324,7 +337,9 @@ pub async fn incoming(agent: &Arc<Agent>, name: &str, r: IncomingReq) -> Result<
                 },
             );
             drop(vms);
-            super::watch(Arc::clone(agent), name.to_string(), pid);
+            if pid != 0 {
+                super::watch(Arc::clone(agent), name.to_string(), pid);
+            }
             // Never left waiting: a source that neither finishes nor aborts (it died, or
             // the network between us did) gets its locks back and nothing stays here.
             let (a, n, back) = (Arc::clone(agent), name.to_string(), r.source_owners.clone());
@@ -393,7 +408,9 @@ pub async fn finish(agent: &Arc<Agent>, name: &str) -> Result<Value> {
             vm.storage.clone(),
         )
     };
-    let qmp = qmp.ok_or_else(|| anyhow!("VM {name}: no QMP connection"))?;
+    let Some(qmp) = qmp else {
+        return finish_cold(agent, name, &spec, storage, &exports).await;
+    };
     for e in &exports {
         let (gate, ds) = agent
             .export_gate(e)
@@ -459,6 +476,12 @@ pub async fn finish(agent: &Arc<Agent>, name: &str) -> Result<Value> {
             }
             return Err(e.context(format!("VM {name}: committing its new definition")));
         }
+        // The new files are the disks now (the guest's writes commit write by write).
+        for e in &exports {
+            if let Some((gate, _)) = agent.export_gate(e).await {
+                gate.make_disk().await;
+            }
+        }
         let mut vms = agent.vms.lock().await;
         if let Some(vm) = vms.get_mut(name) {
             vm.incoming = false;
@@ -506,6 +529,41 @@ pub async fn finish(agent: &Arc<Agent>, name: &str) -> Result<Value> {
     }
     tracing::info!("VM {name}: resumed here after its migration");
     Ok(json!({"resumed_us": resumed}))
+}
+
+/// `finish` of a powered-off VM's move: commits the definition if it moves to a new
+/// `vm.toml` here (else the source committed it in place), and lets the new files go.
+async fn finish_cold(
+    agent: &Arc<Agent>,
+    name: &str,
+    spec: &VmSpec,
+    storage: Option<NewStorage>,
+    exports: &[String],
+) -> Result<Value> {
+    let st = storage.ok_or_else(|| anyhow!("VM {name}: no QMP connection"))?;
+    let own = agent
+        .vms
+        .lock()
+        .await
+        .get_mut(name)
+        .and_then(|v| v.config.take());
+    match own {
+        Some(f) => {
+            if let Err(e) = targets::commit(agent, &f, spec, &st).await {
+                if let Some(v) = agent.vms.lock().await.get_mut(name) {
+                    v.config = Some(f);
+                }
+                return Err(e.context(format!("VM {name}: committing its new definition")));
+            }
+            let _ = f.close().await;
+        }
+        // The source wrote it: the journal sees the files named and keeps them.
+        None => targets::discard(agent, name).await,
+    }
+    agent.vms.lock().await.remove(name);
+    super::release_exports(agent, exports).await;
+    tracing::info!("VM {name}: its files arrived here (powered off)");
+    Ok(json!({"resumed_us": 0}))
 }
 
 /// `POST /v1/vms/NAME/incoming/abort`: removes everything of an incoming VM; locks it
@@ -610,14 +668,14 @@ async fn give_back(session: &Arc<datastore::files::Session>, path: &str, to: Own
 
 /// A control-API client for another host's agent (TCP, with the cluster secret).
 #[derive(Debug, Clone)]
-struct Peer {
+pub(super) struct Peer {
     addr: String,
     secret: String,
-    name: String,
+    pub(super) name: String,
 }
 
 impl Peer {
-    async fn call(
+    pub(super) async fn call(
         &self,
         method: &str,
         path: &str,
@@ -797,6 +855,21 @@ pub async fn start(
             if let Some(holder) = st.lock {
                 bail!("VM {name} is running elsewhere ({holder}): relocate it from the host that runs it");
             }
+            // With storage the destination datastores do not all show here: copied over
+            // NBD into files the destination makes.
+            if let Some(st) = new_storage
+                .as_ref()
+                .filter(|st| !super::cold_move::sees_all(agent, st))
+            {
+                let task = agent.tasks.start("relocate-vm", name, true);
+                let (a, t, st) = (Arc::clone(agent), Arc::clone(&task), st.clone());
+                tokio::spawn(async move {
+                    let out =
+                        super::cold_move::run(&a, &t, home, stored, p, st, storage.speed).await;
+                    t.finish(out.map_err(|e| format!("{e:#}")));
+                });
+                return Ok(task);
+            }
             // With storage too: the files move here first (to datastores this host sees
             // as well), then it is a check like the above.
             let mut there = stored.spec.clone();
@@ -966,6 +1039,7 @@ async fn run(
                 storage: storage.clone(),
                 multifd_channels: params.multifd_channels,
                 attempt: Some(attempt.clone()),
+                cold: false,
             })),
             Duration::from_secs(60),
         )

@@ -8,6 +8,7 @@
 //! releases everything. QEMU outlives an agent restart: the next agent process finds it
 //! by its pid file and watches it again.
 
+pub mod cold_move;
 pub mod config;
 pub mod migrate;
 pub mod qemu;

@@ -1,8 +1,10 @@
 //! The destination's half of a host + storage move ([`super::migrate`] with
 //! `storage`): the VM's new disk files — and its new `vm.toml` when the definition
 //! changes datastore — created on this host's datastores, exported (active, their locks
-//! ours) for the source to mirror into over NBD and for the incoming QEMU to use, and
-//! removed again if the move does not commit.
+//! ours) for the source to mirror into over NBD and for the incoming QEMU to use (none
+//! for a powered-off VM, [`super::cold_move`]), and removed again if the move does not
+//! commit. While they are only a copy, writes to them are committed by flushes rather
+//! than one by one ([`Gate::from_file`]).
 //!
 //! A journal in `run_dir/incoming/<vm>.json` names the files before the first one is
 //! made. The commit point is this host writing the definition that names them, once the
@@ -232,12 +234,27 @@ fn read_journal(agent: &Agent, vm: &str) -> Result<Journal> {
     serde_json::from_slice(&b).with_context(|| format!("{}: unreadable", p.display()))
 }
 
-/// Deletes what an incoming move that did not commit made (its exports must be gone).
+/// Deletes what an incoming move that did not commit made (its exports must be gone);
+/// keeps it (and only forgets the journal) if the newest definition names the files.
 pub async fn discard(agent: &Agent, vm: &str) {
     let Ok(j) = read_journal(agent, vm) else {
         return;
     };
+    if committed(agent, &j).await {
+        let _ = std::fs::remove_file(journal_path(agent, vm));
+        return;
+    }
     drop_files(agent, &j).await;
+}
+
+/// Whether the newest definition of the VM names the journal's files.
+async fn committed(agent: &Agent, j: &Journal) -> bool {
+    locate(agent, &j.vm).await.is_some_and(|(_, st)| {
+        st.generation >= j.generation
+            && j.files
+                .iter()
+                .all(|(_, path)| st.spec.disks.iter().any(|d| &d.path == path))
+    })
 }
 
 async fn drop_files(agent: &Agent, j: &Journal) {
@@ -274,13 +291,7 @@ pub async fn recover(agent: &Agent) -> Result<()> {
             let _ = std::fs::remove_file(&p);
             continue;
         };
-        let committed = locate(agent, &j.vm).await.is_some_and(|(_, st)| {
-            st.generation >= j.generation
-                && j.files
-                    .iter()
-                    .all(|(_, path)| st.spec.disks.iter().any(|d| &d.path == path))
-        });
-        if committed {
+        if committed(agent, &j).await {
             tracing::info!("VM {}: its incoming move had committed", j.vm);
             let _ = std::fs::remove_file(&p);
             continue;

@@ -1,0 +1,306 @@
+//! A powered-off VM moved to another host *and* to datastores this host does not see:
+//! the destination creates, locks and exports the new files ([`super::targets`], as for
+//! a live move but with no QEMU), and this host copies each disk into them over NBD on
+//! TCP with the [`mirror`] engine (nobody writes the source: the definition's lock,
+//! held throughout, keeps the VM from starting anywhere).
+//!
+//! The commit point is the definition naming the new files: written here, into the
+//! other slot of the `vm.toml` this host holds, when the definition stays on its
+//! datastore; written by the destination into its new `vm.toml` when the definition
+//! moves too. Before it, any failure or cancel deletes the new files (the destination's
+//! abort, or its journal after a crash); after it, the old files are deleted here.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context, Result};
+use datastore::LockMode;
+use diskfmt::BlockDev;
+use mirror::{Mirror, Phase};
+use serde_json::{json, Value};
+use uuid::Uuid;
+
+use super::config::{self, Stored};
+use super::migrate::{Incoming, IncomingReq, Peer};
+use super::targets::NewStorage;
+use super::{config_path, export_name};
+use crate::agent::membership::Member;
+use crate::agent::tasks::Task;
+use crate::agent::Agent;
+use crate::nbd::client::NbdClient;
+
+/// Whether this host sees every datastore `st` names (else the copy goes over NBD).
+pub fn sees_all(agent: &Agent, st: &NewStorage) -> bool {
+    agent.member(&st.home).is_some()
+        && st
+            .disks
+            .values()
+            .all(|d| agent.member(&d.datastore).is_some())
+}
+
+/// Runs the move (see the module docs); the task's result on success.
+pub(super) async fn run(
+    agent: &Arc<Agent>,
+    task: &Arc<Task>,
+    home: Arc<Member>,
+    stored: Stored,
+    peer: Peer,
+    st: NewStorage,
+    speed: Option<u64>,
+) -> Result<Value> {
+    let t0 = Instant::now();
+    let name = stored.spec.name.clone();
+    let cfg = home
+        .session
+        .open(&config_path(&name), LockMode::Exclusive)
+        .await
+        .map_err(|e| anyhow!("VM {name} cannot be relocated from this host: {e}"))?;
+    let mut sources = Vec::new();
+    for d in stored
+        .spec
+        .disks
+        .iter()
+        .filter(|d| st.disks.contains_key(&d.name))
+    {
+        let m = agent.member(&d.datastore).ok_or_else(|| {
+            anyhow!(
+                "disk {} is on datastore {:?}, not configured here",
+                d.name,
+                d.datastore
+            )
+        })?;
+        match m.session.open(&d.path, LockMode::Exclusive).await {
+            Ok(f) => sources.push((d.clone(), Arc::new(f))),
+            Err(e) => {
+                close_all(sources, cfg).await;
+                return Err(anyhow!("disk {} of VM {name}: {e}", d.name));
+            }
+        }
+    }
+    let attempt = Uuid::new_v4().to_string();
+    let inc = peer
+        .call(
+            "POST",
+            &format!("/v1/vms/{name}/incoming"),
+            Some(json!(IncomingReq {
+                spec: stored.spec.clone(),
+                home: home.label().to_string(),
+                source_host: agent.cfg.host.clone(),
+                source_owners: Default::default(),
+                give_up_s: Some(3600),
+                storage: Some(st.clone()),
+                multifd_channels: None,
+                attempt: Some(attempt.clone()),
+                cold: true,
+            })),
+            Duration::from_secs(120),
+        )
+        .await
+        .and_then(|v| serde_json::from_value::<Incoming>(v).map_err(anyhow::Error::from));
+    let inc = match inc {
+        Ok(i) => i,
+        Err(e) => {
+            close_all(sources, cfg).await;
+            return Err(e);
+        }
+    };
+    let mut clients = Vec::new();
+    let mut mirrors: Vec<(String, Arc<Mirror>)> = Vec::new();
+    let copied = async {
+        let addr = inc.nbd.clone().ok_or_else(|| {
+            anyhow!(
+                "host {} serves no NBD over TCP (nbd_listen in its agent config)",
+                peer.name
+            )
+        })?;
+        let secret = agent.cfg.secret.clone().unwrap_or_default();
+        for (d, src) in &sources {
+            let e = export_name(&name, &d.name);
+            let c = NbdClient::connect_tcp(&addr, &crate::agent::exports::tcp_name(&secret, &e))
+                .await
+                .with_context(|| {
+                    format!(
+                        "host {}: the new file of disk {} over NBD",
+                        peer.name, d.name
+                    )
+                })?
+                .reconnect_for(Duration::from_secs(2));
+            let c = Arc::new(c);
+            clients.push(Arc::clone(&c));
+            let opts = mirror::Options {
+                speed,
+                target_timeout: Duration::from_secs(3),
+                ..mirror::Options::default()
+            };
+            let m = Mirror::start(Arc::clone(src) as Arc<dyn BlockDev>, c, opts)?;
+            mirrors.push((d.name.clone(), m));
+        }
+        task.stage("copying disks");
+        loop {
+            let (mut done, mut total, mut ready) = (0u64, 0u64, true);
+            for (disk, m) in &mirrors {
+                let p = m.progress();
+                done += p.done_bytes;
+                total += p.total_bytes;
+                match m.phase() {
+                    Phase::Ready => {}
+                    Phase::Failed(e) => bail!("copying disk {disk} to host {}: {e}", peer.name),
+                    Phase::Cancelled => bail!("the copy of disk {disk} was cancelled"),
+                    _ => ready = false,
+                }
+            }
+            task.progress(done.min(total), total);
+            if ready {
+                break;
+            }
+            if task.cancelled() {
+                bail!("cancelled while copying the disks");
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        // Everything is there: the new files are flushed.
+        let mut pivots = Vec::new();
+        for (_, m) in &mirrors {
+            pivots.push(m.prepare_pivot(Duration::from_secs(10)).await?);
+        }
+        Ok::<_, anyhow::Error>(pivots)
+    }
+    .await;
+    for c in &clients {
+        c.close();
+    }
+    let pivots = match copied {
+        Ok(p) => p,
+        Err(e) => {
+            for (_, m) in &mirrors {
+                m.cancel().await;
+            }
+            drop(mirrors);
+            abort(&peer, &name, &attempt).await;
+            close_all(sources, cfg).await;
+            return Err(e.context(format!("VM {name} stays where it was")));
+        }
+    };
+    // The commit point: here when the definition stays on its datastore; on the
+    // destination (its new vm.toml) when it moves.
+    task.stage("switching over");
+    let new_spec = inc.spec.clone().unwrap_or_else(|| stored.spec.clone());
+    let moves_home = st.home != home.label();
+    if !moves_home {
+        if let Err(e) =
+            config::write_at(&cfg, &new_spec, stored.generation + 1, 1 - stored.slot).await
+        {
+            let _ = config::invalidate(&cfg, 1 - stored.slot).await;
+            drop(pivots);
+            abort(&peer, &name, &attempt).await;
+            close_all(sources, cfg).await;
+            return Err(e.context(format!("VM {name} stays where it was")));
+        }
+    }
+    let finished = peer
+        .call(
+            "POST",
+            &format!("/v1/vms/{name}/incoming/finish"),
+            None,
+            Duration::from_secs(60),
+        )
+        .await;
+    if let Err(e) = finished {
+        if moves_home {
+            drop(pivots);
+            abort(&peer, &name, &attempt).await;
+            close_all(sources, cfg).await;
+            return Err(e.context(format!("VM {name} stays where it was")));
+        }
+        // Committed here already: the destination keeps the files (its journal sees
+        // the definition naming them); only its exports linger until it is told again.
+        tracing::error!("VM {name}: the destination did not confirm the move: {e:#}");
+    }
+    drop(pivots);
+    let mut disks = Vec::new();
+    let mut total = 0;
+    for (disk, m) in &mirrors {
+        let p = m.progress();
+        total += p.done_bytes;
+        let from = stored.spec.disks.iter().find(|d| &d.name == disk);
+        let to = new_spec.disks.iter().find(|d| &d.name == disk);
+        if let (Some(f), Some(t)) = (from, to) {
+            disks.push(json!({
+                "disk": disk,
+                "from": format!("{}:{}", f.datastore, f.path),
+                "to": format!("{}:{}", t.datastore, t.path),
+                "format": t.provisioning,
+                "copied_bytes": p.done_bytes,
+                "mirrored_bytes": 0,
+            }));
+        }
+        m.cancel().await;
+    }
+    drop(mirrors);
+    let old: Vec<(String, String)> = sources
+        .iter()
+        .map(|(d, _)| (d.datastore.clone(), d.path.clone()))
+        .chain(moves_home.then(|| (home.label().to_string(), config_path(&name))))
+        .collect();
+    close_all(sources, cfg).await;
+    for (ds, path) in old {
+        if let Some(m) = agent.member(&ds) {
+            if let Err(e) = m.session.remove(&path).await {
+                tracing::error!("VM {name}: removing its old file {ds}:{path}: {e}");
+            }
+        }
+    }
+    super::relocate::remove_empty_folders(agent, &name).await;
+    Ok(json!({
+        "vm": name,
+        "running": false,
+        "host": peer.name,
+        "datastore": st.home,
+        "disks": disks,
+        "copied_bytes": total,
+        "duration_s": t0.elapsed().as_secs_f64(),
+        "note": format!(
+            "VM {name} is powered off; its files are now on datastores host {} sees: it starts there with `ferry vm start {name} --host {}`",
+            peer.name, peer.name
+        ),
+    }))
+}
+
+/// Asks the destination to delete what it made (retried in the background).
+async fn abort(peer: &Peer, name: &str, attempt: &str) {
+    let body = json!({"attempt": attempt});
+    let path = format!("/v1/vms/{name}/incoming/abort");
+    if peer
+        .call("POST", &path, Some(body.clone()), Duration::from_secs(10))
+        .await
+        .is_ok()
+    {
+        return;
+    }
+    let (peer, n) = (peer.clone(), name.to_string());
+    tokio::spawn(async move {
+        for _ in 0..60 {
+            tokio::time::sleep(Duration::from_secs(2)).await;
+            if peer
+                .call("POST", &path, Some(body.clone()), Duration::from_secs(10))
+                .await
+                .is_ok()
+            {
+                tracing::info!("VM {n}: the destination cleaned up");
+                return;
+            }
+        }
+    });
+}
+
+async fn close_all(
+    sources: Vec<(super::spec::Disk, Arc<datastore::files::DsFile>)>,
+    cfg: datastore::files::DsFile,
+) {
+    for (_, f) in sources {
+        if let Ok(f) = Arc::try_unwrap(f) {
+            let _ = f.close().await;
+        }
+    }
+    let _ = cfg.close().await;
+}
