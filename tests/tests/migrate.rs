@@ -33,7 +33,7 @@ fn verify(bed: &AgentBed, i: usize, vm: &str, phases: &[Phase]) -> ferry_guest::
 /// What host `i` still has of `vm` (a running VM, an export, a QEMU), if anything.
 fn leftovers(bed: &AgentBed, i: usize, vm: &str) -> Option<String> {
     let v = vm_on(bed, i, vm);
-    if v["state"] == "running" {
+    if v["state"] == "running" || v["state"] == "incoming" {
         return Some(format!("host {i} runs {vm}: {v}"));
     }
     let ex = bed.call_ok(i, "GET", "/v1/exports", None);

@@ -428,6 +428,7 @@ pub async fn run(cfg: Config, exe: PathBuf) -> Result<Stop> {
     crate::vm::targets::recover(&agent).await?;
     agent.restore_exports().await?;
     crate::vm::reattach(&agent).await;
+    crate::vm::migrate::recover_leaving(&agent);
 
     let nbd_sock = bind_unix(&cfg.nbd_socket())?;
     let nbd_tcp = match (nbd_tcp_l, &agent.nbd_tcp) {

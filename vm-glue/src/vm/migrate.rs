@@ -1056,6 +1056,12 @@ async fn run(
         .flat_map(|s| s.disks.keys().map(|d| export_name(&name, d)))
         .collect();
     let hand_config = storage.as_ref().is_none_or(|s| s.home == home);
+    let leaving = storage.as_ref().map(|st| Leaving {
+        vm: name.clone(),
+        host: peer.name.clone(),
+        files: old_files(&name, &spec, &home, st),
+        committed: false,
+    });
     let mut clients = Vec::new();
     let out = async {
         let mut mirror_s = 0.0;
@@ -1087,6 +1093,7 @@ async fn run(
             &params,
             &moving,
             hand_config,
+            leaving.as_ref(),
             &mut handed,
         )
         .await?;
@@ -1135,7 +1142,15 @@ async fn run(
                 v["disks"] = json!(disks);
                 v["copied_bytes"] = json!(copied);
                 v["datastore"] = json!(st.home);
-                remove_moved(agent, &name, &spec, &home, st).await;
+                if let Some(mut l) = leaving {
+                    l.committed = true;
+                    let _ = save_leaving(agent, &l);
+                    if failpoint("both-after-commit") {
+                        tracing::warn!("failpoint both-after-commit: killing the agent");
+                        let _ = nix::sys::signal::raise(nix::sys::signal::Signal::SIGKILL);
+                    }
+                    remove_moved(agent, &l).await;
+                }
             }
             Ok(v)
         }
@@ -1159,6 +1174,7 @@ async fn run(
                     "duration_s": t0.elapsed().as_secs_f64(),
                     "note": format!("the destination resumed the VM but its answer was lost: {e:#}")}));
             }
+            let _ = std::fs::remove_file(leaving_path(agent, &name));
             Err(e.context(format!("VM {name} stays on host {}", agent.cfg.host)))
         }
     }
@@ -1177,6 +1193,7 @@ async fn migrate(
     params: &MigrateParams,
     moving: &[String],
     hand_config: bool,
+    leaving: Option<&Leaving>,
     handed: &mut Handed,
 ) -> Result<Value> {
     // Every setting is given each time: QEMU keeps them from an earlier (failed) attempt.
@@ -1334,6 +1351,11 @@ async fn migrate(
     if failpoint("migrate-after-handoff") {
         bail!("failpoint migrate-after-handoff");
     }
+    // A host + storage move commits on the destination next: from here a restarted
+    // agent must find out whether it did, to delete the old files (or keep them).
+    if let Some(l) = leaving {
+        save_leaving(agent, l)?;
+    }
     // The destination takes the disks (its locks now) while QEMU sends the device state;
     // it resumes the guest as soon as its side of the migration has completed.
     let finish_path = format!("/v1/vms/{name}/incoming/finish");
@@ -1464,26 +1486,133 @@ async fn mirror_disks(
     }
 }
 
-/// After a host + storage move: deletes the files the VM left here (the disks that
-/// moved; `vm.toml` if the definition moved), once its QEMU is gone.
-async fn remove_moved(agent: &Agent, name: &str, spec: &VmSpec, home: &str, st: &NewStorage) {
+/// What a host + storage move leaves on this host, to delete once the destination
+/// runs the VM (`run_dir/leaving/VM.json`, written before the destination commits).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Leaving {
+    vm: String,
+    /// The destination host.
+    host: String,
+    /// Datastore label and path of each file to delete.
+    files: Vec<(String, String)>,
+    /// The destination confirmed the commit.
+    committed: bool,
+}
+
+fn leaving_path(agent: &Agent, vm: &str) -> std::path::PathBuf {
+    agent.cfg.run_dir.join("leaving").join(format!("{vm}.json"))
+}
+
+fn save_leaving(agent: &Agent, l: &Leaving) -> Result<()> {
+    super::relocate::write_durably(&leaving_path(agent, &l.vm), l)
+}
+
+/// The files a host + storage move leaves here: the disks that moved, and `vm.toml` if
+/// the definition moved.
+fn old_files(name: &str, spec: &VmSpec, home: &str, st: &NewStorage) -> Vec<(String, String)> {
+    spec.disks
+        .iter()
+        .filter(|d| st.disks.contains_key(&d.name))
+        .map(|d| (d.datastore.clone(), d.path.clone()))
+        .chain((st.home != home).then(|| (home.to_string(), config_path(name))))
+        .collect()
+}
+
+/// After a host + storage move: deletes the files the VM left here once its QEMU and
+/// exports are gone, then the journal.
+async fn remove_moved(agent: &Agent, l: &Leaving) {
+    let name = &l.vm;
     let t0 = Instant::now();
     while agent.vms.lock().await.contains_key(name) && t0.elapsed() < Duration::from_secs(15) {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    let doomed = spec
-        .disks
-        .iter()
-        .filter(|d| st.disks.contains_key(&d.name))
-        .map(|d| (d.datastore.clone(), d.path.clone()))
-        .chain((st.home != home).then(|| (home.to_string(), config_path(name))));
-    for (ds, path) in doomed {
-        let Some(m) = agent.member(&ds) else { continue };
-        if let Err(e) = m.session.remove(&path).await {
-            tracing::error!("VM {name}: removing its old file {ds}:{path}: {e}");
+    // Exports still naming the old files (an agent restarted meanwhile restored them).
+    let stale: Vec<String> = {
+        let t = agent.exports.lock().await;
+        t.iter()
+            .filter(|(_, e)| {
+                l.files.iter().any(|(ds, path)| {
+                    agent
+                        .member(ds)
+                        .is_some_and(|m| m.ds.uuid() == &e.spec.datastore)
+                        && e.spec.path == *path
+                })
+            })
+            .map(|(n, _)| n.clone())
+            .collect()
+    };
+    super::release_exports(agent, &stale).await;
+    for (ds, path) in &l.files {
+        let Some(m) = agent.member(ds) else { continue };
+        match m.session.remove(path).await {
+            Ok(()) | Err(datastore::Error::NotFound { .. }) => {}
+            Err(e) => tracing::error!("VM {name}: removing its old file {ds}:{path}: {e}"),
         }
     }
     super::relocate::remove_empty_folders(agent, name).await;
+    let _ = std::fs::remove_file(leaving_path(agent, name));
+}
+
+/// Settles host + storage moves an earlier agent process left (after the exports were
+/// restored): a confirmed commit deletes the old files at once; otherwise the
+/// destination is asked, until it answers, whether it runs the VM (then they go) or not
+/// (then the move was rolled back and they stay the VM's disks).
+pub fn recover_leaving(agent: &Arc<Agent>) {
+    let Ok(rd) = std::fs::read_dir(agent.cfg.run_dir.join("leaving")) else {
+        return;
+    };
+    for e in rd.flatten() {
+        let Some(l) = std::fs::read(e.path())
+            .ok()
+            .and_then(|b| serde_json::from_slice::<Leaving>(&b).ok())
+        else {
+            let _ = std::fs::remove_file(e.path());
+            continue;
+        };
+        let a = Arc::clone(agent);
+        tokio::spawn(async move {
+            for _ in 0..360 {
+                let moved = if l.committed {
+                    Some(true)
+                } else {
+                    match peer(&a, &l.host) {
+                        Ok(p) => p
+                            .call(
+                                "GET",
+                                &format!("/v1/vms/{}", l.vm),
+                                None,
+                                Duration::from_secs(10),
+                            )
+                            .await
+                            .ok()
+                            .and_then(|v| match v["state"].as_str() {
+                                Some("running") if v["host"] == l.host.as_str() => Some(true),
+                                Some("incoming") => None,
+                                _ => Some(false),
+                            }),
+                        Err(_) => None,
+                    }
+                };
+                match moved {
+                    Some(true) => {
+                        tracing::warn!("VM {}: it moved to host {} before this agent restarted; deleting its old files", l.vm, l.host);
+                        remove_moved(&a, &l).await;
+                        return;
+                    }
+                    Some(false) => {
+                        tracing::warn!(
+                            "VM {}: its move to host {} did not happen; its files stay",
+                            l.vm,
+                            l.host
+                        );
+                        let _ = std::fs::remove_file(leaving_path(&a, &l.vm));
+                        return;
+                    }
+                    None => tokio::time::sleep(Duration::from_secs(5)).await,
+                }
+            }
+        });
+    }
 }
 
 /// Puts the VM back as it was on this host: the migration cancelled (QEMU resumes the

@@ -620,12 +620,12 @@ pub async fn stop(agent: &Arc<Agent>, name: &str, force: bool, timeout: Duration
 
 /// Every VM in this host's datastores, with its state.
 pub async fn list(agent: &Agent) -> Result<Vec<Value>> {
-    let running: BTreeMap<String, (u32, &'static str)> = agent
+    let running: BTreeMap<String, (u32, bool)> = agent
         .vms
         .lock()
         .await
         .iter()
-        .map(|(k, v)| (k.clone(), (v.pid, v.accel)))
+        .map(|(k, v)| (k.clone(), (v.pid, v.incoming)))
         .collect();
     let mut out = Vec::new();
     for m in &agent.members {
@@ -652,7 +652,9 @@ pub async fn list(agent: &Agent) -> Result<Vec<Value>> {
             }
             let spec = stored.spec;
             let (state, host, pid) = match running.get(&name) {
-                Some((pid, _)) => ("running", Some(agent.cfg.host.clone()), Some(*pid)),
+                // Waiting for a migration to this host: not running here yet.
+                Some((pid, true)) => ("incoming", Some(agent.cfg.host.clone()), Some(*pid)),
+                Some((pid, false)) => ("running", Some(agent.cfg.host.clone()), Some(*pid)),
                 None => match &st.lock {
                     Some(holder) => ("running elsewhere", Some(holder.clone()), None),
                     None => ("stopped", None, None),
