@@ -470,12 +470,7 @@ pub async fn finish(agent: &Arc<Agent>, name: &str) -> Result<Value> {
                     .context("taking the definition's lock")?
             }
         };
-        if let Err(e) = targets::commit(agent, &f, &spec, st).await {
-            if let Some(v) = agent.vms.lock().await.get_mut(name) {
-                v.config = Some(f);
-            }
-            return Err(e.context(format!("VM {name}: committing its new definition")));
-        }
+        let f = commit_into(agent, name, f, &spec, st).await?;
         // The new files are the disks now (the guest's writes commit write by write).
         for e in &exports {
             if let Some((gate, _)) = agent.export_gate(e).await {
@@ -531,6 +526,27 @@ pub async fn finish(agent: &Arc<Agent>, name: &str) -> Result<Value> {
     Ok(json!({"resumed_us": resumed}))
 }
 
+/// The commit point of a host + storage move on this side: the definition naming the
+/// new files written into `f`. If it fails, `f` goes back to the VM's entry (its abort
+/// closes it).
+async fn commit_into(
+    agent: &Agent,
+    name: &str,
+    f: datastore::files::DsFile,
+    spec: &VmSpec,
+    st: &NewStorage,
+) -> Result<datastore::files::DsFile> {
+    match targets::commit(agent, &f, spec, st).await {
+        Ok(()) => Ok(f),
+        Err(e) => {
+            if let Some(v) = agent.vms.lock().await.get_mut(name) {
+                v.config = Some(f);
+            }
+            Err(e.context(format!("VM {name}: committing its new definition")))
+        }
+    }
+}
+
 /// `finish` of a powered-off VM's move: commits the definition if it moves to a new
 /// `vm.toml` here (else the source committed it in place), and lets the new files go.
 async fn finish_cold(
@@ -549,12 +565,7 @@ async fn finish_cold(
         .and_then(|v| v.config.take());
     match own {
         Some(f) => {
-            if let Err(e) = targets::commit(agent, &f, spec, &st).await {
-                if let Some(v) = agent.vms.lock().await.get_mut(name) {
-                    v.config = Some(f);
-                }
-                return Err(e.context(format!("VM {name}: committing its new definition")));
-            }
+            let f = commit_into(agent, name, f, spec, &st).await?;
             let _ = f.close().await;
         }
         // The source wrote it: the journal sees the files named and keeps them.
@@ -875,28 +886,10 @@ pub async fn start(
             let mut there = stored.spec.clone();
             let mut there_home = home.label().to_string();
             if let Some(st) = &new_storage {
-                for (disk, nd) in &st.disks {
-                    if agent.member(&nd.datastore).is_none() {
-                        bail!(
-                            "VM {name} is powered off and datastore {} (for disk {disk}) is not \
-                             visible from host {}: a powered-off VM moves only to datastores its \
-                             current host sees too; start it and move it live, or move it to a \
-                             shared datastore first",
-                            nd.datastore,
-                            agent.cfg.host
-                        );
-                    }
-                    if let Some(d) = there.disks.iter_mut().find(|d| &d.name == disk) {
+                for d in there.disks.iter_mut() {
+                    if let Some(nd) = st.disks.get(&d.name) {
                         d.datastore = nd.datastore.clone();
                     }
-                }
-                if agent.member(&st.home).is_none() {
-                    bail!(
-                        "VM {name} is powered off and datastore {} is not visible from host {}: \
-                         start it and move it live, or choose a datastore both hosts see",
-                        st.home,
-                        agent.cfg.host
-                    );
                 }
                 there_home = st.home.clone();
             }
