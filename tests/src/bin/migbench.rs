@@ -182,15 +182,17 @@ fn timed_relocation(
     (done, t0.elapsed().as_secs_f64())
 }
 
-fn main() {
-    let args: Vec<String> = std::env::args().collect();
-    let runs: usize = args.get(1).and_then(|r| r.parse().ok()).unwrap_or(3);
-    let rate = args.get(2).cloned().filter(|r| r != "-");
-    if args.iter().any(|a| a == "both") {
-        return both(runs, rate);
-    }
-    let mut bed = AgentBed::networked(2, &["ds0"], 512);
-    shape(&bed, &rate);
+/// Two networked hosts over `labels` (datastores of `ds_mib`), links shaped to `rate`,
+/// both agents up, and VM `bench` (256 MiB, the workload, one thin disk of `disk`
+/// bytes on ds0) defined on host 0; the hosts' namespaces and addresses.
+fn bed_with_vm(
+    labels: &[&str],
+    ds_mib: u64,
+    disk: u64,
+    rate: &Option<String>,
+) -> (AgentBed, Vec<String>, Vec<String>) {
+    let mut bed = AgentBed::networked(2, labels, ds_mib);
+    shape(&bed, rate);
     let net = bed.net.as_ref().unwrap();
     let (ns, addr) = (net.ns.clone(), net.addr.clone());
     bed.start(0);
@@ -204,10 +206,14 @@ fn main() {
             "name": "bench", "datastore": "ds0", "memory_mib": 256, "vcpus": 1,
             "kernel": g.join("vmlinuz"), "initrd": g.join("initramfs.img"),
             "append": "console=ttyS0 quiet panic=-1 ferry.seconds=0 ferry.region_mib=32",
-            "disks": [{"size": 64u64 << 20, "provisioning": "thin"}],
+            "disks": [{"size": disk, "provisioning": "thin"}],
         })),
     );
-    bed.call_ok(0, "POST", "/v1/vms/bench/start", None);
+    (bed, ns, addr)
+}
+
+/// The plain QEMU guest's disk (a raw file in the bed's folder) and a runtime for QMP.
+fn plain_setup(bed: &AgentBed) -> (PathBuf, tokio::runtime::Runtime) {
     let dir: PathBuf = bed.dir.path().to_path_buf();
     let ok = Command::new("qemu-img")
         .args(["create", "-q", "-f", "raw"])
@@ -221,6 +227,19 @@ fn main() {
         .enable_all()
         .build()
         .unwrap();
+    (dir, rt)
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    let runs: usize = args.get(1).and_then(|r| r.parse().ok()).unwrap_or(3);
+    let rate = args.get(2).cloned().filter(|r| r != "-");
+    if args.iter().any(|a| a == "both") {
+        return both(runs, rate);
+    }
+    let (bed, ns, addr) = bed_with_vm(&["ds0"], 512, 64 << 20, &rate);
+    bed.call_ok(0, "POST", "/v1/vms/bench/start", None);
+    let (dir, rt) = plain_setup(&bed);
     std::thread::sleep(Duration::from_secs(15)); // both guests boot and write
     let mut plain = Some(rt.block_on(plain_qemu(&ns[0], &dir, "p0", None)));
     std::thread::sleep(Duration::from_secs(10));
@@ -292,24 +311,7 @@ fn main() {
 
 /// `migbench RUNS RATE both`: see the module docs.
 fn both(runs: usize, rate: Option<String>) {
-    let mut bed = AgentBed::networked(2, &["ds0", "ds1"], 6 << 10);
-    shape(&bed, &rate);
-    let net = bed.net.as_ref().unwrap();
-    let (ns, addr) = (net.ns.clone(), net.addr.clone());
-    bed.start(0);
-    bed.start(1);
-    let g = guest_dir();
-    bed.call_ok(
-        0,
-        "POST",
-        "/v1/vms",
-        Some(json!({
-            "name": "bench", "datastore": "ds0", "memory_mib": 256, "vcpus": 1,
-            "kernel": g.join("vmlinuz"), "initrd": g.join("initramfs.img"),
-            "append": "console=ttyS0 quiet panic=-1 ferry.seconds=0 ferry.region_mib=32",
-            "disks": [{"size": 4u64 << 30, "provisioning": "thin"}],
-        })),
-    );
+    let (bed, ns, addr) = bed_with_vm(&["ds0", "ds1"], 6 << 10, 4 << 30, &rate);
     // 1 GiB of data in four 256 MiB pieces, written through an export before the boot.
     bed.call_ok(
         0,
@@ -337,19 +339,7 @@ fn both(runs: usize, rate: Option<String>) {
     }
     bed.call_ok(0, "DELETE", "/v1/exports/fill", None);
     bed.call_ok(0, "POST", "/v1/vms/bench/start", None);
-    let dir: PathBuf = bed.dir.path().to_path_buf();
-    let ok = Command::new("qemu-img")
-        .args(["create", "-q", "-f", "raw"])
-        .arg(dir.join("plain.raw"))
-        .arg("64M")
-        .status()
-        .unwrap();
-    assert!(ok.success());
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
+    let (dir, rt) = plain_setup(&bed);
     std::thread::sleep(Duration::from_secs(15));
     let mut plain = Some(rt.block_on(plain_qemu(&ns[0], &dir, "p0", None)));
     std::thread::sleep(Duration::from_secs(10));

@@ -13,10 +13,10 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use anyhow::{anyhow, bail, Context, Result};
+use anyhow::{anyhow, Context, Result};
 use datastore::LockMode;
 use diskfmt::BlockDev;
-use mirror::{Mirror, Phase};
+use mirror::Mirror;
 use serde_json::{json, Value};
 use uuid::Uuid;
 
@@ -135,29 +135,11 @@ pub(super) async fn run(
             let m = Mirror::start(Arc::clone(src) as Arc<dyn BlockDev>, c, opts)?;
             mirrors.push((d.name.clone(), m));
         }
-        task.stage("copying disks");
-        loop {
-            let (mut done, mut total, mut ready) = (0u64, 0u64, true);
-            for (disk, m) in &mirrors {
-                let p = m.progress();
-                done += p.done_bytes;
-                total += p.total_bytes;
-                match m.phase() {
-                    Phase::Ready => {}
-                    Phase::Failed(e) => bail!("copying disk {disk} to host {}: {e}", peer.name),
-                    Phase::Cancelled => bail!("the copy of disk {disk} was cancelled"),
-                    _ => ready = false,
-                }
-            }
-            task.progress(done.min(total), total);
-            if ready {
-                break;
-            }
-            if task.cancelled() {
-                bail!("cancelled while copying the disks");
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+        let labelled: Vec<(String, Arc<Mirror>)> = mirrors
+            .iter()
+            .map(|(d, m)| (format!("disk {d}"), Arc::clone(m)))
+            .collect();
+        super::migrate::wait_in_sync(task, &labelled, &peer.name, None).await?;
         // Everything is there: the new files are flushed.
         let mut pivots = Vec::new();
         for (_, m) in &mirrors {
@@ -270,27 +252,15 @@ pub(super) async fn run(
 async fn abort(peer: &Peer, name: &str, attempt: &str) {
     let body = json!({"attempt": attempt});
     let path = format!("/v1/vms/{name}/incoming/abort");
-    if peer
+    if let Err(e) = peer
         .call("POST", &path, Some(body.clone()), Duration::from_secs(10))
         .await
-        .is_ok()
     {
-        return;
+        tracing::warn!(
+            "VM {name}: the destination did not clean up yet: {e:#}; retrying in the background"
+        );
+        super::migrate::retry_abort(peer, name, body);
     }
-    let (peer, n) = (peer.clone(), name.to_string());
-    tokio::spawn(async move {
-        for _ in 0..60 {
-            tokio::time::sleep(Duration::from_secs(2)).await;
-            if peer
-                .call("POST", &path, Some(body.clone()), Duration::from_secs(10))
-                .await
-                .is_ok()
-            {
-                tracing::info!("VM {n}: the destination cleaned up");
-                return;
-            }
-        }
-    });
 }
 
 async fn close_all(

@@ -1442,23 +1442,33 @@ async fn mirror_disks(
             "VM {name}: mirroring export {e} to host {} ({addr})",
             peer.name
         );
-        out.push((e.clone(), m));
+        out.push((format!("export {e}"), m));
     }
-    task.stage("copying disks");
     let limit = params.timeout_s.unwrap_or(300);
-    let deadline = Instant::now() + Duration::from_secs(limit);
+    wait_in_sync(task, &out, &peer.name, Some(limit)).await
+}
+
+/// Waits until every mirror (labelled for messages) is in sync, reporting progress in
+/// `task` (stage `copying disks`); fails on a mirror's failure, a cancel, or after
+/// `limit_s`.
+pub(super) async fn wait_in_sync(
+    task: &Task,
+    mirrors: &[(String, Arc<mirror::Mirror>)],
+    host: &str,
+    limit_s: Option<u64>,
+) -> Result<()> {
+    task.stage("copying disks");
+    let deadline = limit_s.map(|l| Instant::now() + Duration::from_secs(l));
     loop {
         let (mut done, mut total, mut ready) = (0u64, 0u64, true);
-        for (e, m) in &out {
+        for (what, m) in mirrors {
             let p = m.progress();
             done += p.done_bytes;
             total += p.total_bytes;
             match m.phase() {
                 mirror::Phase::Ready => {}
-                mirror::Phase::Failed(err) => {
-                    bail!("copying export {e} to host {}: {err}", peer.name)
-                }
-                mirror::Phase::Cancelled => bail!("the copy of export {e} was cancelled"),
+                mirror::Phase::Failed(err) => bail!("copying {what} to host {host}: {err}"),
+                mirror::Phase::Cancelled => bail!("the copy of {what} was cancelled"),
                 _ => ready = false,
             }
         }
@@ -1469,10 +1479,10 @@ async fn mirror_disks(
         if task.cancelled() {
             bail!("cancelled while copying the disks");
         }
-        if Instant::now() > deadline {
+        if deadline.is_some_and(|d| Instant::now() > d) {
             bail!(
-                "the disks' copy to host {} was not in sync within {limit} s",
-                peer.name
+                "the disks' copy to host {host} was not in sync within {} s",
+                limit_s.unwrap_or(0)
             );
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
@@ -1608,6 +1618,28 @@ pub fn recover_leaving(agent: &Arc<Agent>) {
     }
 }
 
+/// Sends an incoming VM's abort to `peer` again every 2 s (for two minutes) until it
+/// is answered — say, once a cut link is back — while the VM goes on here.
+pub(super) fn retry_abort(peer: &Peer, name: &str, body: Value) {
+    let (peer, n) = (peer.clone(), name.to_string());
+    let path = format!("/v1/vms/{name}/incoming/abort");
+    tokio::spawn(async move {
+        for _ in 0..60 {
+            tokio::time::sleep(Duration::from_secs(2)).await;
+            match peer
+                .call("POST", &path, Some(body.clone()), Duration::from_secs(10))
+                .await
+            {
+                Ok(_) => {
+                    tracing::info!("VM {n}: the destination cleaned up");
+                    return;
+                }
+                Err(e) => tracing::debug!("VM {n}: abort on the destination: {e:#}"),
+            }
+        }
+    });
+}
+
 /// Puts the VM back as it was on this host: the migration cancelled (QEMU resumes the
 /// source), locks handed back by the destination, exports active again, the destination
 /// cleaned. Returns true if the destination already runs the VM (nothing to roll back).
@@ -1637,22 +1669,7 @@ async fn rollback(
         Err(e) if format!("{e:#}").contains("already runs here") => return true,
         Err(e) => {
             tracing::warn!("VM {name}: the destination did not clean up yet: {e:#}; retrying in the background");
-            let (peer, n) = (peer.clone(), name.to_string());
-            tokio::spawn(async move {
-                for _ in 0..60 {
-                    tokio::time::sleep(Duration::from_secs(2)).await;
-                    match peer
-                        .call("POST", &path, Some(body.clone()), Duration::from_secs(10))
-                        .await
-                    {
-                        Ok(_) => {
-                            tracing::info!("VM {n}: the destination cleaned up");
-                            return;
-                        }
-                        Err(e) => tracing::debug!("VM {n}: abort on the destination: {e:#}"),
-                    }
-                }
-            });
+            retry_abort(peer, name, body);
         }
     }
     // Our exports take their locks back (handed back, or broken once the destination
