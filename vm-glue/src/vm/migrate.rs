@@ -1392,8 +1392,8 @@ async fn migrate(
 }
 
 /// Mirrors each moving disk into the destination's export of its new file (NBD over
-/// TCP) until every one is in sync; returns the mirrors (they keep the new files in
-/// sync until the pre-switchover window ends them).
+/// TCP) until every one is in sync; the mirrors stay in their exports and keep the
+/// new files in sync until the pre-switchover window ends them.
 #[allow(clippy::too_many_arguments)]
 async fn mirror_disks(
     agent: &Arc<Agent>,
