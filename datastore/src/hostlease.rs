@@ -37,6 +37,37 @@ pub struct HostLease {
     owner: Owner,
     shared: Arc<Shared>,
     thread: Option<JoinHandle<()>>,
+    /// The pet of a lease renewed by [`HostLease::renew_now`] instead of a thread.
+    manual_pet: Option<ManualPet>,
+}
+
+/// The pet of a lease without a renewal thread.
+struct ManualPet(Mutex<PetFn>);
+
+impl std::fmt::Debug for ManualPet {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ManualPet")
+    }
+}
+
+/// How a lease is joined.
+#[derive(Debug, Clone, Copy)]
+pub struct JoinOptions {
+    /// When false (negative-control tests only), an expired lease is not reported lost.
+    pub enforce: bool,
+    /// When false, no renewal thread is started: the caller renews with
+    /// [`HostLease::renew_now`] every `renew_interval` (the protocol simulator's hosts do,
+    /// so that every renewal is a step it schedules).
+    pub renewal_thread: bool,
+}
+
+impl Default for JoinOptions {
+    fn default() -> Self {
+        JoinOptions {
+            enforce: true,
+            renewal_thread: true,
+        }
+    }
 }
 
 #[derive(Debug)]
@@ -90,6 +121,22 @@ impl HostLease {
         pet: PetFn,
         enforce: bool,
     ) -> Result<HostLease> {
+        let opts = JoinOptions {
+            enforce,
+            ..JoinOptions::default()
+        };
+        Self::join_with(ds, name, address, pet, opts)
+    }
+
+    /// [`HostLease::join`] with options.
+    pub fn join_with(
+        ds: Arc<Datastore>,
+        name: &str,
+        address: &str,
+        pet: PetFn,
+        opts: JoinOptions,
+    ) -> Result<HostLease> {
+        let enforce = opts.enforce;
         check_name(&ds, name, address)?;
         let sb = ds.superblock().clone();
         let clock = Arc::clone(ds.clock());
@@ -122,8 +169,15 @@ impl HostLease {
                         if v2.liveness == Liveness::Dead {
                             break;
                         }
-                        if clock.now() > deadline + sb.io_timeout() {
-                            break;
+                        if clock.now() > deadline + 4 * sb.io_timeout() {
+                            return Err(Error::Timeout {
+                                what: format!(
+                                    "{}: waiting for slot {} of host {name:?} to be seen dead",
+                                    ds.path().display(),
+                                    v.host_id
+                                ),
+                                secs: (sb.host_dead() + 4 * sb.io_timeout()).as_secs_f64(),
+                            });
                         }
                         clock.sleep(sb.io_timeout() / 2);
                     }
@@ -156,7 +210,12 @@ impl HostLease {
                     }
                 },
             };
-            match Self::take_slot(&ds, host_id, name, address, &pet)? {
+            // Taken only if it still holds exactly what was judged free or dead.
+            let judged = obs
+                .seen_record(host_id)
+                .map(|b| Box::new(b.clone()))
+                .unwrap_or_else(crate::format::Block::zeroed);
+            match Self::take_slot(&ds, host_id, &judged, name, address, &pet, enforce)? {
                 Some((slot, issued)) => {
                     let owner = Owner {
                         host_id,
@@ -175,6 +234,15 @@ impl HostLease {
                         enforce,
                     });
                     ds.arm_faults();
+                    if !opts.renewal_thread {
+                        return Ok(HostLease {
+                            ds,
+                            owner,
+                            shared,
+                            thread: None,
+                            manual_pet: Some(ManualPet(Mutex::new(pet))),
+                        });
+                    }
                     let t_ds = Arc::clone(&ds);
                     let t_shared = Arc::clone(&shared);
                     let thread = std::thread::Builder::new()
@@ -186,6 +254,7 @@ impl HostLease {
                         owner,
                         shared,
                         thread: Some(thread),
+                        manual_pet: None,
                     });
                 }
                 None => {
@@ -255,6 +324,7 @@ impl HostLease {
             stop: AtomicBool::new(false),
             enforce: true,
         });
+        ds.set_write_deadline(Some(last_good + sb.fence_after()));
         // Renew once now, synchronously, so the caller knows the slot is ours again.
         renew_once(&ds, &shared, &pet);
         if let Some(why) = shared.lost.lock().expect("lease state").clone() {
@@ -280,7 +350,18 @@ impl HostLease {
             owner,
             shared,
             thread: Some(thread),
+            manual_pet: None,
         })
+    }
+
+    /// Renews once now (a lease joined without a renewal thread); false once the lease
+    /// is lost.
+    pub fn renew_now(&self) -> bool {
+        if let Some(pet) = &self.manual_pet {
+            let pet = pet.0.lock().expect("lease pet");
+            renew_once(&self.ds, &self.shared, &pet);
+        }
+        self.lost().is_none()
     }
 
     /// The slot's incarnation (what [`HostLease::resume`] needs).
@@ -288,22 +369,40 @@ impl HostLease {
         self.shared.slot.lock().expect("lease state").incarnation
     }
 
-    /// Writes our record into slot `host_id` and checks nobody else did the same.
+    /// Writes our record into slot `host_id` if it still holds `judged` (the record an
+    /// observation judged free or dead), and checks nobody else did the same.
+    ///
+    /// The slot is re-read just before writing and must match `judged` byte for byte: a
+    /// joiner held up between its observation and its write (stopped, swapped out) finds
+    /// the host that joined meanwhile and backs off instead of writing over a live
+    /// lease. The write itself must be submitted within `io_timeout` of that re-read
+    /// (checked immediately before submission), so any two joiners that both saw the slot
+    /// free overlap in time and the `2 × io_timeout` read-back tells them apart.
     fn take_slot(
         ds: &Datastore,
         host_id: u32,
+        judged: &crate::format::Block,
         name: &str,
         address: &str,
         pet: &PetFn,
+        enforce: bool,
     ) -> Result<Option<(HostSlot, Duration)>> {
         let sb = ds.superblock();
         let clock = ds.clock();
         let t_read = clock.now();
         // Arm the watchdog before writing anything: a joiner held up from here on (stopped,
         // starved) is fenced `8 × io_timeout` after `t_read`, like a host that stopped
-        // renewing, so a slot write computed now cannot land much later.
+        // renewing; its writes are refused from then on.
         pet(t_read);
-        let prev_generation = match ds.read_slot(host_id)? {
+        if enforce {
+            ds.set_write_deadline(Some(t_read + sb.fence_after()));
+        }
+        let raw = ds.read(ds.slot_rec(host_id))?;
+        if raw.0 != judged.0 {
+            tracing::info!("slot {host_id} changed since it was judged free; not taking it");
+            return Ok(None);
+        }
+        let prev_generation = match HostSlot::decode(&raw, ds.uuid()) {
             Decoded::Valid(s) => s.host_generation,
             Decoded::Blank => 0,
             Decoded::Unknown(why) => {
@@ -325,7 +424,15 @@ impl HostLease {
             name: name.to_string(),
             address: address.to_string(),
         };
-        ds.write(ds.slot_rec(host_id), &slot.encode(ds.uuid()))?;
+        match ds.write_before(
+            ds.slot_rec(host_id),
+            &slot.encode(ds.uuid()),
+            Some(t_read + sb.io_timeout()),
+        ) {
+            Ok(()) => {}
+            Err(Error::LeaseLost { .. }) => return Ok(None),
+            Err(e) => return Err(e),
+        }
         if clock.now().saturating_sub(t_read) > sb.io_timeout() {
             // Too slow: a concurrent joiner's checks assume we wrote within io_timeout.
             return Ok(None);
@@ -400,10 +507,15 @@ impl HostLease {
         }
         slot.state = SlotState::Free;
         slot.renewal += 1;
-        self.ds.write(
+        let r = self.ds.write(
             self.ds.slot_rec(self.owner.host_id),
             &slot.encode(self.ds.uuid()),
-        )
+        );
+        // Without a lease nothing more is written through this datastore handle.
+        if self.shared.enforce {
+            self.ds.set_write_deadline(Some(Duration::ZERO));
+        }
+        r
     }
 
     fn stop_thread(&mut self) {
@@ -458,12 +570,18 @@ fn renew_loop(ds: &Datastore, sh: &Shared, pet: PetFn) {
 }
 
 /// One renewal: read the slot (it must still be ours), write it with the counter raised.
+///
+/// A renewal counts (moves `last_good`, the write deadline and the watchdog on) only if
+/// its write completed within `io_timeout` of its issue: one that lands later may land
+/// after other hosts have seen the slot unchanged for `host_dead`, and must not extend a
+/// lease they may already have broken. Its write is refused once the deadline passed.
 fn renew_once(ds: &Datastore, sh: &Shared, pet: &PetFn) {
     let sb = ds.superblock();
     let issue = ds.clock().now();
     let since_good = issue.saturating_sub(*sh.last_good.lock().expect("lease state"));
     if sh.enforce && since_good > sb.fence_after() {
         lose(
+            ds,
             sh,
             format!("no good renewal for {:.1}s", since_good.as_secs_f64()),
         );
@@ -474,6 +592,7 @@ fn renew_once(ds: &Datastore, sh: &Shared, pet: &PetFn) {
         Ok(Decoded::Valid(s)) if s.incarnation == slot.incarnation => {}
         Ok(_) => {
             lose(
+                ds,
                 sh,
                 format!("slot {} was taken over by another host", slot.host_id),
             );
@@ -487,15 +606,28 @@ fn renew_once(ds: &Datastore, sh: &Shared, pet: &PetFn) {
     slot.renewal += 1;
     match ds.write(ds.slot_rec(slot.host_id), &slot.encode(ds.uuid())) {
         Ok(()) => {
+            let took = ds.clock().now().saturating_sub(issue);
             *sh.slot.lock().expect("lease state") = slot;
+            if took > sb.io_timeout() && sh.enforce {
+                tracing::warn!(
+                    "renewal took {:.1}s (more than io_timeout): not counted",
+                    took.as_secs_f64()
+                );
+                return;
+            }
             *sh.last_good.lock().expect("lease state") = issue;
+            if sh.enforce {
+                ds.set_write_deadline(Some(issue + sb.fence_after()));
+            }
             pet(issue);
         }
         Err(e) => tracing::warn!("renewal write failed: {e}"),
     }
 }
 
-fn lose(sh: &Shared, why: String) {
+fn lose(ds: &Datastore, sh: &Shared, why: String) {
     tracing::error!("host lease lost: {why}");
+    // Nothing more is written under a lost lease.
+    ds.set_write_deadline(Some(Duration::ZERO));
     *sh.lost.lock().expect("lease state") = Some(why);
 }

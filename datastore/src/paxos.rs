@@ -31,6 +31,53 @@ pub struct VolumeLease {
     ds: Arc<Datastore>,
     owner: Owner,
     lver: u64,
+    _turn: Turn,
+}
+
+/// The volume lease names a host incarnation, not a thread: within one process only one
+/// task at a time may hold it for a given (datastore, owner), or two concurrent
+/// metadata changes of one host could both believe they hold it. A turn is taken before
+/// the Disk Paxos round and given back when the lease is released or dropped (also when
+/// a panic unwinds through the holder).
+#[derive(Debug)]
+struct Turn {
+    key: (uuid::Uuid, Owner),
+}
+
+static TURNS: std::sync::Mutex<Vec<(uuid::Uuid, Owner)>> = std::sync::Mutex::new(Vec::new());
+
+impl Turn {
+    /// Waits (on the datastore's clock, so simulated time works) for this process's
+    /// turn, until `deadline`.
+    fn take(ds: &Datastore, me: Owner, deadline: Duration) -> Result<Turn> {
+        let key = (*ds.uuid(), me);
+        loop {
+            {
+                let mut t = TURNS.lock().unwrap_or_else(|p| p.into_inner());
+                if !t.contains(&key) {
+                    t.push(key);
+                    return Ok(Turn { key });
+                }
+            }
+            if ds.clock().now() >= deadline {
+                return Err(Error::Timeout {
+                    what: format!(
+                        "{}: waiting for another task of this host to release the volume lease",
+                        ds.path().display()
+                    ),
+                    secs: 0.0,
+                });
+            }
+            ds.clock().sleep(Duration::from_millis(2));
+        }
+    }
+}
+
+impl Drop for Turn {
+    fn drop(&mut self) {
+        let mut t = TURNS.lock().unwrap_or_else(|p| p.into_inner());
+        t.retain(|k| *k != self.key);
+    }
 }
 
 fn read_leader(ds: &Datastore) -> Result<Option<Leader>> {
@@ -80,6 +127,10 @@ impl VolumeLease {
         let clock = Arc::clone(ds.clock());
         let sb = ds.superblock();
         let deadline = clock.now() + timeout;
+        // One holder per process: with the turn held, a leader naming `me` is a hold
+        // this process gave up without releasing (a failed release), never a live one.
+        let turn = Turn::take(ds, me, deadline)?;
+        let mut turn = Some(turn);
         let mut backoff = Duration::from_millis(5);
         loop {
             let leader = read_leader(ds)?;
@@ -106,6 +157,7 @@ impl VolumeLease {
                             ds: Arc::clone(ds),
                             owner: me,
                             lver,
+                            _turn: turn.take().expect("the turn is taken once"),
                         };
                         if let Err(e) = crate::journal::recover(ds, obs) {
                             let _ = lease.release();

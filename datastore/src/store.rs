@@ -24,7 +24,21 @@ pub struct Datastore {
     io: Arc<dyn RecordIo>,
     sb: Superblock,
     clock: Arc<dyn Clock>,
+    fence: IoFence,
 }
+
+/// I/O fencing: the host lease's deadline on this datastore's clock. No write (record or
+/// file data) is submitted at or after it, so a host that was frozen past its deadline
+/// sends nothing when it wakes, whatever its threads were doing. The host lease moves the
+/// deadline on with every good renewal; without a lease (format, read-only tools) writes
+/// are not fenced.
+#[derive(Debug)]
+struct IoFence {
+    /// Deadline in nanoseconds of the clock; `UNFENCED` without a lease, 0 once lost.
+    deadline_ns: std::sync::atomic::AtomicU64,
+}
+
+const UNFENCED: u64 = u64::MAX;
 
 /// What a device holds, as far as `create` is concerned.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -165,7 +179,58 @@ impl Datastore {
     /// Opens over any record I/O and clock.
     pub fn open_with(io: Arc<dyn RecordIo>, clock: Arc<dyn Clock>) -> Result<Datastore> {
         let sb = load_superblock(io.as_ref())?;
-        Ok(Datastore { io, sb, clock })
+        Ok(Datastore {
+            io,
+            sb,
+            clock,
+            fence: IoFence {
+                deadline_ns: std::sync::atomic::AtomicU64::new(UNFENCED),
+            },
+        })
+    }
+
+    /// Sets the write deadline (the host lease does, after every good renewal); `None`
+    /// lifts it (no lease held).
+    pub fn set_write_deadline(&self, deadline: Option<Duration>) {
+        let ns = deadline.map_or(UNFENCED, |d| (d.as_nanos() as u64).min(UNFENCED - 1));
+        self.fence
+            .deadline_ns
+            .store(ns, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// The write deadline, if a lease sets one.
+    pub fn write_deadline(&self) -> Option<Duration> {
+        match self
+            .fence
+            .deadline_ns
+            .load(std::sync::atomic::Ordering::SeqCst)
+        {
+            UNFENCED => None,
+            ns => Some(Duration::from_nanos(ns)),
+        }
+    }
+
+    /// Fails unless a write submitted now is before the host lease's deadline and before
+    /// `by` (a caller's own limit). Called immediately before every submission.
+    pub fn check_write(&self, by: Option<Duration>) -> Result<()> {
+        let limit = match (self.write_deadline(), by) {
+            (Some(a), Some(b)) => a.min(b),
+            (a, b) => match a.or(b) {
+                Some(x) => x,
+                None => return Ok(()),
+            },
+        };
+        let now = self.clock.now();
+        if now >= limit {
+            return Err(Error::LeaseLost {
+                object: self.io.path().to_path_buf(),
+                detail: format!(
+                    "write refused: {:.3}s past the host lease deadline (I/O fencing)",
+                    (now - limit).as_secs_f64()
+                ),
+            });
+        }
+        Ok(())
     }
 
     pub fn superblock(&self) -> &Superblock {
@@ -193,6 +258,7 @@ impl Datastore {
 
     /// Writes `blocks` to consecutive records from `start` (one system call per MiB).
     pub fn write_many(&self, start: u64, blocks: &[Box<Block>]) -> Result<()> {
+        self.check_write(None)?;
         self.io
             .write_many(start, blocks)
             .map_err(|e| Error::io(self.io.path(), "write", e))
@@ -212,8 +278,15 @@ impl Datastore {
         self.io.arm_faults();
     }
 
-    /// Writes one record.
+    /// Writes one record (refused past the host lease deadline).
     pub fn write(&self, idx: u64, b: &Block) -> Result<()> {
+        self.write_before(idx, b, None)
+    }
+
+    /// Writes one record if it can be submitted before `by` as well as before the host
+    /// lease deadline.
+    pub fn write_before(&self, idx: u64, b: &Block, by: Option<Duration>) -> Result<()> {
+        self.check_write(by)?;
         self.io
             .write(idx, b)
             .map_err(|e| Error::io(self.io.path(), "write", e))
@@ -288,22 +361,25 @@ impl Observer {
     pub fn observe(&mut self, ds: &Datastore) -> Result<&[SlotView]> {
         let host_dead = ds.sb.host_dead();
         let mut views = Vec::with_capacity(self.seen.len());
+        // The clock is read on both sides of the read. A content seen for the first time
+        // counts from *after* the read (it was written no later than that); the time it
+        // has stayed unchanged runs up to *before* the read (the slot held it at least
+        // until the read began). This process may be stopped on either side: each stall
+        // only makes a host look live longer, never dead sooner.
+        let before = ds.clock.now();
         // One read of the whole heartbeat region.
         let slots = ds.read_many(ds.slot_rec(1), self.seen.len() as u64)?;
-        // The clock is read *after* the slots: what we saw was written no later than now.
-        // A time taken before the read could predate the write (this process may be
-        // stopped in between), making a live host look dead too early.
-        let now = ds.clock.now();
+        let after = ds.clock.now();
         for (i, raw) in slots.into_iter().enumerate() {
             let host_id = i as u32 + 1;
             let seen = match &mut self.seen[i] {
                 Some(s) if s.content.0 == raw.0 => s,
                 other => other.insert(Seen {
                     content: raw.clone(),
-                    since: now,
+                    since: after,
                 }),
             };
-            let unchanged = now.saturating_sub(seen.since);
+            let unchanged = before.saturating_sub(seen.since);
             let (slot, liveness) = match HostSlot::decode(&raw, ds.uuid()) {
                 Decoded::Blank => (None, Liveness::Free),
                 Decoded::Unknown(_) => (None, Liveness::Unknown),
@@ -334,6 +410,15 @@ impl Observer {
 
     pub fn set_journal_checked(&mut self, host_id: u32, key: (u64, Liveness)) {
         self.journal_checked[host_id as usize - 1] = Some(key);
+    }
+
+    /// The whole record last seen in `host_id`'s slot: a slot judged free or dead is
+    /// taken only while it still holds exactly this.
+    pub fn seen_record(&self, host_id: u32) -> Option<&Block> {
+        self.seen
+            .get(host_id as usize - 1)?
+            .as_ref()
+            .map(|s| &*s.content)
     }
 
     /// The last observation.
