@@ -553,6 +553,10 @@ pub struct Ballot {
     pub bal: u64,
     /// The value accepted at `bal`: the proposed lease owner.
     pub inp: Option<Owner>,
+    /// This host holds no instance up to and including this one (written when it
+    /// releases the lease or gives up on an instance it proposed itself in): a leader
+    /// record that still names it for such an instance is stale.
+    pub released: u64,
 }
 
 impl Ballot {
@@ -565,6 +569,7 @@ impl Ballot {
         let inp = self.inp.unwrap_or(Owner::NONE);
         put32(p, 56, inp.host_id);
         put64(p, 64, inp.generation);
+        put64(p, 72, self.released);
         seal(&mut b, MAGIC_BALLOT, self.mbal, ds);
         b
     }
@@ -583,6 +588,7 @@ impl Ballot {
             mbal: u64le(p, 40),
             bal: u64le(p, 48),
             inp: (!inp.is_none()).then_some(inp),
+            released: u64le(p, 72),
         })
     }
 }
@@ -759,6 +765,7 @@ mod tests {
                 host_id: 1,
                 generation: 1,
             }),
+            released: 2,
         };
         assert_eq!(
             Ballot::decode(&bal.encode(&ds()), &ds()),

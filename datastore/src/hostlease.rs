@@ -233,6 +233,7 @@ impl HostLease {
                         stop: AtomicBool::new(false),
                         enforce,
                     });
+                    repair_own_ballot(&ds, host_id);
                     ds.arm_faults();
                     if !opts.renewal_thread {
                         return Ok(HostLease {
@@ -530,6 +531,19 @@ impl Drop for HostLease {
     fn drop(&mut self) {
         // Without `leave`, the slot simply stops being renewed: others see it dead later.
         self.stop_thread();
+    }
+}
+
+/// A ballot of ours left torn by an earlier incarnation that crashed mid-write would make
+/// every other host's Paxos round abort until we run one: blank it now (unreadable, it
+/// carried nothing anyone could have adopted).
+fn repair_own_ballot(ds: &Datastore, host_id: u32) {
+    let rec = ds.superblock().ballot_start + host_id as u64 - 1;
+    if let Ok(b) = ds.read(rec) {
+        if let Decoded::Unknown(why) = crate::format::Ballot::decode(&b, ds.uuid()) {
+            tracing::warn!("our volume-lease ballot was unreadable ({why}); clearing it");
+            let _ = ds.write(rec, &crate::format::Ballot::default().encode(ds.uuid()));
+        }
     }
 }
 

@@ -316,7 +316,8 @@ pub enum Liveness {
     Live,
     /// Joined, and seen unchanged for at least `host_dead`.
     Dead,
-    /// The record cannot be read as a slot: treated as live, never as free.
+    /// The record cannot be read as a slot (torn, or being written): treated as live,
+    /// never as free, until it has stayed the same for `host_dead` (then `Dead`).
     Unknown,
 }
 
@@ -382,6 +383,9 @@ impl Observer {
             let unchanged = before.saturating_sub(seen.since);
             let (slot, liveness) = match HostSlot::decode(&raw, ds.uuid()) {
                 Decoded::Blank => (None, Liveness::Free),
+                // A torn record nobody rewrites (its writer crashed mid-write) is dead
+                // once unchanged for host_dead, like any slot nobody renews.
+                Decoded::Unknown(_) if unchanged >= host_dead => (None, Liveness::Dead),
                 Decoded::Unknown(_) => (None, Liveness::Unknown),
                 Decoded::Valid(s) => {
                     let l = match s.state {
