@@ -97,8 +97,12 @@ fn update<T>(
     check_object(ds, object)?;
     let lease = VolumeLease::acquire(ds, me, obs, volume_lease_wait(ds))?;
     let result = (|| -> Result<T> {
-        let (idx, rec) = find(ds, object)?;
         obs.observe(ds)?;
+        // The observation that may break a dead host's hold is the one its journal is
+        // finished under: a host that turned dead since the lease's own recovery may have
+        // a committed transaction naming this very record.
+        crate::journal::recover(ds, obs)?;
+        let (idx, rec) = find(ds, object)?;
         let (new, out) = f(obs, rec)?;
         if let Some(new) = new {
             ds.write(idx, &new.encode(ds.uuid()))?;

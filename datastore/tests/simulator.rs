@@ -723,3 +723,102 @@ fn a_torn_heartbeat_slot_of_a_crashed_host_goes_dead() {
     r.assert_ok();
     assert_eq!(r.counters.get("got it"), Some(&1), "{}", r.trace.join("\n"));
 }
+
+/// Item: a dead host's journal is replayed under the same observation that breaks its
+/// locks. Host 0 holds "vm" and commits a transaction to a record that lock protects (as
+/// the file layer does: its own file's map, without the volume lease), then crashes
+/// before applying it. Host 1 takes "vm" while stalled across the moment host 0 turns
+/// dead, and rewrites that record: today it recovers with one observation (host 0 still
+/// live: not replayed) and breaks the lock with the next (dead), so host 2's later
+/// recovery replays host 0's old transaction over host 1's newer data.
+#[test]
+fn a_dead_hosts_journal_is_replayed_before_its_lock_is_broken() {
+    const PROTECTED: u64 = SCRATCH + 1;
+    const JOURNALS: u64 = 1056;
+    let tagged = |tag: &str| {
+        let mut b = Block::zeroed();
+        b.0[..tag.len()].copy_from_slice(tag.as_bytes());
+        b
+    };
+    let w = World::new(37, 4, Faults::none(), Duration::from_secs(60));
+    format(&w, 3);
+    w.set_fence_delay(0, None);
+    let w0 = w.clone();
+    w.spawn(0, "x", move || {
+        let ds = open(&w0, 0);
+        let (lease, _r) = join(&w0, 0, &ds, "x").unwrap();
+        let mut obs = Observer::new(&ds);
+        locks::try_acquire(&ds, lease.owner(), &mut obs, "vm", LockMode::Exclusive).unwrap();
+        w0.enter("vm");
+        // The journal write lands; the in-place write never does (the host crashes).
+        w0.script(Box::new(move |h| match h {
+            Hook::Write { idx } if *idx == PROTECTED => Some(Duration::from_secs(1000)),
+            _ => None,
+        }));
+        let image = tagged("x-old");
+        let _ = datastore::journal::commit(&ds, lease.owner(), 1, &[(PROTECTED, image)]);
+    });
+    let w3 = w.clone();
+    w.spawn(3, "crash", move || {
+        w3.clock(3).sleep(Duration::from_secs(5));
+        w3.crash_host(0);
+    });
+    let w1 = w.clone();
+    w.spawn(1, "y", move || {
+        let ds = open(&w1, 1);
+        let (lease, _r) = join(&w1, 1, &ds, "y").unwrap();
+        let me = lease.owner();
+        let mut obs = Observer::new(&ds);
+        while w1.now() < Duration::from_secs(10) {
+            obs.observe(&ds).unwrap();
+            ds.clock().sleep(Duration::from_secs(1));
+        }
+        // Stall 6 s at the first read after the volume lease's journal recovery.
+        let (mut after_journal, mut armed) = (false, true);
+        w1.script(Box::new(move |h| match h {
+            Hook::Read { start, .. } if *start >= JOURNALS && *start < JOURNALS + 3 * 256 => {
+                after_journal = true;
+                None
+            }
+            Hook::Read { .. } if armed && after_journal => {
+                armed = false;
+                Some(Duration::from_secs(6))
+            }
+            _ => None,
+        }));
+        for _ in 0..60 {
+            if locks::try_acquire(&ds, me, &mut obs, "vm", LockMode::Exclusive).is_ok() {
+                w1.enter("vm");
+                ds.write(PROTECTED, &tagged("y-new")).unwrap();
+                w1.note("wrote y-new");
+                ds.clock().sleep(Duration::from_secs(12));
+                let now = ds.read(PROTECTED).unwrap();
+                assert_eq!(
+                    &now.0[..5],
+                    b"y-new",
+                    "host 0's old transaction was replayed over host 1's write"
+                );
+                w1.leave("vm");
+                return;
+            }
+            ds.clock().sleep(Duration::from_millis(500));
+        }
+        panic!("host 1 never got the lock of a dead host");
+    });
+    let w2 = w.clone();
+    w.spawn(2, "z", move || {
+        let ds = open(&w2, 2);
+        let (lease, _r) = join(&w2, 2, &ds, "z").unwrap();
+        let mut obs = Observer::new(&ds);
+        // Watch the slots from the start (host 0 is seen dead in time), then take the
+        // volume lease once, which finishes the journals of dead hosts.
+        while w2.now() < Duration::from_secs(22) {
+            obs.observe(&ds).unwrap();
+            ds.clock().sleep(Duration::from_secs(1));
+        }
+        let vl =
+            VolumeLease::acquire(&ds, lease.owner(), &mut obs, Duration::from_secs(14)).unwrap();
+        vl.release().unwrap();
+    });
+    w.run(37).assert_ok();
+}

@@ -641,6 +641,15 @@ impl World {
         }
         for i in torn.into_iter().rev() {
             let f = st.inflight.remove(i);
+            if !f.visible {
+                // Still queued, never reached the media: lost with the host.
+                let line = format!(
+                    "t={now:?} host {h}: queued write to record {} is lost",
+                    f.idx
+                );
+                push_trace(st, line);
+                continue;
+            }
             let old = st.disk.get(&f.idx).cloned().unwrap_or_else(Block::zeroed);
             let mut mixed = old.clone();
             for s in 0..RECORD / SECTOR {
