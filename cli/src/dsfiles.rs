@@ -113,6 +113,12 @@ pub async fn check_cmd(device: &Path, repair: bool, host: Option<&str>, json: bo
                 println!("journal: host {h} is live and in the middle of a transaction");
             }
         }
+        for r in &report.torn_lock_records {
+            println!(
+                "torn: lock record {r} is unreadable; the objects whose records lie past it \
+                 count as held (--repair clears it once no other host is live)"
+            );
+        }
         for p in &report.problems {
             println!("problem: {p}");
         }

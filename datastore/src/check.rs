@@ -35,6 +35,9 @@ pub struct Report {
     pub stray_inbox_bits: Vec<u64>,
     /// Hosts with an unapplied journal transaction: (host id, whether its writer is gone).
     pub unapplied_journals: Vec<(u32, bool)>,
+    /// Unreadable (torn) lock records: the objects whose probe chains cross them count as
+    /// held. Cleared by `--repair` once no other host is live.
+    pub torn_lock_records: Vec<u64>,
     /// Everything else: damage that needs a person.
     pub problems: Vec<String>,
     /// What `--repair` did.
@@ -47,6 +50,7 @@ impl Report {
         self.leaked_blocks.is_empty()
             && self.stray_inbox_bits.is_empty()
             && self.unapplied_journals.is_empty()
+            && self.torn_lock_records.is_empty()
             && self.problems.is_empty()
     }
 }
@@ -176,9 +180,8 @@ pub fn check(ds: &Datastore) -> Result<Report> {
     // Lock records.
     let recs = ds.read_many(sb.lock_start, sb.lock_count as u64)?;
     for (idx, b) in (sb.lock_start..).zip(recs.iter()) {
-        if let Decoded::Unknown(why) = LockRecord::decode(b, ds.uuid()) {
-            r.problems
-                .push(format!("lock record {idx} is unreadable ({why})"));
+        if let Decoded::Unknown(_) = LockRecord::decode(b, ds.uuid()) {
+            r.torn_lock_records.push(idx);
         }
     }
     // Journals.
@@ -214,9 +217,20 @@ pub fn repair(session: &Session) -> Result<Report> {
     let ds = session.datastore();
     let me = session.owner();
     let mut obs = Observer::new(ds);
-    let wait = ds.superblock().host_dead() + 4 * ds.superblock().io_timeout();
+    let sb = ds.superblock();
+    let wait = sb.host_dead() + 4 * sb.io_timeout();
+    if !check(ds)?.torn_lock_records.is_empty() {
+        // Only a host seen dead (or free) can be ruled out as a holder of a torn record:
+        // watch the slots for host_dead first, as any lock breaker does.
+        let until = ds.clock().now() + sb.host_dead() + sb.io_timeout();
+        while ds.clock().now() < until {
+            obs.observe(ds)?;
+            ds.clock().sleep(sb.io_timeout() / 2);
+        }
+    }
     let lease = VolumeLease::acquire(ds, me, &mut obs, wait)?;
     let done = (|| -> Result<Vec<String>> {
+        let mut did = clear_torn_lock_records(ds, me, &mut obs)?;
         let before = check(ds)?;
         if !before.problems.is_empty() {
             return Err(Error::Invalid {
@@ -244,7 +258,6 @@ pub fn repair(session: &Session) -> Result<Report> {
                 .1
                 .push((b % bpc) as u32);
         }
-        let mut did = Vec::new();
         let all = files::space_clusters(ds)?;
         for (c, (leaks, strays)) in by_cluster {
             let (Decoded::Valid((mut u, ug)), Decoded::Valid((mut i, ig))) =
@@ -300,4 +313,60 @@ pub fn repair(session: &Session) -> Result<Report> {
     let mut after = check(ds)?;
     after.repaired = did;
     Ok(after)
+}
+
+/// Clears torn lock records (under the volume lease, after the journals of gone hosts were
+/// replayed, which finishes every record torn by a crash of a journaling writer) when no
+/// other host is live: only then can no live host be among their holders. The caller's
+/// own session holds no lock.
+fn clear_torn_lock_records(
+    ds: &Datastore,
+    me: crate::format::Owner,
+    obs: &mut Observer,
+) -> Result<Vec<String>> {
+    let torn = check(ds)?.torn_lock_records;
+    if torn.is_empty() {
+        return Ok(Vec::new());
+    }
+    obs.observe(ds)?;
+    let live: Vec<String> = obs
+        .views()
+        .iter()
+        .filter(|v| v.host_id != me.host_id)
+        .filter(|v| matches!(v.liveness, Liveness::Live | Liveness::Unknown))
+        .map(|v| match &v.slot {
+            Some(s) => format!("{} (host {})", s.name, v.host_id),
+            None => format!("host {}", v.host_id),
+        })
+        .collect();
+    if !live.is_empty() {
+        return Err(Error::Invalid {
+            object: ds.path().to_path_buf(),
+            detail: format!(
+                "lock record(s) {torn:?} are unreadable and may name a live host's lock; \
+                 they can be cleared only while no other host is live (live now: {}): \
+                 stop those hosts' agents, or wait until they are seen dead, then repair again",
+                live.join(", ")
+            ),
+        });
+    }
+    let seq = crate::journal::last_seq(ds, me.host_id)? + 1;
+    // A vacant record, not a blank one: a blank record would end the probe chains of
+    // the objects stored past it.
+    let vacant = LockRecord {
+        object: "\0cleared".into(),
+        mode: crate::format::LockMode::Exclusive,
+        version: 0,
+        holders: Vec::new(),
+    }
+    .encode(ds.uuid());
+    let writes: Vec<(u64, Box<crate::format::Block>)> =
+        torn.iter().map(|&i| (i, vacant.clone())).collect();
+    for chunk in writes.chunks(crate::filerec::MAX_TXN_RECORDS) {
+        crate::journal::commit(ds, me, seq, chunk)?;
+    }
+    Ok(vec![format!(
+        "cleared {} unreadable lock record(s) {torn:?} (no other host is live)",
+        torn.len()
+    )])
 }

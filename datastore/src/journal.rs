@@ -46,6 +46,7 @@ pub(crate) fn images_crc(images: &[Box<Block>]) -> u32 {
 
 /// The sequence number of `host_id`'s last journal transaction (0 if none).
 pub fn last_seq(ds: &Datastore, host_id: u32) -> Result<u64> {
+    // (An unreadable header counts as 0: sequence numbers only label transactions.)
     Ok(
         match JournalHeader::decode(&*ds.read(ds.superblock().journal_rec(host_id))?, ds.uuid()) {
             Decoded::Valid(h) => h.seq,
@@ -54,12 +55,53 @@ pub fn last_seq(ds: &Datastore, host_id: u32) -> Result<u64> {
     )
 }
 
+/// One writer of a host's journal at a time within this process: lock-record changes
+/// (under the volume lease) and file commits (under their file's lock) share it.
+#[derive(Debug)]
+struct Turn {
+    key: (uuid::Uuid, u32),
+}
+
+static TURNS: std::sync::Mutex<Vec<(uuid::Uuid, u32)>> = std::sync::Mutex::new(Vec::new());
+
+impl Turn {
+    /// Waits for the journal (polling on the datastore's clock, so simulated time works).
+    fn take(ds: &Datastore, host_id: u32) -> Turn {
+        let key = (*ds.uuid(), host_id);
+        loop {
+            {
+                let mut t = TURNS.lock().unwrap_or_else(|p| p.into_inner());
+                if !t.contains(&key) {
+                    t.push(key);
+                    return Turn { key };
+                }
+            }
+            ds.clock().sleep(std::time::Duration::from_millis(1));
+        }
+    }
+}
+
+impl Drop for Turn {
+    fn drop(&mut self) {
+        TURNS
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .retain(|k| *k != self.key);
+    }
+}
+
 /// Writes `writes` (record index, image) atomically through `host_id`'s journal, with
 /// sequence number `seq` (greater than the last one).
+///
+/// A transaction of ours that was committed but not applied (an earlier commit failed
+/// while applying) is finished first: the journal holds one transaction, and one that
+/// committed must never be dropped half-applied.
 pub fn commit(ds: &Datastore, me: Owner, seq: u64, writes: &[(u64, Box<Block>)]) -> Result<()> {
     if writes.is_empty() {
         return Ok(());
     }
+    let _turn = Turn::take(ds, me.host_id);
+    replay_if(ds, me.host_id, |w| w == me)?;
     if writes.len() > MAX_TXN_RECORDS {
         return Err(Error::Invalid {
             object: ds.path().to_path_buf(),

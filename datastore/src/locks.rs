@@ -7,8 +7,10 @@
 //! emptied its cgroup), and a host that rejoined under a new generation no longer holds
 //! what its previous incarnation held.
 //!
-//! Objects map to records by crc32c of the name with linear probing. Unreadable records
-//! are skipped, never reused.
+//! Objects map to records by crc32c of the name with linear probing. Records are written
+//! through the writer's journal, so one torn by a crash is finished by the journal's
+//! replay; until then an unreadable record on an object's probe chain may be that
+//! object's own, and the object counts as held.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -58,7 +60,19 @@ fn find(ds: &Datastore, object: &str) -> Result<(u64, Option<LockRecord>)> {
                 // The probe chain ends here: the object has no record.
                 return Ok((vacant.unwrap_or(idx), None));
             }
-            _ => {}
+            Decoded::Unknown(why) => {
+                // It may be this object's own record, torn by a crash mid-write: treat it
+                // as held. Its writer's journal finishes it once that host is gone.
+                return Err(Error::LockHeld {
+                    object: object.to_string(),
+                    mode: format!("possibly (its lock record {idx} is unreadable: {why})"),
+                    holders: "an unknown host; the record is rewritten when its writer's \
+                              journal is replayed, or by `ferry datastore check --repair` \
+                              once no other host is live"
+                        .into(),
+                });
+            }
+            Decoded::Valid(_) => {}
         }
     }
     match vacant {
@@ -105,7 +119,10 @@ fn update<T>(
         let (idx, rec) = find(ds, object)?;
         let (new, out) = f(obs, rec)?;
         if let Some(new) = new {
-            ds.write(idx, &new.encode(ds.uuid()))?;
+            // Through our journal: a crash mid-write leaves a torn record that the
+            // journal's replay finishes (an unreadable record is never taken as free).
+            let seq = crate::journal::last_seq(ds, me.host_id)? + 1;
+            crate::journal::commit(ds, me, seq, &[(idx, new.encode(ds.uuid()))])?;
         }
         Ok(out)
     })();

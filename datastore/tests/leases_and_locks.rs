@@ -187,7 +187,8 @@ fn damaged_records_read_as_unknown_and_superblock_is_repaired() {
     let mut obs = Observer::new(&ds);
     assert_eq!(obs.observe(&ds).unwrap()[5].liveness, Liveness::Unknown);
 
-    // A corrupt lock record is skipped and never reused.
+    // A corrupt lock record may be the object's own: the object counts as held (never a
+    // second record for it).
     let mut o = Observer::new(&ds);
     locks::try_acquire(&ds, me, &mut o, "x", LockMode::Exclusive).unwrap();
     let rec = locks::list(&ds)
@@ -201,14 +202,14 @@ fn damaged_records_read_as_unknown_and_superblock_is_repaired() {
         .unwrap()
         .iter()
         .all(|e| e.lock.object != "x"));
-    locks::try_acquire(&ds, me, &mut o, "x", LockMode::Exclusive).unwrap();
-    let rec2 = locks::list(&ds)
+    match locks::try_acquire(&ds, me, &mut o, "x", LockMode::Exclusive) {
+        Err(Error::LockHeld { mode, .. }) => assert!(mode.contains("unreadable"), "{mode}"),
+        other => panic!("a damaged record was passed over: {other:?}"),
+    }
+    assert!(locks::list(&ds)
         .unwrap()
         .iter()
-        .find(|e| e.lock.object == "x")
-        .unwrap()
-        .record;
-    assert_ne!(rec, rec2, "a damaged record was reused");
+        .all(|e| e.lock.object != "x"));
 
     // A damaged superblock copy is recovered from the other one.
     flip(0, 50);
@@ -425,4 +426,53 @@ fn a_renewing_host_stays_live_to_a_long_watching_observer_and_keeps_its_locks() 
         assert!(matches!(r, Err(Error::LockHeld { .. })), "{r:?}");
         std::thread::sleep(Duration::from_millis(500));
     }
+}
+
+/// A torn lock record counts as held (it may be the object's own), and `check --repair`
+/// clears it only once no other host is live.
+#[test]
+fn a_torn_lock_record_is_held_until_repair_clears_it_with_nobody_else_live() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = image(dir.path());
+    let mut hosts = join_all(&path, &["a", "b"]);
+    let b = hosts.pop().unwrap();
+    let a = hosts.pop().unwrap();
+    let (da, db) = (Arc::clone(a.datastore()), Arc::clone(b.datastore()));
+    let (mut oa, mut ob) = (Observer::new(&da), Observer::new(&db));
+    locks::try_acquire(&da, a.owner(), &mut oa, "vm", LockMode::Exclusive).unwrap();
+    let rec = locks::list(&da)
+        .unwrap()
+        .into_iter()
+        .find(|e| e.lock.object == "vm")
+        .unwrap()
+        .record;
+    // Tear it: one 512-byte sector of another write.
+    let dev = Device::open(&path).unwrap();
+    let mut blk = Block::zeroed();
+    dev.read(rec, &mut blk).unwrap();
+    blk.0[1024..1536].fill(0xAB);
+    dev.write(rec, &blk).unwrap();
+    match locks::try_acquire(&db, b.owner(), &mut ob, "vm", LockMode::Exclusive) {
+        Err(Error::LockHeld { mode, .. }) => assert!(mode.contains("unreadable"), "{mode}"),
+        other => panic!("a torn record was taken for a free one: {other:?}"),
+    }
+    let session = datastore::files::Session::start(Arc::clone(&db), b.owner()).unwrap();
+    let report = datastore::check::check(&db).unwrap();
+    assert_eq!(report.torn_lock_records, vec![rec]);
+    // Host a is live: it may hold what the record held.
+    match datastore::check::repair(&session) {
+        Err(Error::Invalid { detail, .. }) => assert!(detail.contains("live now: a"), "{detail}"),
+        other => panic!("repair cleared a record a live host may hold: {other:?}"),
+    }
+    // Host a goes away without a word; once it is seen dead, repair clears the record.
+    drop(a);
+    let r = datastore::check::repair(&session).unwrap();
+    assert!(
+        r.repaired
+            .iter()
+            .any(|d| d.contains("cleared 1 unreadable lock record")),
+        "{r:?}"
+    );
+    assert!(r.torn_lock_records.is_empty(), "{r:?}");
+    locks::try_acquire(&db, b.owner(), &mut ob, "vm", LockMode::Exclusive).unwrap();
 }

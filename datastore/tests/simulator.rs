@@ -822,3 +822,102 @@ fn a_dead_hosts_journal_is_replayed_before_its_lock_is_broken() {
     });
     w.run(37).assert_ok();
 }
+
+/// Item: a torn lock record is never taken for a free one. Host 0 holds "vm"; its record
+/// then reads torn. Today host 1's probe skips the unreadable record, finds a blank one
+/// after it, creates a second record for "vm" and takes it.
+#[test]
+fn a_torn_lock_record_is_never_taken_for_a_free_one() {
+    let w = World::new(41, 4, Faults::none(), Duration::from_secs(40));
+    format(&w, 3);
+    let home = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let w0 = w.clone();
+    let h0 = Arc::clone(&home);
+    w.spawn(0, "holder", move || {
+        let ds = open(&w0, 0);
+        let (lease, _r) = join(&w0, 0, &ds, "h0").unwrap();
+        let mut obs = Observer::new(&ds);
+        locks::try_acquire(&ds, lease.owner(), &mut obs, "vm", LockMode::Exclusive).unwrap();
+        let e = locks::list(&ds)
+            .unwrap()
+            .into_iter()
+            .find(|e| e.lock.object == "vm")
+            .unwrap();
+        h0.store(e.record, Ordering::SeqCst);
+        w0.enter("vm");
+        ds.clock().sleep(Duration::from_secs(30));
+        w0.leave("vm");
+    });
+    let w3 = w.clone();
+    w.spawn(3, "rogue", move || {
+        w3.clock(3).sleep(Duration::from_secs(4));
+        let idx = home.load(Ordering::SeqCst);
+        rogue_write(&w3, 3, Duration::from_secs(4), idx, None);
+    });
+    let w1 = w.clone();
+    w.spawn(1, "taker", move || {
+        let ds = open(&w1, 1);
+        let (lease, _r) = join(&w1, 1, &ds, "h1").unwrap();
+        let mut obs = Observer::new(&ds);
+        ds.clock().sleep(Duration::from_secs(6));
+        for _ in 0..20 {
+            match locks::try_acquire(&ds, lease.owner(), &mut obs, "vm", LockMode::Exclusive) {
+                Ok(_) => {
+                    w1.enter("vm");
+                    w1.leave("vm");
+                    return;
+                }
+                Err(e) => w1.note(&format!("{e}")),
+            }
+            ds.clock().sleep(Duration::from_millis(500));
+        }
+    });
+    w.run(41).assert_ok();
+}
+
+/// Item: a lock record torn by a crash has a way out. Host 0 crashes while writing the
+/// record of "vm" (holding the volume lease). Once it is dead, host 1 must get "vm", and
+/// "vm" must still have exactly one record. Today host 1 skips the torn record and makes
+/// a second one for the same object.
+#[test]
+fn a_lock_record_torn_by_a_crash_is_finished_and_the_lock_taken() {
+    let w = World::new(43, 3, Faults::none(), Duration::from_secs(60));
+    format(&w, 3);
+    let w0 = w.clone();
+    w.spawn(0, "x", move || {
+        let ds = open(&w0, 0);
+        let (lease, _r) = join(&w0, 0, &ds, "x").unwrap();
+        let mut obs = Observer::new(&ds);
+        ds.clock().sleep(Duration::from_secs(2));
+        w0.script(Box::new(|h| match h {
+            Hook::Write { idx } if LOCK_TABLE.contains(idx) => Some(Duration::MAX),
+            _ => None,
+        }));
+        let _ = locks::try_acquire(&ds, lease.owner(), &mut obs, "vm", LockMode::Exclusive);
+    });
+    let w1 = w.clone();
+    w.spawn(1, "y", move || {
+        let ds = open(&w1, 1);
+        let (lease, _r) = join(&w1, 1, &ds, "y").unwrap();
+        let mut obs = Observer::new(&ds);
+        for _ in 0..80 {
+            match locks::try_acquire(&ds, lease.owner(), &mut obs, "vm", LockMode::Exclusive) {
+                Ok(_) => {
+                    let n = locks::list(&ds)
+                        .unwrap()
+                        .iter()
+                        .filter(|e| e.lock.object == "vm")
+                        .count();
+                    assert_eq!(n, 1, "\"vm\" has {n} lock records");
+                    w1.count("got it");
+                    return;
+                }
+                Err(e) => w1.note(&format!("{e}")),
+            }
+            ds.clock().sleep(Duration::from_millis(500));
+        }
+    });
+    let r = w.run(43);
+    r.assert_ok();
+    assert_eq!(r.counters.get("got it"), Some(&1), "{}", r.trace.join("\n"));
+}

@@ -86,7 +86,8 @@ impl Faults {
 pub enum Hook {
     /// Reading `n` records from `start`.
     Read { start: u64, n: u64 },
-    /// Writing record `idx` (a scripted duration delays its landing).
+    /// Writing record `idx` (a scripted duration delays its landing, invisible until
+    /// then; `Duration::MAX` crashes the host with the write half on the media).
     Write { idx: u64 },
     /// Reading the clock.
     Now,
@@ -818,11 +819,31 @@ impl RecordIo for SimIo {
     }
 
     fn write(&self, idx: u64, buf: &Block) -> io::Result<()> {
+        self.submit(idx, &[buf])
+    }
+
+    fn write_many(&self, start: u64, blocks: &[Box<Block>]) -> io::Result<()> {
+        let refs: Vec<&Block> = blocks.iter().map(|b| &**b).collect();
+        self.submit(start, &refs)
+    }
+
+    fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+impl SimIo {
+    /// One write submission of consecutive records (one system call: one deadline check,
+    /// one landing time; each record may still tear on a crash).
+    fn submit(&self, start: u64, blocks: &[&Block]) -> io::Result<()> {
         if std::thread::panicking() {
             return Err(crashed_io());
         }
         let Some((h, me)) = current_opt() else {
-            self.world.lock().disk.insert(idx, Box::new(buf.clone()));
+            let mut st = self.world.lock();
+            for (i, b) in (start..).zip(blocks) {
+                st.disk.insert(i, Box::new((*b).clone()));
+            }
             return Ok(());
         };
         let w = &self.world;
@@ -835,7 +856,7 @@ impl RecordIo for SimIo {
         let now = st.now;
         if !host_live(&st, h, now) {
             let v = format!(
-                "t={now:?} {} submitted a write to record {idx} after its host's deadline {:?}",
+                "t={now:?} {} submitted a write to record {start} after its host's deadline {:?}",
                 st.actors[me].name,
                 deadline(&st, h)
             );
@@ -845,19 +866,33 @@ impl RecordIo for SimIo {
         let max = st.faults.max_inflight;
         let mut land = now + st.rng.dur(max);
         // A scripted delay on a write holds it in a queue, invisible, that much longer.
-        let delay = st.actors[me]
-            .script
-            .as_mut()
-            .and_then(|s| s(&Hook::Write { idx }));
-        st.inflight.push(Inflight {
-            actor: me,
-            idx,
-            data: Box::new(buf.clone()),
-            visible: delay.is_none(),
-        });
+        let mut delay = None;
+        for i in start..start + blocks.len() as u64 {
+            if let Some(d) = st.actors[me]
+                .script
+                .as_mut()
+                .and_then(|s| s(&Hook::Write { idx: i }))
+            {
+                delay = Some(delay.map_or(d, |x: Duration| x.max(d)));
+            }
+        }
+        for (i, b) in (start..).zip(blocks) {
+            st.inflight.push(Inflight {
+                actor: me,
+                idx: i,
+                data: Box::new((*b).clone()),
+                visible: delay.is_none_or(|d| d == Duration::MAX),
+            });
+        }
+        if delay == Some(Duration::MAX) {
+            // The host crashes with this write on its way to the media: it lands torn.
+            w.crash(&mut st, h, "crashes mid-write (scripted)");
+            drop(st);
+            std::panic::resume_unwind(Box::new(Crashed));
+        }
         if let Some(d) = delay {
             let line = format!(
-                "t={now:?} {}: write to record {idx} is delayed {d:?}",
+                "t={now:?} {}: write to record {start} is delayed {d:?}",
                 st.actors[me].name
             );
             push_trace(&mut st, line);
@@ -866,19 +901,13 @@ impl RecordIo for SimIo {
         st.actors[me].wake_at = land;
         let mut st = w.switch(st, me);
         // Landed.
-        if let Some(pos) = st
-            .inflight
-            .iter()
-            .position(|f| f.actor == me && f.idx == idx)
-        {
-            let f = st.inflight.remove(pos);
-            st.disk.insert(idx, f.data);
+        for i in start..start + blocks.len() as u64 {
+            if let Some(pos) = st.inflight.iter().position(|f| f.actor == me && f.idx == i) {
+                let f = st.inflight.remove(pos);
+                st.disk.insert(i, f.data);
+            }
         }
         Ok(())
-    }
-
-    fn path(&self) -> &Path {
-        &self.path
     }
 }
 
