@@ -103,12 +103,12 @@ fn exclusive_shared_and_multi_writer_opens_across_hosts() {
         assert!(!rb.writable());
         let e = rb.write(0, &buf, WriteFlags::NONE).await.unwrap_err();
         assert_eq!(e.kind(), ErrorKind::InvalidInput);
+        rb.close().await.unwrap();
         held_by(
             b.open("/disk", LockMode::Exclusive).await.unwrap_err(),
             "ha",
         );
         ra.close().await.unwrap();
-        rb.close().await.unwrap();
 
         // Multi-writer needs eager-thick (blocks that never move).
         match b.open("/disk", LockMode::MultiWriter).await {
@@ -125,10 +125,13 @@ fn exclusive_shared_and_multi_writer_opens_across_hosts() {
             .unwrap();
         let wa = a.open("/shared", LockMode::MultiWriter).await.unwrap();
         let wb = b.open("/shared", LockMode::MultiWriter).await.unwrap();
-        held_by(
-            b.open("/shared", LockMode::Exclusive).await.unwrap_err(),
-            "ha",
-        );
+        // No exclusive open next to multi-writers (here: b's own handle refuses it first).
+        match b.open("/shared", LockMode::Exclusive).await {
+            Err(Error::Invalid { detail, .. }) => {
+                assert!(detail.contains("already open on this host"), "{detail}")
+            }
+            r => panic!("exclusive next to a multi-writer: {r:?}"),
+        }
         // Concurrent writers to different ranges, each sees the other's data.
         let (x, y) = (vec![0xaau8; 65536], vec![0xbbu8; 65536]);
         let (r1, r2) = tokio::join!(
@@ -373,4 +376,54 @@ fn concurrent_first_writes_claim_only_the_space_they_need() {
     let r = check::check(s.datastore()).unwrap();
     assert!(r.clean(), "{r:#?}");
     assert_eq!(r.used_blocks, n + 1);
+}
+
+/// A host's own open handle refuses the host too: no remove, rename or second writable
+/// open of a file it has open, and two read-only handles keep the lock until both close.
+#[test]
+fn a_hosts_own_open_handle_refuses_remove_rename_and_a_second_writer() {
+    let h = hosts(256 * MIB, &["ha", "hb"]);
+    let (a, b) = (&h.hosts[0].1, &h.hosts[1].1);
+    rt().block_on(async {
+        let f = a
+            .create("/disk", 8 * MIB, Provisioning::Thin)
+            .await
+            .unwrap();
+        f.write(0, &[7u8; 4096], WriteFlags::NONE).await.unwrap();
+        let open_here = |e: Error| match e {
+            Error::Invalid { detail, .. } => {
+                assert!(detail.contains("open on this host"), "{detail}")
+            }
+            e => panic!("expected a refusal naming the open handle, got {e}"),
+        };
+        // Today the delete succeeds and frees the blocks the handle still writes into.
+        open_here(a.remove("/disk").await.unwrap_err());
+        open_here(a.rename("/disk", "/moved").await.unwrap_err());
+        open_here(a.open("/disk", LockMode::Exclusive).await.unwrap_err());
+        open_here(a.open("/disk", LockMode::Shared).await.unwrap_err());
+        // The handle still works, and the lock still keeps the other host out.
+        f.write(4096, &[8u8; 4096], WriteFlags::NONE).await.unwrap();
+        held_by(b.open("/disk", LockMode::Shared).await.unwrap_err(), "ha");
+        f.close().await.unwrap();
+
+        // Two read-only handles on one host: closing one keeps the lock.
+        let r1 = a.open("/disk", LockMode::Shared).await.unwrap();
+        let r2 = a.open("/disk", LockMode::Shared).await.unwrap();
+        r1.close().await.unwrap();
+        held_by(
+            b.open("/disk", LockMode::Exclusive).await.unwrap_err(),
+            "ha",
+        );
+        let mut buf = [0u8; 4096];
+        r2.read(4096, &mut buf).await.unwrap();
+        assert_eq!(buf, [8u8; 4096]);
+        r2.close().await.unwrap();
+        b.open("/disk", LockMode::Exclusive)
+            .await
+            .unwrap()
+            .close()
+            .await
+            .unwrap();
+        a.remove("/disk").await.unwrap();
+    });
 }

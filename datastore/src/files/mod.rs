@@ -371,6 +371,10 @@ pub struct Session {
     pub(crate) cut: RwLock<()>,
     pub(crate) space: Mutex<space::Space>,
     pub(crate) files: Mutex<Vec<Weak<dsfile::FileShared>>>,
+    /// Open handles of this host, per file: the lock record names the host, not a handle,
+    /// so the session counts them (the lock is released with the last one) and refuses
+    /// what an open handle forbids (remove, rename, a second writable open).
+    pub(crate) handles: Mutex<std::collections::HashMap<Uuid, (LockMode, usize)>>,
     pub(crate) data: Arc<diskfmt::file::DirectFile>,
     /// A plain descriptor of the device, for `fdatasync` before a commit.
     pub(crate) sync: std::fs::File,
@@ -405,6 +409,7 @@ impl Session {
             cut: RwLock::new(()),
             space: Mutex::new(space),
             files: Mutex::new(Vec::new()),
+            handles: Mutex::new(std::collections::HashMap::new()),
             data: Arc::new(data),
             sync,
         }))
@@ -649,8 +654,38 @@ impl Session {
         }
         let uuid = d.uuid;
         let obj = lock_object(&uuid);
-        locks::try_acquire(&self.ds, self.me, &mut lock(&self.obs), &obj, mode)
-            .map_err(|e| name_file(e, &shown))?;
+        // A second handle on this host: only read-only next to read-only (the hold is
+        // already ours); anything else would give two maps of one file.
+        let already = {
+            let mut h = lock(&self.handles);
+            match h.get_mut(&uuid) {
+                Some((LockMode::Shared, n)) if mode == LockMode::Shared => {
+                    *n += 1;
+                    true
+                }
+                Some((held, _)) => {
+                    return Err(Error::Invalid {
+                        object: shown,
+                        detail: format!(
+                            "is already open on this host ({}): close that handle first",
+                            held.as_str()
+                        ),
+                    })
+                }
+                None => {
+                    // Reserve the entry while the lock is taken.
+                    h.insert(uuid, (mode, 1));
+                    false
+                }
+            }
+        };
+        if !already {
+            if let Err(e) = locks::try_acquire(&self.ds, self.me, &mut lock(&self.obs), &obj, mode)
+            {
+                lock(&self.handles).remove(&uuid);
+                return Err(name_file(e, &shown));
+            }
+        }
         // Under the lock, read the descriptor again: it is ours to trust now.
         let loaded = (|| {
             let rec = self.ds.read(desc_rec(&self.ds, id))?;
@@ -682,15 +717,41 @@ impl Session {
                 Ok(f)
             }
             Err(e) => {
-                let _ = locks::release(&self.ds, self.me, &mut lock(&self.obs), &obj);
+                let _ = self.unlock(&uuid);
                 Err(e)
             }
         }
     }
 
-    /// Releases this host's lock on a file.
+    /// Closes one handle of this host on a file; the last one releases the lock.
     pub(crate) fn unlock(&self, uuid: &Uuid) -> Result<()> {
+        {
+            let mut h = lock(&self.handles);
+            match h.get_mut(uuid) {
+                Some((_, n)) if *n > 1 => {
+                    *n -= 1;
+                    return Ok(());
+                }
+                _ => {
+                    h.remove(uuid);
+                }
+            }
+        }
         locks::release(&self.ds, self.me, &mut lock(&self.obs), &lock_object(uuid))
+    }
+
+    /// Refuses what an open handle of this host forbids.
+    fn refuse_if_open(&self, uuid: &Uuid, shown: &std::path::Path, what: &str) -> Result<()> {
+        match lock(&self.handles).get(uuid) {
+            Some((mode, _)) => Err(Error::Invalid {
+                object: shown.to_path_buf(),
+                detail: format!(
+                    "is open on this host ({}): close it before {what}",
+                    mode.as_str()
+                ),
+            }),
+            None => Ok(()),
+        }
     }
 
     /// Deletes a file (which nobody may have open) or an empty folder, freeing its space.
@@ -733,6 +794,9 @@ impl Session {
             .await
             .expect("remove task");
         }
+        if let Some((d, _)) = t.get(id) {
+            self.refuse_if_open(&d.uuid, &display(&self.ds, &p), "removing it")?;
+        }
         let f = self.open(path, LockMode::Exclusive).await?;
         f.truncate_all().await?;
         let uuid = f.uuid();
@@ -774,6 +838,9 @@ impl Session {
             });
         }
         let (d, _) = t.get(id).ok_or_else(|| not_found(&self.ds, src))?.clone();
+        if d.kind == Kind::File {
+            self.refuse_if_open(&d.uuid, &display(&self.ds, src), "renaming it")?;
+        }
         let file_lock = (d.kind == Kind::File).then(|| lock_object(&d.uuid));
         if let Some(obj) = &file_lock {
             locks::try_acquire(
