@@ -173,7 +173,54 @@ impl DirectFile {
         Ok(meta.blocks() * 512)
     }
 
-    /// Sets the length of a regular file.
+    /// The length as the kernel sees it now (`fstat`, or the device size): unlike
+    /// [`DirectFile::len`], it includes writes that finished but whose callers have not
+    /// yet seen their completion.
+    pub fn real_len(&self) -> Result<u64> {
+        if self.blockdev {
+            return sys::blkdev_size(self.fd.as_fd())
+                .map_err(|e| Error::open(&self.path, "size", e));
+        }
+        let file = std::fs::File::from(
+            self.fd
+                .as_fd()
+                .try_clone_to_owned()
+                .map_err(|e| Error::open(&self.path, "stat", e))?,
+        );
+        let meta = file
+            .metadata()
+            .map_err(|e| Error::open(&self.path, "stat", e))?;
+        Ok(meta.len())
+    }
+
+    /// Grows a regular file to at least `len` bytes, never shrinking it, and returns the
+    /// length it had. Safe against concurrent writes: it first waits for, and blocks,
+    /// every write or allocation that reaches past `len` (they hold their range until the
+    /// kernel completed them), so no write that grew the file further can be cut off
+    /// between reading the length and extending it.
+    pub async fn extend_to(&self, len: u64) -> Result<u64> {
+        self.check_writable(len)?;
+        let _guard = self.locks.lock(self.align_down(len), u64::MAX, true).await;
+        let before = self.real_len()?;
+        if before < len && !self.blockdev {
+            let file = std::fs::File::from(
+                self.fd
+                    .as_fd()
+                    .try_clone_to_owned()
+                    .map_err(|e| Error::io(&self.path, "resize", len, e))?,
+            );
+            file.set_len(len)
+                .map_err(|e| Error::io(&self.path, "resize", len, e))?;
+        }
+        if !self.blockdev {
+            self.len.fetch_max(before.max(len), Ordering::AcqRel);
+        }
+        Ok(before)
+    }
+
+    /// Sets the length of a regular file, shrinking it if `len` is smaller: only for an
+    /// explicit resize, with no I/O past `len` in flight (use [`DirectFile::extend_to`]
+    /// to grow a file that is in use).
     pub fn set_len(&self, len: u64) -> Result<()> {
         let file = std::fs::File::from(
             self.fd

@@ -12,6 +12,8 @@
 //! an `Arc` of their file descriptor, and are dropped by the engine thread only after the
 //! kernel completed them, so neither memory nor descriptor can be released early.
 
+#[cfg(test)]
+pub(crate) mod faults;
 mod pool;
 mod pread;
 mod uring;
@@ -123,6 +125,21 @@ impl std::fmt::Debug for Engine {
 impl Engine {
     /// Starts an engine of the given kind.
     pub fn new(kind: EngineKind) -> io::Result<Engine> {
+        Self::build(kind, |b| b)
+    }
+
+    /// An engine whose requests first pass a fault-injection hook (tests only).
+    #[cfg(test)]
+    pub(crate) fn with_faults(kind: EngineKind, hook: faults::Hook) -> io::Result<Engine> {
+        Self::build(kind, |inner| {
+            Box::new(faults::FaultBackend::new(inner, hook))
+        })
+    }
+
+    fn build(
+        kind: EngineKind,
+        wrap: impl FnOnce(Box<dyn Backend>) -> Box<dyn Backend>,
+    ) -> io::Result<Engine> {
         let mut base = 0;
         let pools: Vec<_> = POOLS
             .iter()
@@ -140,7 +157,7 @@ impl Engine {
             inner: Arc::new(EngineInner {
                 kind,
                 pools,
-                backend,
+                backend: wrap(backend),
             }),
         })
     }
