@@ -27,6 +27,8 @@ use crate::{sys, Error, Result};
 
 /// How many chunk requests one call keeps in flight at most.
 const CHUNKS_IN_FLIGHT: usize = 16;
+/// How many short reads in a row that bring not one whole block a read retries.
+const SHORT_READ_RETRIES: u32 = 3;
 
 /// A file or block device doing direct I/O through an engine.
 #[derive(Debug)]
@@ -269,22 +271,60 @@ impl DirectFile {
     }
 
     /// Reads aligned `cs..ce` (at most one buffer) and copies the part from `lo` to `dst`.
+    ///
+    /// A short read is end of file only if it reached the real end (read again now: the
+    /// file may have grown); then the rest reads as zeros. Anywhere else it is a failed
+    /// read (NFS and FUSE report some errors as a short count): the whole blocks that did
+    /// arrive are kept and the rest is read again, and a read that keeps making no
+    /// progress is an error, never zeros (inside a read-modify-write, zeros would be
+    /// written back over the neighbouring sectors).
     async fn read_chunk(&self, cs: u64, ce: u64, lo: u64, dst: &mut [u8]) -> Result<()> {
         let len = (ce - cs) as usize;
-        let buf = self.engine.buffer(len).await;
-        let done = self
-            .engine
-            .run(&self.fd, cs, OpKind::Read { buf, len }, None)
-            .await;
-        let n = done.res.map_err(|e| Error::io(&self.path, "read", cs, e))?;
-        let mut buf = done.buf.expect("reads return their buffer");
-        let b = buf.as_mut_slice();
-        if n < len {
-            // Short read: end of file. The rest reads as zeros.
-            b[n..len].fill(0);
+        let mut buf = self.engine.buffer(len).await;
+        let mut got = 0;
+        let mut stalled = 0;
+        while got < len {
+            let pos = cs + got as u64;
+            let want = len - got;
+            let kind = OpKind::Read {
+                buf,
+                at: got,
+                len: want,
+            };
+            let done = self.engine.run(&self.fd, pos, kind, None).await;
+            let n = done
+                .res
+                .map_err(|e| Error::io(&self.path, "read", pos, e))?;
+            buf = done.buf.expect("reads return their buffer");
+            if n >= want {
+                break;
+            }
+            let end = self.real_len()?;
+            if pos + n as u64 >= end {
+                buf.as_mut_slice()[got + n..len].fill(0);
+                break;
+            }
+            let whole = self.align_down(n as u64) as usize;
+            stalled = if whole == 0 { stalled + 1 } else { 0 };
+            if stalled > SHORT_READ_RETRIES {
+                return Err(Error::io(
+                    &self.path,
+                    "read",
+                    pos,
+                    std::io::Error::new(
+                        std::io::ErrorKind::UnexpectedEof,
+                        format!(
+                            "short read ({n} of {want} bytes) before the end of the file \
+                             ({end} bytes), {stalled} times in a row: the storage is failing \
+                             reads (check the device, or the NFS or FUSE server)"
+                        ),
+                    ),
+                ));
+            }
+            got += whole;
         }
         let from = (lo - cs) as usize;
-        dst.copy_from_slice(&b[from..from + dst.len()]);
+        dst.copy_from_slice(&buf.as_slice()[from..from + dst.len()]);
         Ok(())
     }
 
@@ -525,4 +565,90 @@ fn open_options(mode: OpenMode, direct: bool) -> OpenOptions {
         o.custom_flags(libc::O_DIRECT);
     }
     o
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::AtomicUsize;
+
+    use super::*;
+    use crate::engine::faults::{Fault, Hook, OpDesc};
+    use crate::engine::EngineKind;
+    use crate::testutil::{pattern, runtime};
+
+    const LEN: usize = 256 << 10;
+
+    /// A file of `LEN` patterned bytes, opened through an engine with `hook`.
+    fn patterned(dir: &Path, hook: Hook) -> (DirectFile, Vec<u8>) {
+        let path = dir.join("f");
+        let data = pattern(9, 0, LEN);
+        std::fs::write(&path, &data).unwrap();
+        let engine = Engine::with_faults(EngineKind::Uring, hook).unwrap();
+        (
+            DirectFile::open(&path, OpenMode::ReadWrite, engine).unwrap(),
+            data,
+        )
+    }
+
+    /// A hook making the first `n` reads short (`bytes` transferred), the rest normal.
+    fn first_reads_short(n: usize, bytes: usize) -> Hook {
+        let count = AtomicUsize::new(0);
+        Box::new(move |d: OpDesc| {
+            if d.what == "read" && count.fetch_add(1, Ordering::SeqCst) < n {
+                Fault::Short(bytes)
+            } else {
+                Fault::Pass
+            }
+        })
+    }
+
+    /// NFS and FUSE report a failed read as a short count. Before the end of the file that
+    /// is not end of file: the rest must be read again, not returned as zeros.
+    #[test]
+    fn short_read_before_the_end_is_retried_not_zero_filled() {
+        let dir = tempfile::tempdir().unwrap();
+        for short in [0, 4096, 4096 + 100] {
+            let (f, data) = patterned(dir.path(), first_reads_short(1, short));
+            let mut back = vec![0u8; LEN];
+            runtime().block_on(f.read_at(0, &mut back)).unwrap();
+            let bad = back.iter().zip(&data).position(|(a, b)| a != b);
+            assert_eq!(
+                bad, None,
+                "short read of {short} bytes: wrong data from byte {bad:?}"
+            );
+        }
+    }
+
+    /// Inside a read-modify-write a zero-filled head block would be written back over the
+    /// sectors around the write.
+    #[test]
+    fn short_read_inside_read_modify_write_keeps_the_neighbouring_sectors() {
+        let dir = tempfile::tempdir().unwrap();
+        let (f, mut data) = patterned(dir.path(), first_reads_short(1, 0));
+        let off = 8192 + 100;
+        runtime()
+            .block_on(f.write_at(off as u64, &[0xAA; 10], false))
+            .unwrap();
+        data[off..off + 10].fill(0xAA);
+        let disk = std::fs::read(dir.path().join("f")).unwrap();
+        let bad = disk.iter().zip(&data).position(|(a, b)| a != b);
+        assert_eq!(bad, None, "the write clobbered its block from byte {bad:?}");
+    }
+
+    /// A read that keeps coming back short before the end of the file is an error naming
+    /// the file, never zeros.
+    #[test]
+    fn persistently_short_read_is_an_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let (f, _) = patterned(dir.path(), first_reads_short(usize::MAX, 100));
+        let mut back = vec![0u8; 4096];
+        let r = runtime().block_on(f.read_at(65536, &mut back));
+        let e = r.expect_err("a failing read returned data");
+        assert!(e.to_string().contains("short read"), "{e}");
+        assert!(
+            e.to_string()
+                .contains(&dir.path().join("f").display().to_string()),
+            "{e}"
+        );
+    }
 }

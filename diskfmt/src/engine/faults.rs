@@ -27,6 +27,8 @@ pub(crate) struct OpDesc {
 pub(crate) enum Fault {
     /// Run it normally.
     Pass,
+    /// Run it, then report at most this many bytes transferred.
+    Short(usize),
     /// Run it, then hold its completion and keepalive until the gate opens.
     Hold(Arc<Gate>),
 }
@@ -117,6 +119,11 @@ impl Backend for FaultBackend {
         };
         match (self.hook)(desc) {
             Fault::Pass => self.inner.submit(op),
+            Fault::Short(n) => self.intercept(op, move |done| {
+                if let Ok(m) = &mut done.res {
+                    *m = (*m).min(n);
+                }
+            }),
             Fault::Hold(gate) => self.intercept(op, move |_| gate.reach_and_wait_open()),
         }
     }

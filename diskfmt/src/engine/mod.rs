@@ -56,8 +56,8 @@ impl EngineKind {
 /// What one request does.
 #[derive(Debug)]
 pub(crate) enum OpKind {
-    /// Read `len` bytes into the buffer.
-    Read { buf: IoBuf, len: usize },
+    /// Read `len` bytes into the buffer, starting `at` bytes into it.
+    Read { buf: IoBuf, at: usize, len: usize },
     /// Write the first `len` bytes of the buffer; `dsync` makes it durable on completion.
     Write { buf: IoBuf, len: usize, dsync: bool },
     /// fsync or fdatasync.

@@ -192,9 +192,12 @@ fn build_sqe(op: &mut Op, registered: bool) -> squeue::Entry {
     let fd = types::Fd(op.fd.as_raw_fd());
     let offset = op.offset;
     match &mut op.kind {
-        OpKind::Read { buf, len } => {
+        OpKind::Read { buf, at, len } => {
+            assert!(*at + *len <= buf.capacity());
             let idx = buf.index() as u16;
-            let ptr = buf.as_mut_ptr();
+            // SAFETY: `at + len` is inside the buffer (asserted above); a fixed read may
+            // target any part of its registered buffer.
+            let ptr = unsafe { buf.as_mut_ptr().add(*at) };
             if registered {
                 opcode::ReadFixed::new(fd, ptr, *len as u32, idx)
                     .offset(offset)
