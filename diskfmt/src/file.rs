@@ -19,7 +19,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
-use futures::stream::{self, StreamExt, TryStreamExt};
+use futures::stream::{FuturesUnordered, StreamExt};
 
 use crate::engine::{Engine, OpKind, BUF_SIZE};
 use crate::rangelock::{RangeGuard, RangeLock};
@@ -521,17 +521,35 @@ pub fn block_device_geometry(path: &Path, fd: BorrowedFd<'_>) -> Result<(u64, u3
     Ok((size, l, p.max(l)))
 }
 
-/// Runs already-built futures with at most [`CHUNKS_IN_FLIGHT`] polled at once, stopping
-/// at the first error. (Building them first keeps the combinator free of closures over
-/// borrowed data, which the `Send` bound on trait futures cannot see through.)
+/// Runs already-built futures with at most [`CHUNKS_IN_FLIGHT`] polled at once. After
+/// the first error no new one starts, but every one already started is driven to its end
+/// before that error is returned: a failed request never returns while a sibling chunk is
+/// still in the kernel, where it could overtake the caller's retry. (Building the futures
+/// first keeps this free of closures over borrowed data, which the `Send` bound on trait
+/// futures cannot see through.)
 async fn run_bounded<F>(futs: Vec<F>) -> Result<()>
 where
     F: std::future::Future<Output = Result<()>>,
 {
-    stream::iter(futs)
-        .buffer_unordered(CHUNKS_IN_FLIGHT)
-        .try_collect::<()>()
-        .await
+    let mut queued = futs.into_iter();
+    let mut running = FuturesUnordered::new();
+    let mut first_err = None;
+    loop {
+        while first_err.is_none() && running.len() < CHUNKS_IN_FLIGHT {
+            match queued.next() {
+                Some(f) => running.push(f),
+                None => break,
+            }
+        }
+        match running.next().await {
+            Some(Ok(())) => {}
+            Some(Err(e)) => {
+                first_err.get_or_insert(e);
+            }
+            None => break,
+        }
+    }
+    first_err.map_or(Ok(()), Err)
 }
 
 /// Splits `start..end` into engine-buffer-sized pieces.
@@ -572,7 +590,7 @@ mod tests {
     use std::sync::atomic::AtomicUsize;
 
     use super::*;
-    use crate::engine::faults::{Fault, Hook, OpDesc};
+    use crate::engine::faults::{Fault, Gate, Hook, OpDesc};
     use crate::engine::EngineKind;
     use crate::testutil::{pattern, runtime};
 
@@ -649,6 +667,41 @@ mod tests {
             e.to_string()
                 .contains(&dir.path().join("f").display().to_string()),
             "{e}"
+        );
+    }
+
+    /// A write of several chunks, one of which fails, must not return while a sibling
+    /// chunk is still in the kernel: the caller's retry could be overtaken by it.
+    #[test]
+    fn failed_multi_chunk_write_returns_only_when_no_chunk_is_in_the_kernel() {
+        let dir = tempfile::tempdir().unwrap();
+        let gate = Gate::new();
+        let held = Arc::clone(&gate);
+        let hook = move |d: OpDesc| match (d.what, d.offset) {
+            ("write", 0) => Fault::Hold(Arc::clone(&held)),
+            ("write", o) if o == BUF_SIZE as u64 => Fault::Fail(libc::EIO),
+            _ => Fault::Pass,
+        };
+        let (f, _) = patterned(dir.path(), Box::new(hook));
+        let opener = Arc::clone(&gate);
+        let opener = std::thread::spawn(move || {
+            opener.wait_reached();
+            std::thread::sleep(std::time::Duration::from_millis(100));
+            opener.open();
+        });
+        let data = pattern(1, 0, 3 * BUF_SIZE);
+        let r = runtime().block_on(f.write_at(0, &data, false));
+        let returned_while_held = !gate.is_open();
+        opener.join().unwrap();
+        let e = r.expect_err("the failed chunk was not reported");
+        assert!(
+            e.to_string()
+                .contains(&format!("write at offset {BUF_SIZE}")),
+            "{e}"
+        );
+        assert!(
+            !returned_while_held,
+            "the write returned its error while a sibling chunk was still in the kernel"
         );
     }
 }

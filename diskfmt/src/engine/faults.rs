@@ -27,6 +27,8 @@ pub(crate) struct OpDesc {
 pub(crate) enum Fault {
     /// Run it normally.
     Pass,
+    /// Do not run it; complete it with this errno.
+    Fail(i32),
     /// Run it, then report at most this many bytes transferred.
     Short(usize),
     /// Run it, then hold its completion and keepalive until the gate opens.
@@ -63,6 +65,11 @@ impl Gate {
     pub(crate) fn open(&self) {
         self.state.lock().unwrap().1 = true;
         self.cv.notify_all();
+    }
+
+    /// Whether [`Gate::open`] was called.
+    pub(crate) fn is_open(&self) -> bool {
+        self.state.lock().unwrap().1
     }
 
     fn reach_and_wait_open(&self) {
@@ -119,6 +126,7 @@ impl Backend for FaultBackend {
         };
         match (self.hook)(desc) {
             Fault::Pass => self.inner.submit(op),
+            Fault::Fail(errno) => op.complete(Err(io::Error::from_raw_os_error(errno))),
             Fault::Short(n) => self.intercept(op, move |done| {
                 if let Ok(m) = &mut done.res {
                     *m = (*m).min(n);
