@@ -5,8 +5,12 @@
 //! NFS or FUSE do on a failed read), or run it and hold its completion (with its
 //! keepalive, such as a range lock) until the test opens a [`Gate`], which reproduces a
 //! completion that the kernel finished but the caller has not seen yet.
+//!
+//! [`RingFaults`] reach inside the io_uring thread: a panic, or a failing
+//! `io_uring_enter`.
 
 use std::io;
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
@@ -134,5 +138,33 @@ impl Backend for FaultBackend {
             }),
             Fault::Hold(gate) => self.intercept(op, move |_| gate.reach_and_wait_open()),
         }
+    }
+}
+
+/// Faults inside the io_uring thread.
+#[derive(Debug, Default)]
+pub(crate) struct RingFaults {
+    /// When non-zero, `io_uring_enter` submits what is queued, then fails with this errno
+    /// instead of waiting.
+    pub enter_errno: AtomicI32,
+    /// When set, the ring thread panics at its next reap.
+    pub panic: AtomicBool,
+    /// Requests in flight when the thread last went to the kernel.
+    pub inflight: AtomicUsize,
+}
+
+impl RingFaults {
+    /// Blocks until at least `n` requests were in flight (panics after 10 s).
+    pub(crate) fn wait_inflight(&self, n: usize) {
+        let t0 = std::time::Instant::now();
+        while self.inflight.load(Ordering::SeqCst) < n {
+            assert!(
+                t0.elapsed() < Duration::from_secs(10),
+                "requests never reached the ring"
+            );
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        // Let the thread get from recording the count into io_uring_enter.
+        std::thread::sleep(Duration::from_millis(20));
     }
 }

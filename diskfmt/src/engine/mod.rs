@@ -34,6 +34,15 @@ pub const BUF_SIZE: usize = 1 << 20;
 /// 48 MiB in all, registered with io_uring.
 const POOLS: [(usize, usize); 2] = [(64 << 10, 256), (BUF_SIZE, 32)];
 
+/// Fault injection an engine is built with: empty outside the crate's tests.
+#[derive(Default)]
+struct Seams {
+    #[cfg(test)]
+    hook: Option<faults::Hook>,
+    #[cfg(test)]
+    ring: Option<Arc<faults::RingFaults>>,
+}
+
 /// Which backend executes requests.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum EngineKind {
@@ -95,6 +104,19 @@ impl Op {
         let _ = self.reply.send(Completion { res, buf });
         // `self.keepalive` and `self.fd` drop here, after the kernel is done.
     }
+
+    /// Fails a request the kernel may still be working on (its engine stopped): the
+    /// buffer is leaked, never returned to the pool, so no other request can be given
+    /// memory the kernel still reads or writes.
+    fn abandon(self, err: io::Error) {
+        if let OpKind::Read { buf, .. } | OpKind::Write { buf, .. } = self.kind {
+            std::mem::forget(buf);
+        }
+        let _ = self.reply.send(Completion {
+            res: Err(err),
+            buf: None,
+        });
+    }
 }
 
 trait Backend: Send + Sync {
@@ -125,21 +147,37 @@ impl std::fmt::Debug for Engine {
 impl Engine {
     /// Starts an engine of the given kind.
     pub fn new(kind: EngineKind) -> io::Result<Engine> {
-        Self::build(kind, |b| b)
+        Self::build(kind, Seams::default())
     }
 
     /// An engine whose requests first pass a fault-injection hook (tests only).
     #[cfg(test)]
     pub(crate) fn with_faults(kind: EngineKind, hook: faults::Hook) -> io::Result<Engine> {
-        Self::build(kind, |inner| {
-            Box::new(faults::FaultBackend::new(inner, hook))
-        })
+        let seams = Seams {
+            hook: Some(hook),
+            ..Seams::default()
+        };
+        Self::build(kind, seams)
     }
 
-    fn build(
-        kind: EngineKind,
-        wrap: impl FnOnce(Box<dyn Backend>) -> Box<dyn Backend>,
-    ) -> io::Result<Engine> {
+    /// An io_uring engine whose ring thread takes injected faults (tests only).
+    #[cfg(test)]
+    pub(crate) fn with_ring_faults(ring: Arc<faults::RingFaults>) -> io::Result<Engine> {
+        let seams = Seams {
+            ring: Some(ring),
+            ..Seams::default()
+        };
+        Self::build(EngineKind::Uring, seams)
+    }
+
+    /// Free buffers in all pools (tests only).
+    #[cfg(test)]
+    pub(crate) fn free_buffers(&self) -> usize {
+        self.inner.pools.iter().map(|p| p.available()).sum()
+    }
+
+    #[allow(unused_mut)]
+    fn build(kind: EngineKind, mut seams: Seams) -> io::Result<Engine> {
         let mut base = 0;
         let pools: Vec<_> = POOLS
             .iter()
@@ -150,14 +188,19 @@ impl Engine {
             })
             .collect();
         let backend: Box<dyn Backend> = match kind {
-            EngineKind::Uring => Box::new(uring::UringBackend::start(pools.clone())?),
+            EngineKind::Uring => Box::new(uring::UringBackend::start(pools.clone(), &mut seams)?),
             EngineKind::Pread => Box::new(pread::PreadBackend::start(4)?),
+        };
+        #[cfg(test)]
+        let backend = match seams.hook.take() {
+            Some(hook) => Box::new(faults::FaultBackend::new(backend, hook)),
+            None => backend,
         };
         Ok(Engine {
             inner: Arc::new(EngineInner {
                 kind,
                 pools,
-                backend: wrap(backend),
+                backend,
             }),
         })
     }

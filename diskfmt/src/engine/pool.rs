@@ -56,6 +56,12 @@ impl BufPool {
         })
     }
 
+    /// Buffers free now (tests only).
+    #[cfg(test)]
+    pub(crate) fn available(&self) -> usize {
+        self.sem.available_permits()
+    }
+
     /// Size of each buffer.
     pub fn buf_size(&self) -> usize {
         self.buf_size

@@ -5,12 +5,20 @@
 //! in-flight request lives in a slab slot (its index is the SQE's `user_data`) until its
 //! CQE arrives; only then are its buffer, descriptor and keepalive released. When the
 //! handle is dropped the thread finishes every queued and in-flight request, then exits.
+//!
+//! If the ring cannot go on (a fatal `io_uring_enter` error, or a panic on its thread) the
+//! engine stops for good: every waiting caller gets an error saying so, and so does every
+//! later request. Buffers of requests that may still be in the kernel are leaked, never
+//! returned to the pool, so no other request can be handed memory the kernel still
+//! reads or writes.
 
+use std::any::Any;
 use std::collections::VecDeque;
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
-use std::sync::mpsc;
-use std::sync::Arc;
+use std::panic::AssertUnwindSafe;
+use std::sync::{mpsc, Arc, Mutex};
+use std::time::Duration;
 
 use io_uring::{opcode, squeue, types, IoUring};
 
@@ -20,13 +28,25 @@ use crate::sys;
 const RING_ENTRIES: u32 = 128;
 const POLL_TAG: u64 = u64::MAX;
 
+/// Why the engine stopped, once it has.
+type Stopped = Arc<Mutex<Option<String>>>;
+
 pub(super) struct UringBackend {
     tx: Option<mpsc::Sender<Op>>,
     wake: Arc<OwnedFd>,
+    stopped: Stopped,
+}
+
+/// The error every request gets once the engine stopped.
+fn stopped_error(why: &str) -> io::Error {
+    io::Error::other(format!(
+        "the io_uring engine stopped ({why}): restart the process \
+         (FERRY_IO_ENGINE=pread avoids io_uring)"
+    ))
 }
 
 impl UringBackend {
-    pub(super) fn start(pools: Vec<Arc<BufPool>>) -> io::Result<Self> {
+    pub(super) fn start(pools: Vec<Arc<BufPool>>, _seams: &mut super::Seams) -> io::Result<Self> {
         let ring = IoUring::new(RING_ENTRIES)?;
         let iovecs: Vec<_> = pools.iter().flat_map(|p| p.iovecs()).collect();
         // SAFETY: the iovecs point into the pools' allocations, which the thread keeps
@@ -37,21 +57,42 @@ impl UringBackend {
         }
         let wake = Arc::new(sys::eventfd()?);
         let (tx, rx) = mpsc::channel();
-        let thread_wake = Arc::clone(&wake);
+        let stopped = Stopped::default();
+        #[allow(unused_mut)]
+        let mut thread = RingThread::new(ring, registered, pools, Arc::clone(&wake));
+        thread.stopped = Arc::clone(&stopped);
+        #[cfg(test)]
+        {
+            thread.faults = _seams.ring.take();
+        }
         std::thread::Builder::new()
             .name("ferry-uring".into())
-            .spawn(move || RingThread::new(ring, registered, pools, thread_wake).run(rx))?;
-        Ok(UringBackend { tx: Some(tx), wake })
+            .spawn(move || thread.run(rx))?;
+        Ok(UringBackend {
+            tx: Some(tx),
+            wake,
+            stopped,
+        })
     }
 }
 
 impl Backend for UringBackend {
     fn submit(&self, op: Op) {
+        let why = self.stopped.lock().expect("engine state lock").clone();
+        if let Some(why) = why {
+            return op.complete(Err(stopped_error(&why)));
+        }
         if let Some(tx) = &self.tx {
-            // A send error means the thread is gone; dropping the op drops its reply
-            // sender, which the caller sees as "engine stopped".
-            let _ = tx.send(op);
-            sys::eventfd_signal(self.wake.as_fd());
+            match tx.send(op) {
+                Ok(()) => sys::eventfd_signal(self.wake.as_fd()),
+                // The thread stopped between the check and the send.
+                Err(mpsc::SendError(op)) => {
+                    let why = self.stopped.lock().expect("engine state lock").clone();
+                    op.complete(Err(stopped_error(
+                        why.as_deref().unwrap_or("its thread exited"),
+                    )));
+                }
+            }
         }
     }
 }
@@ -73,6 +114,9 @@ struct RingThread {
     backlog: VecDeque<Op>,
     inflight: usize,
     poll_armed: bool,
+    stopped: Stopped,
+    #[cfg(test)]
+    faults: Option<Arc<super::faults::RingFaults>>,
 }
 
 impl RingThread {
@@ -87,10 +131,37 @@ impl RingThread {
             backlog: VecDeque::new(),
             inflight: 0,
             poll_armed: false,
+            stopped: Stopped::default(),
+            #[cfg(test)]
+            faults: None,
         }
     }
 
+    /// The thread's body: serves until the handle is dropped and every request finished,
+    /// or until the ring cannot go on, when it fails every waiter and stops the engine.
     fn run(mut self, rx: mpsc::Receiver<Op>) {
+        let served = std::panic::catch_unwind(AssertUnwindSafe(|| self.serve(&rx)));
+        let why = match served {
+            Ok(Ok(())) => return,
+            Ok(Err(e)) => format!("io_uring_enter failed: {e}"),
+            Err(panic) => format!("its thread panicked: {}", panic_message(&*panic)),
+        };
+        tracing::error!("the io_uring engine stopped ({why}); all its requests fail");
+        *self.stopped.lock().expect("engine state lock") = Some(why.clone());
+        for op in self.slots.iter_mut().filter_map(Option::take) {
+            op.abandon(stopped_error(&why));
+        }
+        self.inflight = 0;
+        for op in self.backlog.drain(..) {
+            op.complete(Err(stopped_error(&why)));
+        }
+        while let Ok(op) = rx.try_recv() {
+            op.complete(Err(stopped_error(&why)));
+        }
+        // Dropping `rx` makes later sends fail; the handle then fails those requests.
+    }
+
+    fn serve(&mut self, rx: &mpsc::Receiver<Op>) -> io::Result<()> {
         let mut disconnected = false;
         loop {
             loop {
@@ -114,21 +185,37 @@ impl RingThread {
             }
             self.push_backlog();
             if disconnected && self.inflight == 0 && self.backlog.is_empty() {
-                return;
+                return Ok(());
             }
-            match self.ring.submit_and_wait(1) {
+            match self.enter() {
                 Ok(_) => {}
+                Err(e) if e.raw_os_error() == Some(libc::EINTR) => {}
+                // Out of kernel resources for now: reap, and do not spin.
                 Err(e)
-                    if e.raw_os_error() == Some(libc::EINTR)
-                        || e.raw_os_error() == Some(libc::EBUSY)
-                        || e.raw_os_error() == Some(libc::EAGAIN) => {}
-                Err(e) => {
-                    tracing::error!("io_uring submit failed: {e}");
-                    self.fail_backlog(&e);
+                    if e.raw_os_error() == Some(libc::EBUSY)
+                        || e.raw_os_error() == Some(libc::EAGAIN) =>
+                {
+                    std::thread::sleep(Duration::from_millis(1));
                 }
+                Err(e) => return Err(e),
             }
             self.reap();
         }
+    }
+
+    /// Submits what is queued and waits for at least one completion.
+    fn enter(&mut self) -> io::Result<usize> {
+        #[cfg(test)]
+        if let Some(f) = &self.faults {
+            use std::sync::atomic::Ordering::SeqCst;
+            f.inflight.store(self.inflight, SeqCst);
+            let errno = f.enter_errno.load(SeqCst);
+            if errno != 0 {
+                self.ring.submit()?;
+                return Err(io::Error::from_raw_os_error(errno));
+            }
+        }
+        self.ring.submit_and_wait(1)
     }
 
     /// Moves queued requests into the submission queue while it has room.
@@ -153,14 +240,13 @@ impl RingThread {
         }
     }
 
-    /// A fatal submit error: fail what never reached the kernel.
-    fn fail_backlog(&mut self, e: &io::Error) {
-        for op in self.backlog.drain(..) {
-            op.complete(Err(io::Error::new(e.kind(), e.to_string())));
-        }
-    }
-
     fn reap(&mut self) {
+        #[cfg(test)]
+        if let Some(f) = &self.faults {
+            if f.panic.load(std::sync::atomic::Ordering::SeqCst) {
+                panic!("injected panic on the ring thread");
+            }
+        }
         let done: Vec<(u64, i32)> = self
             .ring
             .completion()
@@ -186,6 +272,14 @@ impl RingThread {
             op.complete(res);
         }
     }
+}
+
+fn panic_message(panic: &(dyn Any + Send)) -> &str {
+    panic
+        .downcast_ref::<&str>()
+        .copied()
+        .or_else(|| panic.downcast_ref::<String>().map(String::as_str))
+        .unwrap_or("no message")
 }
 
 fn build_sqe(op: &mut Op, registered: bool) -> squeue::Entry {
@@ -236,5 +330,102 @@ fn build_sqe(op: &mut Op, registered: bool) -> squeue::Entry {
             .offset(offset)
             .mode(*mode)
             .build(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::pin::pin;
+    use std::sync::atomic::Ordering::SeqCst;
+    use std::time::Duration;
+
+    use super::super::faults::RingFaults;
+    use super::super::{Engine, OpKind};
+    use super::*;
+    use crate::testutil::{poll_once, runtime};
+
+    /// A read the kernel keeps in flight until someone writes to the pipe.
+    fn pipe() -> (Arc<OwnedFd>, std::io::PipeWriter) {
+        let (r, w) = std::io::pipe().unwrap();
+        (Arc::new(OwnedFd::from(r)), w)
+    }
+
+    /// Starts `engine`'s requests until the ring thread took an extra one in, waking it.
+    async fn wake(engine: &Engine, fd: &Arc<OwnedFd>) -> std::io::Result<usize> {
+        engine
+            .run(fd, 0, OpKind::Fsync { datasync: true }, None)
+            .await
+            .res
+    }
+
+    /// A panic on the ring thread while a read is in the kernel: the reader gets an
+    /// error (no hang), the read's buffer never goes back to the pool (the kernel may
+    /// still write it), and later requests fail at once.
+    #[test]
+    fn a_panic_on_the_ring_thread_fails_waiters_and_keeps_kernel_buffers() {
+        let faults = Arc::new(RingFaults::default());
+        let engine = Engine::with_ring_faults(Arc::clone(&faults)).unwrap();
+        let total = engine.free_buffers();
+        let (r, _w) = pipe();
+        let file = Arc::new(OwnedFd::from(tempfile::tempfile().unwrap()));
+        runtime().block_on(async {
+            let buf = engine.buffer(4096).await;
+            let kind = OpKind::Read {
+                buf,
+                at: 0,
+                len: 4096,
+            };
+            let mut read = pin!(engine.run(&r, 0, kind, None));
+            assert!(poll_once(read.as_mut()).is_none());
+            faults.wait_inflight(1);
+            faults.panic.store(true, SeqCst);
+            let woke = tokio::time::timeout(Duration::from_secs(5), wake(&engine, &file)).await;
+            assert!(woke.expect("the waker hung").is_err());
+            let done = tokio::time::timeout(Duration::from_secs(5), read)
+                .await
+                .expect("the reader hung");
+            let e = done.res.expect_err("a read on an empty pipe succeeded");
+            assert!(done.buf.is_none());
+            assert_eq!(
+                engine.free_buffers(),
+                total - 1,
+                "a buffer the kernel may still write went back to the pool ({e})"
+            );
+            let later = tokio::time::timeout(Duration::from_secs(5), wake(&engine, &file)).await;
+            assert!(later.expect("a later request hung").is_err());
+        });
+    }
+
+    /// A fatal `io_uring_enter` error with a read in the kernel: the thread must not spin
+    /// with its callers hung; every waiter gets the error, the read's buffer stays out of
+    /// the pool, and later requests fail at once.
+    #[test]
+    fn a_fatal_enter_error_fails_every_waiter() {
+        let faults = Arc::new(RingFaults::default());
+        let engine = Engine::with_ring_faults(Arc::clone(&faults)).unwrap();
+        let total = engine.free_buffers();
+        let (r, _w) = pipe();
+        let file = Arc::new(OwnedFd::from(tempfile::tempfile().unwrap()));
+        runtime().block_on(async {
+            let buf = engine.buffer(4096).await;
+            let kind = OpKind::Read {
+                buf,
+                at: 0,
+                len: 4096,
+            };
+            let mut read = pin!(engine.run(&r, 0, kind, None));
+            assert!(poll_once(read.as_mut()).is_none());
+            faults.wait_inflight(1);
+            faults.enter_errno.store(libc::ENXIO, SeqCst);
+            let _ = tokio::time::timeout(Duration::from_secs(5), wake(&engine, &file)).await;
+            let done = tokio::time::timeout(Duration::from_secs(5), read)
+                .await
+                .expect("the reader hung after a fatal io_uring_enter error");
+            let e = done.res.expect_err("a read on an empty pipe succeeded");
+            assert!(e.to_string().contains("io_uring"), "{e}");
+            assert_eq!(engine.free_buffers(), total - 1);
+            let later = tokio::time::timeout(Duration::from_secs(5), wake(&engine, &file)).await;
+            assert!(later.expect("a later request hung").is_err());
+        });
     }
 }
