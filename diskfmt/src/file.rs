@@ -92,7 +92,15 @@ impl DirectFile {
             let (size, l, p) = block_device_geometry(path, fd.as_fd())?;
             (size, l as u64, p)
         } else if meta.file_type().is_file() {
-            let align = sys::dio_offset_align(fd.as_fd()).unwrap_or(512).max(512);
+            let statx = sys::dio_offset_align(fd.as_fd());
+            #[cfg(test)]
+            let statx = statx.filter(|_| !tests::NO_STATX_DIOALIGN.get());
+            // Without statx's answer, the logical block size of the device under the
+            // file; 512 only where there is no such device (NFS, FUSE, tmpfs).
+            let align = statx
+                .or_else(|| sys::dev_logical_block_size(meta.dev()))
+                .unwrap_or(512)
+                .max(512);
             (meta.len(), align as u64, 4096)
         } else {
             return Err(Error::invalid(
@@ -596,6 +604,12 @@ mod tests {
 
     const LEN: usize = 256 << 10;
 
+    thread_local! {
+        /// Makes `open` act as if `statx` reported no direct-I/O alignment.
+        pub(super) static NO_STATX_DIOALIGN: std::cell::Cell<bool> =
+            const { std::cell::Cell::new(false) };
+    }
+
     /// A file of `LEN` patterned bytes, opened through an engine with `hook`.
     fn patterned(dir: &Path, hook: Hook) -> (DirectFile, Vec<u8>) {
         let path = dir.join("f");
@@ -703,5 +717,77 @@ mod tests {
             !returned_while_held,
             "the write returned its error while a sibling chunk was still in the kernel"
         );
+    }
+
+    /// Runs a command, `None` if it cannot run or fails.
+    fn run(cmd: &str, args: &[&str]) -> Option<String> {
+        let out = std::process::Command::new(cmd).args(args).output().ok()?;
+        out.status
+            .success()
+            .then(|| String::from_utf8_lossy(&out.stdout).trim().to_string())
+    }
+
+    /// A 4096-byte-sector loop device with an ext4 file system mounted; torn down on drop.
+    struct Mounted4k {
+        dir: tempfile::TempDir,
+        dev: String,
+    }
+
+    impl Mounted4k {
+        fn new() -> Option<Mounted4k> {
+            let dir = tempfile::tempdir().ok()?;
+            let backing = dir.path().join("backing");
+            std::fs::File::create(&backing)
+                .ok()?
+                .set_len(64 << 20)
+                .ok()?;
+            let b = backing.to_str()?;
+            let dev = run("losetup", &["--find", "--show", "--sector-size", "4096", b])?;
+            let m = Mounted4k { dir, dev };
+            let mnt = m.mnt();
+            std::fs::create_dir(&mnt).ok()?;
+            run("mkfs.ext4", &["-q", "-F", &m.dev])?;
+            run("mount", &[&m.dev, mnt.to_str()?])?;
+            Some(m)
+        }
+
+        fn mnt(&self) -> PathBuf {
+            self.dir.path().join("mnt")
+        }
+    }
+
+    impl Drop for Mounted4k {
+        fn drop(&mut self) {
+            let _ = run("umount", &[self.mnt().to_str().unwrap_or("")]);
+            let _ = run("losetup", &["-d", &self.dev]);
+        }
+    }
+
+    /// Where the kernel reports no direct-I/O alignment for a file (older kernels, some
+    /// file systems), the alignment is the logical block size of the device under it, not
+    /// 512: on a 4096-byte-sector disk, 512-aligned `O_DIRECT` I/O fails with EINVAL.
+    #[test]
+    fn file_alignment_without_statx_is_the_devices_logical_block_size() {
+        let Some(m) = Mounted4k::new() else {
+            eprintln!("skipped: needs root, losetup, mkfs.ext4 and mount");
+            return;
+        };
+        let path = m.mnt().join("f");
+        std::fs::write(&path, pattern(5, 0, 16384)).unwrap();
+        let engine = Engine::new(EngineKind::Uring).unwrap();
+        let dev = DirectFile::open(Path::new(&m.dev), OpenMode::ReadOnly, engine.clone());
+        assert_eq!(dev.unwrap().align(), 4096, "the loop device's BLKSSZGET");
+        NO_STATX_DIOALIGN.set(true);
+        let f = DirectFile::open(&path, OpenMode::ReadWrite, engine);
+        NO_STATX_DIOALIGN.set(false);
+        let f = f.unwrap();
+        assert_eq!(f.align(), 4096);
+        runtime().block_on(async {
+            f.write_at(512, &[0xAB; 512], false).await.unwrap();
+            let mut back = vec![0u8; 1024];
+            f.read_at(512, &mut back).await.unwrap();
+            assert!(back[..512].iter().all(|&b| b == 0xAB));
+            assert_eq!(back[512..], pattern(5, 0, 16384)[1024..1536]);
+        });
     }
 }
