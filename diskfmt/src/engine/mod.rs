@@ -179,14 +179,14 @@ impl Engine {
     #[allow(unused_mut)]
     fn build(kind: EngineKind, mut seams: Seams) -> io::Result<Engine> {
         let mut base = 0;
-        let pools: Vec<_> = POOLS
+        let pools = POOLS
             .iter()
             .map(|&(size, count)| {
                 let p = BufPool::new(size, count, base);
                 base += count;
                 p
             })
-            .collect();
+            .collect::<io::Result<Vec<_>>>()?;
         let backend: Box<dyn Backend> = match kind {
             EngineKind::Uring => Box::new(uring::UringBackend::start(pools.clone(), &mut seams)?),
             EngineKind::Pread => Box::new(pread::PreadBackend::start(4)?),
