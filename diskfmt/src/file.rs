@@ -11,6 +11,10 @@
 //!
 //! The file length is not a virtual disk size: writes past the end extend a regular file
 //! (the qcow2 driver relies on that); [`crate::raw::RawImage`] bounds requests itself.
+//!
+//! Flush errors are sticky: after a failed `fdatasync` the kernel may have dropped the
+//! data it could not write and cleared the error, so every later flush of the same
+//! `DirectFile` fails too, until the file is reopened.
 
 use std::fs::OpenOptions;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
@@ -42,6 +46,8 @@ pub struct DirectFile {
     writable: bool,
     len: AtomicU64,
     locks: Arc<RangeLock>,
+    /// The first flush error, if a flush failed: every later flush fails with it.
+    flush_failed: std::sync::Mutex<Option<String>>,
 }
 
 /// How to open a [`DirectFile`].
@@ -118,6 +124,7 @@ impl DirectFile {
             writable: mode != OpenMode::ReadOnly,
             len: AtomicU64::new(len),
             locks: Arc::default(),
+            flush_failed: Default::default(),
         })
     }
 
@@ -496,15 +503,37 @@ impl DirectFile {
         Ok(())
     }
 
-    /// Makes completed writes durable (`fdatasync`).
+    /// Makes completed writes durable (`fdatasync`). Fails for good once a flush failed.
     pub async fn sync(&self) -> Result<()> {
+        self.check_flushes()?;
         let done = self
             .engine
             .run(&self.fd, 0, OpKind::Fsync { datasync: true }, None)
             .await;
-        done.res
-            .map(|_| ())
-            .map_err(|e| Error::io(&self.path, "flush", 0, e))
+        match done.res {
+            // A flush that failed meanwhile may have taken the error this one should see.
+            Ok(_) => self.check_flushes(),
+            Err(e) => {
+                let mut first = self.flush_failed.lock().expect("flush state lock");
+                first.get_or_insert_with(|| e.to_string());
+                Err(Error::io(&self.path, "flush", 0, e))
+            }
+        }
+    }
+
+    fn check_flushes(&self) -> Result<()> {
+        match &*self.flush_failed.lock().expect("flush state lock") {
+            None => Ok(()),
+            Some(first) => Err(Error::io(
+                &self.path,
+                "flush",
+                0,
+                std::io::Error::other(format!(
+                    "an earlier flush failed ({first}), so data written before it may be \
+                     lost; reopen the file, and check its content, before trusting a flush"
+                )),
+            )),
+        }
     }
 
     fn check_writable(&self, offset: u64) -> Result<()> {
@@ -789,5 +818,40 @@ mod tests {
             assert!(back[..512].iter().all(|&b| b == 0xAB));
             assert_eq!(back[512..], pattern(5, 0, 16384)[1024..1536]);
         });
+    }
+
+    /// Once a flush failed, the kernel may have dropped the dirty data it could not write
+    /// and cleared the error: a later fdatasync succeeds without that data on disk. Every
+    /// later flush of the file must fail until it is reopened.
+    #[test]
+    fn a_failed_flush_makes_every_later_flush_fail() {
+        let dir = tempfile::tempdir().unwrap();
+        let fsyncs = AtomicUsize::new(0);
+        let hook = move |d: OpDesc| {
+            if d.what == "fsync" && fsyncs.fetch_add(1, Ordering::SeqCst) == 0 {
+                Fault::Fail(libc::EIO)
+            } else {
+                Fault::Pass
+            }
+        };
+        let (f, _) = patterned(dir.path(), Box::new(hook));
+        runtime().block_on(async {
+            f.write_at(0, &[1; 4096], false).await.unwrap();
+            f.sync()
+                .await
+                .expect_err("the injected flush error was lost");
+            let e = f
+                .sync()
+                .await
+                .expect_err("a flush after a failed one succeeded");
+            assert!(e.to_string().contains("reopen"), "{e}");
+            assert!(e.to_string().contains("os error 5"), "{e}");
+            f.write_at(0, &[2; 4096], false).await.unwrap();
+            f.sync()
+                .await
+                .expect_err("a flush after a failed one succeeded");
+        });
+        let (f, _) = patterned(dir.path(), Box::new(|_| Fault::Pass));
+        runtime().block_on(f.sync()).unwrap();
     }
 }
