@@ -151,6 +151,10 @@ pub(crate) struct RingFaults {
     pub panic: AtomicBool,
     /// Requests in flight when the thread last went to the kernel.
     pub inflight: AtomicUsize,
+    /// How many of the next request completions report `-cqe_errno` instead of their
+    /// result.
+    pub cqe_faults: AtomicUsize,
+    pub cqe_errno: AtomicI32,
 }
 
 impl RingFaults {

@@ -85,6 +85,8 @@ pub(crate) struct Op {
     #[allow(dead_code)]
     pub keepalive: Option<Arc<dyn Any + Send + Sync>>,
     pub reply: oneshot::Sender<Completion>,
+    /// Times the io_uring backend submitted it again after -EAGAIN or -EINTR.
+    pub resubmits: u32,
 }
 
 /// The outcome of an [`Op`]: bytes transferred, and the buffer handed back.
@@ -262,6 +264,7 @@ impl Engine {
             kind,
             keepalive,
             reply,
+            resubmits: 0,
         });
         rx.await.unwrap_or_else(|_| Completion {
             res: Err(io::Error::other("the I/O engine thread stopped")),

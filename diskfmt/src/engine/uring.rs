@@ -3,8 +3,9 @@
 //! Callers push requests on a channel and signal an eventfd; the ring keeps a poll on that
 //! eventfd armed, so `submit_and_wait` wakes for new requests as well as completions. Each
 //! in-flight request lives in a slab slot (its index is the SQE's `user_data`) until its
-//! CQE arrives; only then are its buffer, descriptor and keepalive released. When the
-//! handle is dropped the thread finishes every queued and in-flight request, then exits.
+//! CQE arrives; only then are its buffer, descriptor and keepalive released. A request
+//! that completes with -EAGAIN or -EINTR transferred nothing and is submitted again. When
+//! the handle is dropped the thread finishes every queued and in-flight request, then exits.
 //!
 //! If the ring cannot go on (a fatal `io_uring_enter` error, or a panic on its thread) the
 //! engine stops for good: every waiting caller gets an error saying so, and so does every
@@ -26,6 +27,9 @@ use super::{Backend, BufPool, Op, OpKind};
 use crate::sys;
 
 const RING_ENTRIES: u32 = 128;
+/// How many times in a row a request completing with -EAGAIN or -EINTR (nothing
+/// transferred) is submitted again before that error is its result.
+const MAX_RESUBMITS: u32 = 16;
 const POLL_TAG: u64 = u64::MAX;
 
 /// Why the engine stopped, once it has.
@@ -242,8 +246,10 @@ impl RingThread {
 
     fn reap(&mut self) {
         #[cfg(test)]
+        use std::sync::atomic::Ordering::SeqCst;
+        #[cfg(test)]
         if let Some(f) = &self.faults {
-            if f.panic.load(std::sync::atomic::Ordering::SeqCst) {
+            if f.panic.load(SeqCst) {
                 panic!("injected panic on the ring thread");
             }
         }
@@ -258,12 +264,25 @@ impl RingThread {
                 sys::eventfd_drain(self.wake.as_fd());
                 continue;
             }
+            #[cfg(test)]
+            let res = match &self.faults {
+                Some(f) if f.cqe_faults.load(SeqCst) > 0 => {
+                    f.cqe_faults.fetch_sub(1, SeqCst);
+                    -f.cqe_errno.load(SeqCst)
+                }
+                _ => res,
+            };
             let slot = tag as usize;
-            let op = self.slots[slot]
+            let mut op = self.slots[slot]
                 .take()
                 .expect("completion for an empty slot");
             self.free_slots.push(slot);
             self.inflight -= 1;
+            if (res == -libc::EAGAIN || res == -libc::EINTR) && op.resubmits < MAX_RESUBMITS {
+                op.resubmits += 1;
+                self.backlog.push_front(op);
+                continue;
+            }
             let res = if res < 0 {
                 Err(io::Error::from_raw_os_error(-res))
             } else {
@@ -426,6 +445,41 @@ mod tests {
             assert_eq!(engine.free_buffers(), total - 1);
             let later = tokio::time::timeout(Duration::from_secs(5), wake(&engine, &file)).await;
             assert!(later.expect("a later request hung").is_err());
+        });
+    }
+
+    /// io_uring may complete a request with -EAGAIN or -EINTR (nothing was transferred):
+    /// the request must be submitted again, not failed (up to `MAX_RESUBMITS` times).
+    #[test]
+    fn eagain_and_eintr_completions_are_resubmitted() {
+        let faults = Arc::new(RingFaults::default());
+        let engine = Engine::with_ring_faults(Arc::clone(&faults)).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("f");
+        std::fs::write(&path, vec![0u8; 65536]).unwrap();
+        let f =
+            crate::file::DirectFile::open(&path, crate::file::OpenMode::ReadWrite, engine).unwrap();
+        runtime().block_on(async {
+            for (errno, n) in [(libc::EAGAIN, 1), (libc::EINTR, 1), (libc::EAGAIN, 5)] {
+                faults.cqe_errno.store(errno, SeqCst);
+                faults.cqe_faults.store(n, SeqCst);
+                let data = vec![errno as u8; 4096];
+                f.write_at(4096, &data, false)
+                    .await
+                    .unwrap_or_else(|e| panic!("errno {errno} x{n}: {e}"));
+                faults.cqe_faults.store(n, SeqCst);
+                let mut back = vec![0u8; 4096];
+                f.read_at(4096, &mut back)
+                    .await
+                    .unwrap_or_else(|e| panic!("errno {errno} x{n}: {e}"));
+                assert_eq!(back, data);
+            }
+            // Not forever: a request that keeps failing so gets the error.
+            faults.cqe_errno.store(libc::EAGAIN, SeqCst);
+            faults.cqe_faults.store(MAX_RESUBMITS as usize + 1, SeqCst);
+            let e = f.write_at(0, &[1; 4096], false).await.unwrap_err();
+            assert!(e.to_string().contains("os error 11"), "{e}");
+            assert_eq!(faults.cqe_faults.load(SeqCst), 0);
         });
     }
 }
