@@ -10,7 +10,7 @@
 //! `io_uring_enter`.
 
 use std::io;
-use std::sync::atomic::{AtomicBool, AtomicI32, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU32, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
@@ -149,15 +149,37 @@ pub(crate) struct RingFaults {
     pub enter_errno: AtomicI32,
     /// When set, the ring thread panics at its next reap.
     pub panic: AtomicBool,
-    /// Requests in flight when the thread last went to the kernel.
+    /// Requests in flight when the thread last went to the kernel, and the most ever.
     pub inflight: AtomicUsize,
+    pub peak_inflight: AtomicUsize,
     /// How many of the next request completions report `-cqe_errno` instead of their
     /// result.
     pub cqe_faults: AtomicUsize,
     pub cqe_errno: AtomicI32,
+    /// Submission queue size of the ring (0: the default).
+    pub ring_entries: AtomicU32,
+    /// While set, the ring thread does not reap completions: they pile up in the
+    /// completion queue.
+    pub hold_reap: AtomicBool,
+    /// Whether the kernel ever flagged the completion queue as overflowed.
+    pub saw_overflow: AtomicBool,
+    /// Requests the thread had taken from its channel when it last went to the kernel.
+    pub received: AtomicUsize,
 }
 
 impl RingFaults {
+    /// Blocks until the thread took `n` requests in and went back to the kernel.
+    pub(crate) fn wait_received(&self, n: usize) {
+        let t0 = std::time::Instant::now();
+        while self.received.load(Ordering::SeqCst) < n {
+            assert!(
+                t0.elapsed() < Duration::from_secs(10),
+                "requests never reached the ring"
+            );
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+
     /// Blocks until at least `n` requests were in flight (panics after 10 s).
     pub(crate) fn wait_inflight(&self, n: usize) {
         let t0 = std::time::Instant::now();

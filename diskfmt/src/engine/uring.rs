@@ -4,7 +4,9 @@
 //! eventfd armed, so `submit_and_wait` wakes for new requests as well as completions. Each
 //! in-flight request lives in a slab slot (its index is the SQE's `user_data`) until its
 //! CQE arrives; only then are its buffer, descriptor and keepalive released. A request
-//! that completes with -EAGAIN or -EINTR transferred nothing and is submitted again. When
+//! that completes with -EAGAIN or -EINTR transferred nothing and is submitted again. No
+//! more requests are in flight than the completion queue holds, so it cannot overflow
+//! (older kernels drop overflowed completions, newer ones when out of memory). When
 //! the handle is dropped the thread finishes every queued and in-flight request, then exits.
 //!
 //! If the ring cannot go on (a fatal `io_uring_enter` error, or a panic on its thread) the
@@ -51,7 +53,16 @@ fn stopped_error(why: &str) -> io::Error {
 
 impl UringBackend {
     pub(super) fn start(pools: Vec<Arc<BufPool>>, _seams: &mut super::Seams) -> io::Result<Self> {
-        let ring = IoUring::new(RING_ENTRIES)?;
+        #[allow(unused_mut)]
+        let mut entries = RING_ENTRIES;
+        #[cfg(test)]
+        if let Some(f) = &_seams.ring {
+            match f.ring_entries.load(std::sync::atomic::Ordering::SeqCst) {
+                0 => {}
+                n => entries = n,
+            }
+        }
+        let ring = IoUring::new(entries)?;
         let iovecs: Vec<_> = pools.iter().flat_map(|p| p.iovecs()).collect();
         // SAFETY: the iovecs point into the pools' allocations, which the thread keeps
         // alive (it owns Arcs of the pools) for as long as the ring exists.
@@ -117,14 +128,21 @@ struct RingThread {
     free_slots: Vec<usize>,
     backlog: VecDeque<Op>,
     inflight: usize,
+    /// Most requests in flight: the completion queue's size, less one for the poll.
+    max_inflight: usize,
     poll_armed: bool,
     stopped: Stopped,
     #[cfg(test)]
     faults: Option<Arc<super::faults::RingFaults>>,
+    #[cfg(test)]
+    received: usize,
 }
 
 impl RingThread {
     fn new(ring: IoUring, registered: bool, pools: Vec<Arc<BufPool>>, wake: Arc<OwnedFd>) -> Self {
+        let max_inflight = (ring.params().cq_entries() as usize)
+            .saturating_sub(1)
+            .max(1);
         RingThread {
             ring,
             registered,
@@ -134,10 +152,13 @@ impl RingThread {
             free_slots: Vec::new(),
             backlog: VecDeque::new(),
             inflight: 0,
+            max_inflight,
             poll_armed: false,
             stopped: Stopped::default(),
             #[cfg(test)]
             faults: None,
+            #[cfg(test)]
+            received: 0,
         }
     }
 
@@ -147,7 +168,7 @@ impl RingThread {
         let served = std::panic::catch_unwind(AssertUnwindSafe(|| self.serve(&rx)));
         let why = match served {
             Ok(Ok(())) => return,
-            Ok(Err(e)) => format!("io_uring_enter failed: {e}"),
+            Ok(Err(e)) => e.to_string(),
             Err(panic) => format!("its thread panicked: {}", panic_message(&*panic)),
         };
         tracing::error!("the io_uring engine stopped ({why}); all its requests fail");
@@ -170,7 +191,13 @@ impl RingThread {
         loop {
             loop {
                 match rx.try_recv() {
-                    Ok(op) => self.backlog.push_back(op),
+                    Ok(op) => {
+                        #[cfg(test)]
+                        {
+                            self.received += 1;
+                        }
+                        self.backlog.push_back(op)
+                    }
                     Err(mpsc::TryRecvError::Empty) => break,
                     Err(mpsc::TryRecvError::Disconnected) => {
                         disconnected = true;
@@ -187,7 +214,7 @@ impl RingThread {
                     self.poll_armed = true;
                 }
             }
-            self.push_backlog();
+            self.push_backlog()?;
             if disconnected && self.inflight == 0 && self.backlog.is_empty() {
                 return Ok(());
             }
@@ -195,15 +222,18 @@ impl RingThread {
                 Ok(_) => {}
                 Err(e) if e.raw_os_error() == Some(libc::EINTR) => {}
                 // Out of kernel resources for now: reap, and do not spin.
-                Err(e)
-                    if e.raw_os_error() == Some(libc::EBUSY)
-                        || e.raw_os_error() == Some(libc::EAGAIN) =>
-                {
-                    std::thread::sleep(Duration::from_millis(1));
-                }
-                Err(e) => return Err(e),
+                Err(e) if is_transient(&e) => std::thread::sleep(Duration::from_millis(1)),
+                Err(e) => return Err(enter_failed(e)),
             }
             self.reap();
+            // Only possible if the in-flight bound is broken, or the kernel could not
+            // keep an overflowed completion: the waiters of lost completions would hang.
+            let lost = self.ring.completion().overflow();
+            if lost > 0 {
+                return Err(io::Error::other(format!(
+                    "the kernel dropped {lost} completions (completion queue overflow)"
+                )));
+            }
         }
     }
 
@@ -213,6 +243,8 @@ impl RingThread {
         if let Some(f) = &self.faults {
             use std::sync::atomic::Ordering::SeqCst;
             f.inflight.store(self.inflight, SeqCst);
+            f.peak_inflight.fetch_max(self.inflight, SeqCst);
+            f.received.store(self.received, SeqCst);
             let errno = f.enter_errno.load(SeqCst);
             if errno != 0 {
                 self.ring.submit()?;
@@ -222,9 +254,14 @@ impl RingThread {
         self.ring.submit_and_wait(1)
     }
 
-    /// Moves queued requests into the submission queue while it has room.
-    fn push_backlog(&mut self) {
-        while let Some(op) = self.backlog.pop_front() {
+    /// Moves queued requests into the submission queue, submitting it when full. Never
+    /// more are in flight than the completion queue holds (less one place for the eventfd
+    /// poll), so completions cannot overflow it: the rest wait for completions.
+    fn push_backlog(&mut self) -> io::Result<()> {
+        while self.inflight < self.max_inflight {
+            let Some(op) = self.backlog.pop_front() else {
+                break;
+            };
             let slot = self.free_slots.pop().unwrap_or_else(|| {
                 self.slots.push(None);
                 self.slots.len() - 1
@@ -238,10 +275,17 @@ impl RingThread {
                 let op = self.slots[slot].take().expect("just stored");
                 self.free_slots.push(slot);
                 self.backlog.push_front(op);
-                return;
+                // The submission queue is full: hand it to the kernel to make room.
+                match self.ring.submit() {
+                    Ok(n) if n > 0 => continue,
+                    Ok(_) => return Ok(()),
+                    Err(e) if is_transient(&e) => return Ok(()),
+                    Err(e) => return Err(enter_failed(e)),
+                }
             }
             self.inflight += 1;
         }
+        Ok(())
     }
 
     fn reap(&mut self) {
@@ -251,6 +295,12 @@ impl RingThread {
         if let Some(f) = &self.faults {
             if f.panic.load(SeqCst) {
                 panic!("injected panic on the ring thread");
+            }
+            while f.hold_reap.load(SeqCst) {
+                std::thread::sleep(std::time::Duration::from_millis(1));
+            }
+            if self.ring.submission().cq_overflow() {
+                f.saw_overflow.store(true, SeqCst);
             }
         }
         let done: Vec<(u64, i32)> = self
@@ -291,6 +341,18 @@ impl RingThread {
             op.complete(res);
         }
     }
+}
+
+/// `io_uring_enter` errors that pass: out of resources for now, or a signal.
+fn is_transient(e: &io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::EINTR) | Some(libc::EAGAIN) | Some(libc::EBUSY)
+    )
+}
+
+fn enter_failed(e: io::Error) -> io::Error {
+    io::Error::new(e.kind(), format!("io_uring_enter failed: {e}"))
 }
 
 fn panic_message(panic: &(dyn Any + Send)) -> &str {
@@ -480,6 +542,44 @@ mod tests {
             let e = f.write_at(0, &[1; 4096], false).await.unwrap_err();
             assert!(e.to_string().contains("os error 11"), "{e}");
             assert_eq!(faults.cqe_faults.load(SeqCst), 0);
+        });
+    }
+
+    /// More requests in flight than the completion queue holds: when they all complete
+    /// before the thread reaps, completions overflow (kept by kernels with
+    /// IORING_FEAT_NODROP, lost by older ones, lost on any when the kernel cannot
+    /// allocate). The engine must never have more in flight than the queue holds.
+    #[test]
+    fn completions_never_overflow_the_completion_queue() {
+        let faults = Arc::new(RingFaults::default());
+        faults.ring_entries.store(4, SeqCst);
+        let engine = Engine::with_ring_faults(Arc::clone(&faults)).unwrap();
+        let (r, mut w) = pipe();
+        runtime().block_on(async {
+            let mut reads = Vec::new();
+            for i in 0..24 {
+                let buf = engine.buffer(1).await;
+                let kind = OpKind::Read { buf, at: 0, len: 1 };
+                let mut read = Box::pin(engine.run(&r, 0, kind, None));
+                assert!(poll_once(read.as_mut()).is_none());
+                faults.wait_received(i + 1);
+                reads.push(read);
+            }
+            faults.hold_reap.store(true, SeqCst);
+            std::io::Write::write_all(&mut w, &[7u8; 24]).unwrap();
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            faults.hold_reap.store(false, SeqCst);
+            for read in reads {
+                let done = tokio::time::timeout(Duration::from_secs(5), read)
+                    .await
+                    .expect("a read never completed");
+                assert_eq!(done.res.unwrap(), 1);
+            }
+            assert!(
+                !faults.saw_overflow.load(SeqCst),
+                "the completion queue overflowed with up to {} requests in flight",
+                faults.peak_inflight.load(SeqCst)
+            );
         });
     }
 }
