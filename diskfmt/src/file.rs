@@ -11,6 +11,10 @@
 //!
 //! The file length is not a virtual disk size: writes past the end extend a regular file
 //! (the qcow2 driver relies on that); [`crate::raw::RawImage`] bounds requests itself.
+//!
+//! Flush errors are sticky: after a failed `fdatasync` the kernel may have dropped the
+//! data it could not write and cleared the error, so every later flush of the same
+//! `DirectFile` fails too, until the file is reopened.
 
 use std::fs::OpenOptions;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
@@ -19,7 +23,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
-use futures::stream::{self, StreamExt, TryStreamExt};
+use futures::stream::{FuturesUnordered, StreamExt};
 
 use crate::engine::{Engine, OpKind, BUF_SIZE};
 use crate::rangelock::{RangeGuard, RangeLock};
@@ -27,6 +31,8 @@ use crate::{sys, Error, Result};
 
 /// How many chunk requests one call keeps in flight at most.
 const CHUNKS_IN_FLIGHT: usize = 16;
+/// How many short reads in a row that bring not one whole block a read retries.
+const SHORT_READ_RETRIES: u32 = 3;
 
 /// A file or block device doing direct I/O through an engine.
 #[derive(Debug)]
@@ -40,6 +46,8 @@ pub struct DirectFile {
     writable: bool,
     len: AtomicU64,
     locks: Arc<RangeLock>,
+    /// The first flush error, if a flush failed: every later flush fails with it.
+    flush_failed: std::sync::Mutex<Option<String>>,
 }
 
 /// How to open a [`DirectFile`].
@@ -90,7 +98,15 @@ impl DirectFile {
             let (size, l, p) = block_device_geometry(path, fd.as_fd())?;
             (size, l as u64, p)
         } else if meta.file_type().is_file() {
-            let align = sys::dio_offset_align(fd.as_fd()).unwrap_or(512).max(512);
+            let statx = sys::dio_offset_align(fd.as_fd());
+            #[cfg(test)]
+            let statx = statx.filter(|_| !tests::NO_STATX_DIOALIGN.get());
+            // Without statx's answer, the logical block size of the device under the
+            // file; 512 only where there is no such device (NFS, FUSE, tmpfs).
+            let align = statx
+                .or_else(|| sys::dev_logical_block_size(meta.dev()))
+                .unwrap_or(512)
+                .max(512);
             (meta.len(), align as u64, 4096)
         } else {
             return Err(Error::invalid(
@@ -108,6 +124,7 @@ impl DirectFile {
             writable: mode != OpenMode::ReadOnly,
             len: AtomicU64::new(len),
             locks: Arc::default(),
+            flush_failed: Default::default(),
         })
     }
 
@@ -173,7 +190,54 @@ impl DirectFile {
         Ok(meta.blocks() * 512)
     }
 
-    /// Sets the length of a regular file.
+    /// The length as the kernel sees it now (`fstat`, or the device size): unlike
+    /// [`DirectFile::len`], it includes writes that finished but whose callers have not
+    /// yet seen their completion.
+    pub fn real_len(&self) -> Result<u64> {
+        if self.blockdev {
+            return sys::blkdev_size(self.fd.as_fd())
+                .map_err(|e| Error::open(&self.path, "size", e));
+        }
+        let file = std::fs::File::from(
+            self.fd
+                .as_fd()
+                .try_clone_to_owned()
+                .map_err(|e| Error::open(&self.path, "stat", e))?,
+        );
+        let meta = file
+            .metadata()
+            .map_err(|e| Error::open(&self.path, "stat", e))?;
+        Ok(meta.len())
+    }
+
+    /// Grows a regular file to at least `len` bytes, never shrinking it, and returns the
+    /// length it had. Safe against concurrent writes: it first waits for, and blocks,
+    /// every write or allocation that reaches past `len` (they hold their range until the
+    /// kernel completed them), so no write that grew the file further can be cut off
+    /// between reading the length and extending it.
+    pub async fn extend_to(&self, len: u64) -> Result<u64> {
+        self.check_writable(len)?;
+        let _guard = self.locks.lock(self.align_down(len), u64::MAX, true).await;
+        let before = self.real_len()?;
+        if before < len && !self.blockdev {
+            let file = std::fs::File::from(
+                self.fd
+                    .as_fd()
+                    .try_clone_to_owned()
+                    .map_err(|e| Error::io(&self.path, "resize", len, e))?,
+            );
+            file.set_len(len)
+                .map_err(|e| Error::io(&self.path, "resize", len, e))?;
+        }
+        if !self.blockdev {
+            self.len.fetch_max(before.max(len), Ordering::AcqRel);
+        }
+        Ok(before)
+    }
+
+    /// Sets the length of a regular file, shrinking it if `len` is smaller: only for an
+    /// explicit resize, with no I/O past `len` in flight (use [`DirectFile::extend_to`]
+    /// to grow a file that is in use).
     pub fn set_len(&self, len: u64) -> Result<()> {
         let file = std::fs::File::from(
             self.fd
@@ -222,22 +286,60 @@ impl DirectFile {
     }
 
     /// Reads aligned `cs..ce` (at most one buffer) and copies the part from `lo` to `dst`.
+    ///
+    /// A short read is end of file only if it reached the real end (read again now: the
+    /// file may have grown); then the rest reads as zeros. Anywhere else it is a failed
+    /// read (NFS and FUSE report some errors as a short count): the whole blocks that did
+    /// arrive are kept and the rest is read again, and a read that keeps making no
+    /// progress is an error, never zeros (inside a read-modify-write, zeros would be
+    /// written back over the neighbouring sectors).
     async fn read_chunk(&self, cs: u64, ce: u64, lo: u64, dst: &mut [u8]) -> Result<()> {
         let len = (ce - cs) as usize;
-        let buf = self.engine.buffer(len).await;
-        let done = self
-            .engine
-            .run(&self.fd, cs, OpKind::Read { buf, len }, None)
-            .await;
-        let n = done.res.map_err(|e| Error::io(&self.path, "read", cs, e))?;
-        let mut buf = done.buf.expect("reads return their buffer");
-        let b = buf.as_mut_slice();
-        if n < len {
-            // Short read: end of file. The rest reads as zeros.
-            b[n..len].fill(0);
+        let mut buf = self.engine.buffer(len).await;
+        let mut got = 0;
+        let mut stalled = 0;
+        while got < len {
+            let pos = cs + got as u64;
+            let want = len - got;
+            let kind = OpKind::Read {
+                buf,
+                at: got,
+                len: want,
+            };
+            let done = self.engine.run(&self.fd, pos, kind, None).await;
+            let n = done
+                .res
+                .map_err(|e| Error::io(&self.path, "read", pos, e))?;
+            buf = done.buf.expect("reads return their buffer");
+            if n >= want {
+                break;
+            }
+            let end = self.real_len()?;
+            if pos + n as u64 >= end {
+                buf.as_mut_slice()[got + n..len].fill(0);
+                break;
+            }
+            let whole = self.align_down(n as u64) as usize;
+            stalled = if whole == 0 { stalled + 1 } else { 0 };
+            if stalled > SHORT_READ_RETRIES {
+                return Err(Error::io(
+                    &self.path,
+                    "read",
+                    pos,
+                    std::io::Error::new(
+                        std::io::ErrorKind::UnexpectedEof,
+                        format!(
+                            "short read ({n} of {want} bytes) before the end of the file \
+                             ({end} bytes), {stalled} times in a row: the storage is failing \
+                             reads (check the device, or the NFS or FUSE server)"
+                        ),
+                    ),
+                ));
+            }
+            got += whole;
         }
         let from = (lo - cs) as usize;
-        dst.copy_from_slice(&b[from..from + dst.len()]);
+        dst.copy_from_slice(&buf.as_slice()[from..from + dst.len()]);
         Ok(())
     }
 
@@ -401,15 +503,37 @@ impl DirectFile {
         Ok(())
     }
 
-    /// Makes completed writes durable (`fdatasync`).
+    /// Makes completed writes durable (`fdatasync`). Fails for good once a flush failed.
     pub async fn sync(&self) -> Result<()> {
+        self.check_flushes()?;
         let done = self
             .engine
             .run(&self.fd, 0, OpKind::Fsync { datasync: true }, None)
             .await;
-        done.res
-            .map(|_| ())
-            .map_err(|e| Error::io(&self.path, "flush", 0, e))
+        match done.res {
+            // A flush that failed meanwhile may have taken the error this one should see.
+            Ok(_) => self.check_flushes(),
+            Err(e) => {
+                let mut first = self.flush_failed.lock().expect("flush state lock");
+                first.get_or_insert_with(|| e.to_string());
+                Err(Error::io(&self.path, "flush", 0, e))
+            }
+        }
+    }
+
+    fn check_flushes(&self) -> Result<()> {
+        match &*self.flush_failed.lock().expect("flush state lock") {
+            None => Ok(()),
+            Some(first) => Err(Error::io(
+                &self.path,
+                "flush",
+                0,
+                std::io::Error::other(format!(
+                    "an earlier flush failed ({first}), so data written before it may be \
+                     lost; reopen the file, and check its content, before trusting a flush"
+                )),
+            )),
+        }
     }
 
     fn check_writable(&self, offset: u64) -> Result<()> {
@@ -434,17 +558,35 @@ pub fn block_device_geometry(path: &Path, fd: BorrowedFd<'_>) -> Result<(u64, u3
     Ok((size, l, p.max(l)))
 }
 
-/// Runs already-built futures with at most [`CHUNKS_IN_FLIGHT`] polled at once, stopping
-/// at the first error. (Building them first keeps the combinator free of closures over
-/// borrowed data, which the `Send` bound on trait futures cannot see through.)
+/// Runs already-built futures with at most [`CHUNKS_IN_FLIGHT`] polled at once. After
+/// the first error no new one starts, but every one already started is driven to its end
+/// before that error is returned: a failed request never returns while a sibling chunk is
+/// still in the kernel, where it could overtake the caller's retry. (Building the futures
+/// first keeps this free of closures over borrowed data, which the `Send` bound on trait
+/// futures cannot see through.)
 async fn run_bounded<F>(futs: Vec<F>) -> Result<()>
 where
     F: std::future::Future<Output = Result<()>>,
 {
-    stream::iter(futs)
-        .buffer_unordered(CHUNKS_IN_FLIGHT)
-        .try_collect::<()>()
-        .await
+    let mut queued = futs.into_iter();
+    let mut running = FuturesUnordered::new();
+    let mut first_err = None;
+    loop {
+        while first_err.is_none() && running.len() < CHUNKS_IN_FLIGHT {
+            match queued.next() {
+                Some(f) => running.push(f),
+                None => break,
+            }
+        }
+        match running.next().await {
+            Some(Ok(())) => {}
+            Some(Err(e)) => {
+                first_err.get_or_insert(e);
+            }
+            None => break,
+        }
+    }
+    first_err.map_or(Ok(()), Err)
 }
 
 /// Splits `start..end` into engine-buffer-sized pieces.
@@ -478,4 +620,238 @@ fn open_options(mode: OpenMode, direct: bool) -> OpenOptions {
         o.custom_flags(libc::O_DIRECT);
     }
     o
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::AtomicUsize;
+
+    use super::*;
+    use crate::engine::faults::{Fault, Gate, Hook, OpDesc};
+    use crate::engine::EngineKind;
+    use crate::testutil::{pattern, runtime};
+
+    const LEN: usize = 256 << 10;
+
+    thread_local! {
+        /// Makes `open` act as if `statx` reported no direct-I/O alignment.
+        pub(super) static NO_STATX_DIOALIGN: std::cell::Cell<bool> =
+            const { std::cell::Cell::new(false) };
+    }
+
+    /// A file of `LEN` patterned bytes, opened through an engine with `hook`.
+    fn patterned(dir: &Path, hook: Hook) -> (DirectFile, Vec<u8>) {
+        let path = dir.join("f");
+        let data = pattern(9, 0, LEN);
+        std::fs::write(&path, &data).unwrap();
+        let engine = Engine::with_faults(EngineKind::Uring, hook).unwrap();
+        (
+            DirectFile::open(&path, OpenMode::ReadWrite, engine).unwrap(),
+            data,
+        )
+    }
+
+    /// A hook making the first `n` reads short (`bytes` transferred), the rest normal.
+    fn first_reads_short(n: usize, bytes: usize) -> Hook {
+        let count = AtomicUsize::new(0);
+        Box::new(move |d: OpDesc| {
+            if d.what == "read" && count.fetch_add(1, Ordering::SeqCst) < n {
+                Fault::Short(bytes)
+            } else {
+                Fault::Pass
+            }
+        })
+    }
+
+    /// NFS and FUSE report a failed read as a short count. Before the end of the file that
+    /// is not end of file: the rest must be read again, not returned as zeros.
+    #[test]
+    fn short_read_before_the_end_is_retried_not_zero_filled() {
+        let dir = tempfile::tempdir().unwrap();
+        for short in [0, 4096, 4096 + 100] {
+            let (f, data) = patterned(dir.path(), first_reads_short(1, short));
+            let mut back = vec![0u8; LEN];
+            runtime().block_on(f.read_at(0, &mut back)).unwrap();
+            let bad = back.iter().zip(&data).position(|(a, b)| a != b);
+            assert_eq!(
+                bad, None,
+                "short read of {short} bytes: wrong data from byte {bad:?}"
+            );
+        }
+    }
+
+    /// Inside a read-modify-write a zero-filled head block would be written back over the
+    /// sectors around the write.
+    #[test]
+    fn short_read_inside_read_modify_write_keeps_the_neighbouring_sectors() {
+        let dir = tempfile::tempdir().unwrap();
+        let (f, mut data) = patterned(dir.path(), first_reads_short(1, 0));
+        let off = 8192 + 100;
+        runtime()
+            .block_on(f.write_at(off as u64, &[0xAA; 10], false))
+            .unwrap();
+        data[off..off + 10].fill(0xAA);
+        let disk = std::fs::read(dir.path().join("f")).unwrap();
+        let bad = disk.iter().zip(&data).position(|(a, b)| a != b);
+        assert_eq!(bad, None, "the write clobbered its block from byte {bad:?}");
+    }
+
+    /// A read that keeps coming back short before the end of the file is an error naming
+    /// the file, never zeros.
+    #[test]
+    fn persistently_short_read_is_an_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let (f, _) = patterned(dir.path(), first_reads_short(usize::MAX, 100));
+        let mut back = vec![0u8; 4096];
+        let r = runtime().block_on(f.read_at(65536, &mut back));
+        let e = r.expect_err("a failing read returned data");
+        assert!(e.to_string().contains("short read"), "{e}");
+        assert!(
+            e.to_string()
+                .contains(&dir.path().join("f").display().to_string()),
+            "{e}"
+        );
+    }
+
+    /// A write of several chunks, one of which fails, must not return while a sibling
+    /// chunk is still in the kernel: the caller's retry could be overtaken by it.
+    #[test]
+    fn failed_multi_chunk_write_returns_only_when_no_chunk_is_in_the_kernel() {
+        let dir = tempfile::tempdir().unwrap();
+        let gate = Gate::new();
+        let held = Arc::clone(&gate);
+        let hook = move |d: OpDesc| match (d.what, d.offset) {
+            ("write", 0) => Fault::Hold(Arc::clone(&held)),
+            ("write", o) if o == BUF_SIZE as u64 => Fault::Fail(libc::EIO),
+            _ => Fault::Pass,
+        };
+        let (f, _) = patterned(dir.path(), Box::new(hook));
+        let opener = Arc::clone(&gate);
+        let opener = std::thread::spawn(move || {
+            opener.wait_reached();
+            std::thread::sleep(std::time::Duration::from_millis(100));
+            opener.open();
+        });
+        let data = pattern(1, 0, 3 * BUF_SIZE);
+        let r = runtime().block_on(f.write_at(0, &data, false));
+        let returned_while_held = !gate.is_open();
+        opener.join().unwrap();
+        let e = r.expect_err("the failed chunk was not reported");
+        assert!(
+            e.to_string()
+                .contains(&format!("write at offset {BUF_SIZE}")),
+            "{e}"
+        );
+        assert!(
+            !returned_while_held,
+            "the write returned its error while a sibling chunk was still in the kernel"
+        );
+    }
+
+    /// Runs a command, `None` if it cannot run or fails.
+    fn run(cmd: &str, args: &[&str]) -> Option<String> {
+        let out = std::process::Command::new(cmd).args(args).output().ok()?;
+        out.status
+            .success()
+            .then(|| String::from_utf8_lossy(&out.stdout).trim().to_string())
+    }
+
+    /// A 4096-byte-sector loop device with an ext4 file system mounted; torn down on drop.
+    struct Mounted4k {
+        dir: tempfile::TempDir,
+        dev: String,
+    }
+
+    impl Mounted4k {
+        fn new() -> Option<Mounted4k> {
+            let dir = tempfile::tempdir().ok()?;
+            let backing = dir.path().join("backing");
+            std::fs::File::create(&backing)
+                .ok()?
+                .set_len(64 << 20)
+                .ok()?;
+            let b = backing.to_str()?;
+            let dev = run("losetup", &["--find", "--show", "--sector-size", "4096", b])?;
+            let m = Mounted4k { dir, dev };
+            let mnt = m.mnt();
+            std::fs::create_dir(&mnt).ok()?;
+            run("mkfs.ext4", &["-q", "-F", &m.dev])?;
+            run("mount", &[&m.dev, mnt.to_str()?])?;
+            Some(m)
+        }
+
+        fn mnt(&self) -> PathBuf {
+            self.dir.path().join("mnt")
+        }
+    }
+
+    impl Drop for Mounted4k {
+        fn drop(&mut self) {
+            let _ = run("umount", &[self.mnt().to_str().unwrap_or("")]);
+            let _ = run("losetup", &["-d", &self.dev]);
+        }
+    }
+
+    /// Where the kernel reports no direct-I/O alignment for a file (older kernels, some
+    /// file systems), the alignment is the logical block size of the device under it, not
+    /// 512: on a 4096-byte-sector disk, 512-aligned `O_DIRECT` I/O fails with EINVAL.
+    #[test]
+    fn file_alignment_without_statx_is_the_devices_logical_block_size() {
+        let Some(m) = Mounted4k::new() else {
+            eprintln!("skipped: needs root, losetup, mkfs.ext4 and mount");
+            return;
+        };
+        let path = m.mnt().join("f");
+        std::fs::write(&path, pattern(5, 0, 16384)).unwrap();
+        let engine = Engine::new(EngineKind::Uring).unwrap();
+        let dev = DirectFile::open(Path::new(&m.dev), OpenMode::ReadOnly, engine.clone());
+        assert_eq!(dev.unwrap().align(), 4096, "the loop device's BLKSSZGET");
+        NO_STATX_DIOALIGN.set(true);
+        let f = DirectFile::open(&path, OpenMode::ReadWrite, engine);
+        NO_STATX_DIOALIGN.set(false);
+        let f = f.unwrap();
+        assert_eq!(f.align(), 4096);
+        runtime().block_on(async {
+            f.write_at(512, &[0xAB; 512], false).await.unwrap();
+            let mut back = vec![0u8; 1024];
+            f.read_at(512, &mut back).await.unwrap();
+            assert!(back[..512].iter().all(|&b| b == 0xAB));
+            assert_eq!(back[512..], pattern(5, 0, 16384)[1024..1536]);
+        });
+    }
+
+    /// Once a flush failed, the kernel may have dropped the dirty data it could not write
+    /// and cleared the error: a later fdatasync succeeds without that data on disk. Every
+    /// later flush of the file must fail until it is reopened.
+    #[test]
+    fn a_failed_flush_makes_every_later_flush_fail() {
+        let dir = tempfile::tempdir().unwrap();
+        let fsyncs = AtomicUsize::new(0);
+        let hook = move |d: OpDesc| {
+            if d.what == "fsync" && fsyncs.fetch_add(1, Ordering::SeqCst) == 0 {
+                Fault::Fail(libc::EIO)
+            } else {
+                Fault::Pass
+            }
+        };
+        let (f, _) = patterned(dir.path(), Box::new(hook));
+        runtime().block_on(async {
+            f.write_at(0, &[1; 4096], false).await.unwrap();
+            f.sync()
+                .await
+                .expect_err("the injected flush error was lost");
+            let e = f
+                .sync()
+                .await
+                .expect_err("a flush after a failed one succeeded");
+            assert!(e.to_string().contains("reopen"), "{e}");
+            assert!(e.to_string().contains("os error 5"), "{e}");
+            f.write_at(0, &[2; 4096], false).await.unwrap();
+            f.sync()
+                .await
+                .expect_err("a flush after a failed one succeeded");
+        });
+        let (f, _) = patterned(dir.path(), Box::new(|_| Fault::Pass));
+        runtime().block_on(f.sync()).unwrap();
+    }
 }

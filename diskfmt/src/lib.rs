@@ -23,6 +23,8 @@ pub mod qcow2;
 mod rangelock;
 pub mod raw;
 mod sys;
+#[cfg(test)]
+mod testutil;
 pub mod zero;
 
 pub use blockdev::{BlockDev, Extent, ExtentKind, IoFuture, Provisioning, WriteFlags};

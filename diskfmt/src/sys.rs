@@ -1,6 +1,7 @@
 //! Thin wrappers over the Linux system calls the block layer needs that std does not offer:
 //! block-device ioctls, `fallocate`, `lseek(SEEK_DATA/SEEK_HOLE)`, positional I/O on raw
-//! pointers (for the pread engine), `eventfd` and `statx` direct-I/O alignment.
+//! pointers (for the pread engine), `eventfd`, `statx` direct-I/O alignment and the
+//! logical block size of the device under a file (sysfs).
 //!
 //! All `unsafe` of the crate outside the io_uring submission path lives here; each
 //! function is safe to call and upholds the syscall's contract itself.
@@ -75,6 +76,23 @@ pub fn dio_offset_align(fd: BorrowedFd<'_>) -> Option<u32> {
     } else {
         None
     }
+}
+
+/// The logical block size of block device `dev` (a file's `st_dev`), from sysfs; for a
+/// partition, its disk's. `None` when `dev` is no block device (NFS, FUSE, tmpfs, btrfs
+/// and overlay file systems have anonymous devices).
+pub fn dev_logical_block_size(dev: u64) -> Option<u32> {
+    let base = format!(
+        "/sys/dev/block/{}:{}",
+        libc::major(dev as libc::dev_t),
+        libc::minor(dev as libc::dev_t)
+    );
+    let read = |p: String| -> Option<u32> {
+        let v = std::fs::read_to_string(p).ok()?.trim().parse().ok()?;
+        (v >= 512 && u32::is_power_of_two(v)).then_some(v)
+    };
+    read(format!("{base}/queue/logical_block_size"))
+        .or_else(|| read(format!("{base}/../queue/logical_block_size")))
 }
 
 /// `fallocate(2)`.

@@ -12,6 +12,8 @@
 //! an `Arc` of their file descriptor, and are dropped by the engine thread only after the
 //! kernel completed them, so neither memory nor descriptor can be released early.
 
+#[cfg(test)]
+pub(crate) mod faults;
 mod pool;
 mod pread;
 mod uring;
@@ -31,6 +33,15 @@ pub const BUF_SIZE: usize = 1 << 20;
 /// read-modify-write blocks) take small buffers so they do not exhaust the large ones.
 /// 48 MiB in all, registered with io_uring.
 const POOLS: [(usize, usize); 2] = [(64 << 10, 256), (BUF_SIZE, 32)];
+
+/// Fault injection an engine is built with: empty outside the crate's tests.
+#[derive(Default)]
+struct Seams {
+    #[cfg(test)]
+    hook: Option<faults::Hook>,
+    #[cfg(test)]
+    ring: Option<Arc<faults::RingFaults>>,
+}
 
 /// Which backend executes requests.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -54,8 +65,8 @@ impl EngineKind {
 /// What one request does.
 #[derive(Debug)]
 pub(crate) enum OpKind {
-    /// Read `len` bytes into the buffer.
-    Read { buf: IoBuf, len: usize },
+    /// Read `len` bytes into the buffer, starting `at` bytes into it.
+    Read { buf: IoBuf, at: usize, len: usize },
     /// Write the first `len` bytes of the buffer; `dsync` makes it durable on completion.
     Write { buf: IoBuf, len: usize, dsync: bool },
     /// fsync or fdatasync.
@@ -74,6 +85,8 @@ pub(crate) struct Op {
     #[allow(dead_code)]
     pub keepalive: Option<Arc<dyn Any + Send + Sync>>,
     pub reply: oneshot::Sender<Completion>,
+    /// Times the io_uring backend submitted it again after -EAGAIN or -EINTR.
+    pub resubmits: u32,
 }
 
 /// The outcome of an [`Op`]: bytes transferred, and the buffer handed back.
@@ -92,6 +105,19 @@ impl Op {
         };
         let _ = self.reply.send(Completion { res, buf });
         // `self.keepalive` and `self.fd` drop here, after the kernel is done.
+    }
+
+    /// Fails a request the kernel may still be working on (its engine stopped): the
+    /// buffer is leaked, never returned to the pool, so no other request can be given
+    /// memory the kernel still reads or writes.
+    fn abandon(self, err: io::Error) {
+        if let OpKind::Read { buf, .. } | OpKind::Write { buf, .. } = self.kind {
+            std::mem::forget(buf);
+        }
+        let _ = self.reply.send(Completion {
+            res: Err(err),
+            buf: None,
+        });
     }
 }
 
@@ -123,18 +149,54 @@ impl std::fmt::Debug for Engine {
 impl Engine {
     /// Starts an engine of the given kind.
     pub fn new(kind: EngineKind) -> io::Result<Engine> {
+        Self::build(kind, Seams::default())
+    }
+
+    /// An engine whose requests first pass a fault-injection hook (tests only).
+    #[cfg(test)]
+    pub(crate) fn with_faults(kind: EngineKind, hook: faults::Hook) -> io::Result<Engine> {
+        let seams = Seams {
+            hook: Some(hook),
+            ..Seams::default()
+        };
+        Self::build(kind, seams)
+    }
+
+    /// An io_uring engine whose ring thread takes injected faults (tests only).
+    #[cfg(test)]
+    pub(crate) fn with_ring_faults(ring: Arc<faults::RingFaults>) -> io::Result<Engine> {
+        let seams = Seams {
+            ring: Some(ring),
+            ..Seams::default()
+        };
+        Self::build(EngineKind::Uring, seams)
+    }
+
+    /// Free buffers in all pools (tests only).
+    #[cfg(test)]
+    pub(crate) fn free_buffers(&self) -> usize {
+        self.inner.pools.iter().map(|p| p.available()).sum()
+    }
+
+    #[allow(unused_mut)]
+    fn build(kind: EngineKind, mut seams: Seams) -> io::Result<Engine> {
         let mut base = 0;
-        let pools: Vec<_> = POOLS
+        let pools = POOLS
             .iter()
             .map(|&(size, count)| {
                 let p = BufPool::new(size, count, base);
                 base += count;
                 p
             })
-            .collect();
+            .collect::<io::Result<Vec<_>>>()?;
         let backend: Box<dyn Backend> = match kind {
-            EngineKind::Uring => Box::new(uring::UringBackend::start(pools.clone())?),
+            EngineKind::Uring => Box::new(uring::UringBackend::start(pools.clone(), &mut seams)?),
             EngineKind::Pread => Box::new(pread::PreadBackend::start(4)?),
+        };
+        #[cfg(test)]
+        let backend = match seams.hook.take() {
+            Some(hook) => Box::new(faults::FaultBackend::new(backend, hook)),
+            None => backend,
         };
         Ok(Engine {
             inner: Arc::new(EngineInner {
@@ -202,6 +264,7 @@ impl Engine {
             kind,
             keepalive,
             reply,
+            resubmits: 0,
         });
         rx.await.unwrap_or_else(|_| Completion {
             res: Err(io::Error::other("the I/O engine thread stopped")),

@@ -8,6 +8,7 @@
 //! Waiting for a free buffer is async (a semaphore), which bounds the engine's memory.
 
 use std::alloc::Layout;
+use std::io;
 use std::ptr::NonNull;
 use std::sync::{Arc, Mutex};
 
@@ -38,14 +39,41 @@ unsafe impl Sync for BufPool {}
 
 impl BufPool {
     /// Allocates `count` buffers of `buf_size` bytes (a multiple of [`BUF_ALIGN`]), to be
-    /// registered at indexes `index_base..index_base + count`.
-    pub fn new(buf_size: usize, count: usize, index_base: usize) -> Arc<Self> {
-        assert!(buf_size > 0 && buf_size.is_multiple_of(BUF_ALIGN) && count > 0);
-        let layout = Layout::from_size_align(buf_size * count, BUF_ALIGN).expect("pool layout");
-        // SAFETY: the layout has a non-zero size.
+    /// registered at indexes `index_base..index_base + count` (io_uring's indexes are 16
+    /// bits). Sizes that overflow, or memory the system refuses, are an error.
+    pub fn new(buf_size: usize, count: usize, index_base: usize) -> io::Result<Arc<Self>> {
+        let invalid = |what: String| io::Error::new(io::ErrorKind::InvalidInput, what);
+        if buf_size == 0 || !buf_size.is_multiple_of(BUF_ALIGN) || count == 0 {
+            return Err(invalid(format!(
+                "I/O buffer pool of {count} buffers of {buf_size} bytes: both must be non-zero \
+                 and the size a multiple of {BUF_ALIGN}"
+            )));
+        }
+        if index_base
+            .checked_add(count)
+            .is_none_or(|end| end > 1 << 16)
+        {
+            return Err(invalid(format!(
+                "I/O buffer pool: indexes {index_base}..+{count} do not fit in 16 bits"
+            )));
+        }
+        let layout = buf_size
+            .checked_mul(count)
+            .and_then(|total| Layout::from_size_align(total, BUF_ALIGN).ok())
+            .ok_or_else(|| {
+                invalid(format!(
+                    "I/O buffer pool of {count} buffers of {buf_size} bytes is too large"
+                ))
+            })?;
+        // SAFETY: the layout has a non-zero size (both factors are non-zero, no overflow).
         let ptr = unsafe { std::alloc::alloc_zeroed(layout) };
-        let base = NonNull::new(ptr).unwrap_or_else(|| std::alloc::handle_alloc_error(layout));
-        Arc::new(BufPool {
+        let base = NonNull::new(ptr).ok_or_else(|| {
+            io::Error::new(
+                io::ErrorKind::OutOfMemory,
+                format!("cannot allocate {} bytes of I/O buffers", layout.size()),
+            )
+        })?;
+        Ok(Arc::new(BufPool {
             base,
             layout,
             buf_size,
@@ -53,7 +81,13 @@ impl BufPool {
             index_base,
             free: Mutex::new((0..count).rev().collect()),
             sem: Arc::new(Semaphore::new(count)),
-        })
+        }))
+    }
+
+    /// Buffers free now (tests only).
+    #[cfg(test)]
+    pub(crate) fn available(&self) -> usize {
+        self.sem.available_permits()
     }
 
     /// Size of each buffer.
@@ -157,5 +191,22 @@ impl Drop for IoBuf {
             .lock()
             .expect("free list lock")
             .push(self.idx);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// 4 buffers of 2^62 + 4096 bytes: the total wraps to 16 KiB in 64 bits. The pool must
+    /// refuse, not hand out buffers far outside a 16 KiB allocation.
+    #[test]
+    fn huge_sizes_are_refused_not_wrapped() {
+        let e = BufPool::new((1 << 62) + BUF_ALIGN, 4, 0).expect_err("made from a wrapped size");
+        assert!(e.to_string().contains("too large"), "{e}");
+        assert!(BufPool::new(usize::MAX & !(BUF_ALIGN - 1), 1, 0).is_err());
+        assert!(BufPool::new(BUF_ALIGN, 16, usize::MAX - 4).is_err());
+        assert!(BufPool::new(BUF_ALIGN + 1, 1, 0).is_err());
+        assert!(BufPool::new(BUF_ALIGN, 4, 0).is_ok());
     }
 }

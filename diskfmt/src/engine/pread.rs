@@ -42,10 +42,10 @@ fn execute(mut op: Op) {
     let fd = op.fd.as_raw_fd();
     let offset = op.offset;
     let res = match &mut op.kind {
-        OpKind::Read { buf, len } => {
-            assert!(*len <= buf.capacity());
-            // SAFETY: the buffer is owned by this op and at least `len` bytes long.
-            unsafe { sys::pread(fd, buf.as_mut_ptr(), *len, offset) }
+        OpKind::Read { buf, at, len } => {
+            assert!(*at + *len <= buf.capacity());
+            // SAFETY: the buffer is owned by this op and at least `at + len` bytes long.
+            unsafe { sys::pread(fd, buf.as_mut_ptr().add(*at), *len, offset) }
         }
         OpKind::Write { buf, len, dsync } => {
             assert!(*len <= buf.capacity());

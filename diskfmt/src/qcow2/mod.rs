@@ -523,7 +523,10 @@ impl BlockDev for Qcow2Image {
                 self.file
                     .write_at(host, &buf[from..from + n as usize], false)
             });
-            futures::future::try_join_all(writes).await?;
+            // All of them, not up to the first error: none may still be in the kernel when
+            // the caller sees the error and retries.
+            let results = futures::future::join_all(writes).await;
+            results.into_iter().collect::<Result<Vec<()>>>()?;
             if flags.fua {
                 self.call(Cmd::Flush).await?;
             }

@@ -112,11 +112,14 @@ impl Storage for EngineStorage {
     async unsafe fn pure_write_zeroes(&self, offset: u64, length: u64) -> io::Result<()> {
         let end = offset + length;
         if offset >= self.file.len() {
-            // Past the end: growing the file is enough, the new range reads as zeros.
-            if end > self.file.len() {
-                self.file.set_len(end).map_err(to_io)?;
+            // Past the end: growing the file is enough, the new range reads as zeros. The
+            // cached length may lag a write into a later cluster that already finished,
+            // so the file is only ever grown, never cut back to `end`.
+            let before = self.file.extend_to(end).await.map_err(to_io)?;
+            if before <= offset {
+                return Ok(());
             }
-            return Ok(());
+            // The file had already grown past `offset`: zero what lies inside it.
         }
         self.zero_allocated(offset, length).await
     }
@@ -150,11 +153,13 @@ impl Storage for EngineStorage {
     }
 
     async fn resize(&self, new_size: u64, prealloc_mode: PreallocateMode) -> io::Result<()> {
-        let cur = self.file.len();
-        if new_size <= cur {
+        if new_size <= self.file.len() {
             return self.file.set_len(new_size).map_err(to_io);
         }
-        self.file.set_len(new_size).map_err(to_io)?;
+        let cur = self.file.extend_to(new_size).await.map_err(to_io)?;
+        if cur >= new_size {
+            return Ok(());
+        }
         match prealloc_mode {
             PreallocateMode::Allocate => self
                 .file
@@ -183,5 +188,70 @@ impl EngineStorage {
                 .map_err(to_io),
             Err(e) => Err(to_io(e)),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::pin::pin;
+
+    use super::*;
+    use crate::engine::faults::{Fault, Gate, OpDesc};
+    use crate::engine::EngineKind;
+    use crate::testutil::{pattern, poll_once, runtime};
+
+    const CS: u64 = 64 << 10;
+
+    /// imago zeroes the rest of a fresh cluster past the end of the file. If a write into
+    /// a later fresh cluster has finished in the kernel (the file already grew) but has
+    /// not yet raised the cached length, that zeroing must not cut the file back and turn
+    /// the completed write into zeros.
+    #[test]
+    fn zeroing_past_the_cached_end_never_shrinks_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("img");
+        std::fs::write(&path, vec![1u8; CS as usize]).unwrap();
+        let gate = Gate::new();
+        let held = Arc::clone(&gate);
+        let hook = move |d: OpDesc| {
+            if d.what == "write" && d.offset == 3 * CS {
+                Fault::Hold(Arc::clone(&held))
+            } else {
+                Fault::Pass
+            }
+        };
+        let engine = Engine::with_faults(EngineKind::Uring, Box::new(hook)).unwrap();
+        let file = Arc::new(DirectFile::open(&path, OpenMode::ReadWrite, engine).unwrap());
+        let storage = EngineStorage::new(Arc::clone(&file));
+        runtime().block_on(async {
+            let data = pattern(3, 3 * CS, CS as usize);
+            let mut write = pin!(file.write_at(3 * CS, &data, false));
+            assert!(poll_once(write.as_mut()).is_none());
+            // The write is on disk and the file is 4 clusters long; the caller has not
+            // seen the completion, so the cached length is still 1 cluster.
+            gate.wait_reached();
+            assert_eq!(std::fs::metadata(&path).unwrap().len(), 4 * CS);
+            // SAFETY: aligned to the storage's alignment; nothing else touches cluster 1.
+            let mut zero = pin!(unsafe { storage.pure_write_zeroes(CS, CS) });
+            let early = poll_once(zero.as_mut());
+            gate.open();
+            write.await.unwrap();
+            match early {
+                Some(r) => r.unwrap(),
+                None => zero.await.unwrap(),
+            }
+            assert_eq!(std::fs::metadata(&path).unwrap().len(), 4 * CS);
+            let mut back = vec![0u8; CS as usize];
+            file.read_at(3 * CS, &mut back).await.unwrap();
+            assert!(
+                back == data,
+                "a completed write past the zeroed cluster was lost"
+            );
+            assert!(
+                file.len() >= 4 * CS,
+                "cached length {} too small",
+                file.len()
+            );
+        });
     }
 }
