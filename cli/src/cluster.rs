@@ -588,6 +588,7 @@ fn kill_cgroup_except_self() {
 }
 
 pub fn run_supervise(args: SuperviseArgs) -> Result<u8> {
+    // (main has already detached it from the caller's session: `fence::detach`.)
     let cg = HostCgroup::at(args.cgroup.clone());
     let input: Box<dyn std::io::Read + Send> = match &args.fifo {
         // Opened read-write, the FIFO never reports end of file when a writer goes away.

@@ -8,7 +8,7 @@
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::process::{Child, ChildStdin, Command, Stdio};
+use std::process::{Child, ChildStdin};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -45,20 +45,18 @@ pub fn current_cgroup() -> Result<PathBuf> {
 
 /// Starts the fencing watchdog for `cg` (before this process enters it).
 pub fn spawn_supervisor(ds: &Datastore, cg: &HostCgroup, no_fence: bool) -> Result<Child> {
-    let mut sup = Command::new(std::env::current_exe()?);
-    sup.arg("supervise")
-        .arg("--cgroup")
-        .arg(cg.path())
-        .arg("--fence-after-ms")
-        .arg(ds.superblock().fence_after().as_millis().to_string())
-        .stdin(Stdio::piped());
-    if no_fence {
-        sup.arg("--no-fence");
-    }
-    if let Ok(r) = std::env::var("FERRY_FENCE_REPORT") {
-        sup.arg("--report").arg(r);
-    }
-    sup.spawn().context("cannot start the fencing supervisor")
+    let exe = std::env::current_exe()?;
+    Ok(datastore::fence::spawn_watchdog(
+        datastore::fence::WatchdogSpec {
+            exe: &exe,
+            cgroup: cg.path(),
+            fence_after: ds.superblock().fence_after(),
+            fifo: None,
+            log: None,
+            no_fence,
+            report: std::env::var_os("FERRY_FENCE_REPORT").map(PathBuf::from),
+        },
+    )?)
 }
 
 /// A joined host with its watchdog and a file session.

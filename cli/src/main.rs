@@ -67,6 +67,14 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if matches!(cli.command, Command::Supervise(_)) {
+        // The watchdog leaves the caller's session and blocks SIGHUP before any thread
+        // exists (a signal mask is per thread; threads inherit it).
+        if let Err(e) = datastore::fence::detach() {
+            eprintln!("ferry supervise: {e}");
+            return ExitCode::from(2);
+        }
+    }
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
         .with_env_filter(

@@ -10,12 +10,20 @@
 //! counts as fenced. Other hosts break the locks only after `host_dead = 8 × io_timeout +
 //! fence margin`, measured from a later point (their first sight of the last renewal).
 //!
-//! The supervisor protocol on its stdin: lines `pet <issue-ns>`, and `done` for a clean
-//! exit. End of input without `done` means the holder died: fence at the deadline.
+//! The supervisor protocol on its stdin (or a FIFO): lines `pet <issue-ns>`, and `done` for
+//! a clean exit. End of input without `done` means the holder died: fence at the deadline.
+//!
+//! The watchdog must outlive its host in every state. [`spawn_watchdog`] is the one way to
+//! start it: the child calls [`detach`] first, which puts it in a session of its own (no
+//! controlling terminal, not in the caller's process group, so Ctrl-Z, a SIGSTOP of the
+//! caller's group and the SIGHUP the kernel sends an orphaned process group with a stopped
+//! member never reach it) and blocks SIGHUP and the job-control stop signals; the parent
+//! returns only once the child is in its own session.
 
 use std::fs;
 use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::Duration;
 
@@ -183,4 +191,123 @@ pub fn supervise(
             Err(mpsc::RecvTimeoutError::Timeout) => {}
         }
     }
+}
+
+/// How to start a watchdog (`ferry supervise`) for a host cgroup.
+#[derive(Debug)]
+pub struct WatchdogSpec<'a> {
+    /// A binary with the `supervise` subcommand (ferry itself).
+    pub exe: &'a Path,
+    pub cgroup: &'a Path,
+    pub fence_after: Duration,
+    /// Pets come through this FIFO (the agent's watchdog, which outlives an agent process)
+    /// instead of a pipe on the child's stdin.
+    pub fifo: Option<&'a Path>,
+    /// Where the watchdog's output goes (inherited when `None`).
+    pub log: Option<fs::File>,
+    /// Negative-control tests only: report instead of fencing.
+    pub no_fence: bool,
+    /// Append `fenced <ns> <cgroup>` here when the cgroup was emptied.
+    pub report: Option<PathBuf>,
+}
+
+/// Starts the watchdog in a session of its own (see the module docs); with no FIFO, its
+/// stdin is a pipe the caller pets through. Returns once the child has detached.
+pub fn spawn_watchdog(spec: WatchdogSpec<'_>) -> Result<Child> {
+    let mut cmd = Command::new(spec.exe);
+    cmd.arg("supervise")
+        .arg("--cgroup")
+        .arg(spec.cgroup)
+        .arg("--fence-after-ms")
+        .arg(spec.fence_after.as_millis().to_string());
+    match spec.fifo {
+        Some(f) => {
+            cmd.arg("--fifo").arg(f).stdin(Stdio::null());
+        }
+        None => {
+            cmd.stdin(Stdio::piped());
+        }
+    }
+    if spec.no_fence {
+        cmd.arg("--no-fence");
+    }
+    if let Some(r) = &spec.report {
+        cmd.arg("--report").arg(r);
+    }
+    if let Some(log) = spec.log {
+        let err = log
+            .try_clone()
+            .map_err(|e| Error::io(spec.cgroup, "open the watchdog log", e))?;
+        cmd.stdout(log).stderr(err);
+    }
+    let mut child = cmd
+        .spawn()
+        .map_err(|e| Error::io(spec.exe, "start the fencing watchdog (ferry supervise)", e))?;
+    // Returned only once it is out of our session: until then a stop of our process
+    // group would stop it too.
+    let deadline = boottime() + Duration::from_secs(10);
+    loop {
+        match session_of(child.id()) {
+            Some(sid) if sid == child.id() => return Ok(child),
+            _ if boottime() > deadline => {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(Error::Timeout {
+                    what: format!(
+                        "{}: the fencing watchdog did not detach into its own session",
+                        spec.cgroup.display()
+                    ),
+                    secs: 10.0,
+                });
+            }
+            _ => {
+                if let Ok(Some(st)) = child.try_wait() {
+                    return Err(Error::Invalid {
+                        object: spec.cgroup.to_path_buf(),
+                        detail: format!("the fencing watchdog exited at start ({st})"),
+                    });
+                }
+                std::thread::sleep(Duration::from_millis(2));
+            }
+        }
+    }
+}
+
+/// The session id of process `pid` (from /proc/PID/stat).
+pub fn session_of(pid: u32) -> Option<u32> {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // After "pid (comm) ": state ppid pgrp session ...
+    let rest = &stat[stat.rfind(')')? + 1..];
+    rest.split_whitespace().nth(3)?.parse().ok()
+}
+
+/// Called first by the watchdog process, before it starts any thread: a session of its
+/// own, and SIGHUP, SIGTSTP, SIGTTIN and SIGTTOU blocked (a signal mask is per thread and
+/// inherited by the threads started after this; a process-directed signal goes to a
+/// thread that does not block it, so no thread may exist yet).
+pub fn detach() -> Result<()> {
+    use nix::sys::signal::{pthread_sigmask, SigSet, SigmaskHow, Signal};
+    let mut set = SigSet::empty();
+    for s in [
+        Signal::SIGHUP,
+        Signal::SIGTSTP,
+        Signal::SIGTTIN,
+        Signal::SIGTTOU,
+    ] {
+        set.add(s);
+    }
+    pthread_sigmask(SigmaskHow::SIG_BLOCK, Some(&set), None).map_err(|e| Error::Io {
+        object: PathBuf::from("ferry supervise"),
+        detail: format!("cannot block SIGHUP: {e}"),
+    })?;
+    // Fails only if we already lead a process group (then we are not in the caller's).
+    if let Err(e) = nix::unistd::setsid() {
+        if nix::unistd::getpgrp() != nix::unistd::getpid() {
+            return Err(Error::Io {
+                object: PathBuf::from("ferry supervise"),
+                detail: format!("cannot start a session of its own: {e}"),
+            });
+        }
+    }
+    Ok(())
 }

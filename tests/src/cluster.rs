@@ -124,7 +124,35 @@ impl Cluster {
         cmd: &[&str],
         env: &[(&str, &str)],
     ) -> usize {
+        self.lock_with(i, object, wait, cmd, env, false)
+    }
+
+    /// [`Cluster::lock`], started as a shell starts a job: in a process group of its own
+    /// (whose id is the child's pid), so the whole group can be stopped as Ctrl-Z does.
+    pub fn lock_job(
+        &mut self,
+        i: usize,
+        object: &str,
+        wait: f64,
+        cmd: &[&str],
+        env: &[(&str, &str)],
+    ) -> usize {
+        self.lock_with(i, object, wait, cmd, env, true)
+    }
+
+    fn lock_with(
+        &mut self,
+        i: usize,
+        object: &str,
+        wait: f64,
+        cmd: &[&str],
+        env: &[(&str, &str)],
+        job: bool,
+    ) -> usize {
         let mut c = Command::new(ferry_bin());
+        if job {
+            std::os::unix::process::CommandExt::process_group(&mut c, 0);
+        }
         c.args(["lock", "--datastore"])
             .arg(self.dev(i))
             .args([
@@ -179,6 +207,22 @@ impl Cluster {
     /// Cgroup folders of host `i` (one per `ferry lock` process of that host).
     pub fn cgroups(&self, i: usize) -> Vec<PathBuf> {
         host_cgroups(&self.host(i))
+    }
+
+    /// The `ferry supervise` watchdog started by lock process `idx`.
+    pub fn watchdog_of(&self, idx: usize) -> Option<u32> {
+        let parent = self.children[idx].id();
+        std::fs::read_dir("/proc").ok()?.flatten().find_map(|e| {
+            let pid: u32 = e.file_name().to_str()?.parse().ok()?;
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+            let ppid: u32 = stat[stat.rfind(')')? + 1..]
+                .split_whitespace()
+                .nth(1)?
+                .parse()
+                .ok()?;
+            let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+            (ppid == parent && cmdline.windows(9).any(|w| w == b"supervise")).then_some(pid)
+        })
     }
 
     /// Sends `sig` to every process in host `i`'s cgroups (the host "machine").

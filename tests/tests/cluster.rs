@@ -143,10 +143,27 @@ fn killed_holder_is_fenced_and_its_lock_breaks_after_host_dead() {
     );
 }
 
-/// Host 0 holds the counter lock with devcount paused between its read and its write; its
-/// whole cgroup is stopped past host_dead; host 1 takes the lock and increments; host 0 is
-/// continued. Returns the checker's verdict.
+/// How host 0 is stopped.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Stop {
+    /// Every process in its host cgroup (a frozen machine).
+    Cgroup,
+    /// The whole process group of `ferry lock`, as Ctrl-Z in a shell does (the watchdog
+    /// is not in it: it has a session of its own).
+    ProcessGroup,
+}
+
+/// Host 0 holds the counter lock with devcount paused between its read and its write; it
+/// is stopped past host_dead; host 1 takes the lock and increments; host 0 is continued.
+/// Returns the checker's verdict.
 fn stopped_holder(fencing: bool) -> (Result<usize, String>, Cluster, Vec<f64>, Vec<Event>) {
+    stopped_holder_by(fencing, Stop::Cgroup)
+}
+
+fn stopped_holder_by(
+    fencing: bool,
+    how: Stop,
+) -> (Result<usize, String>, Cluster, Vec<f64>, Vec<Event>) {
     let mut c = Cluster::new(2);
     let log = c.file("devcount.log");
     let report = c.file("fence-report");
@@ -157,7 +174,10 @@ fn stopped_holder(fencing: bool) -> (Result<usize, String>, Cluster, Vec<f64>, V
     let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
     let cmd0 = c.devcount(0, &log, 16_000, 0);
     let cmd0: Vec<&str> = cmd0.iter().map(String::as_str).collect();
-    let a = c.lock(0, "counter", 0.0, &cmd0, &env);
+    let a = match how {
+        Stop::Cgroup => c.lock(0, "counter", 0.0, &cmd0, &env),
+        Stop::ProcessGroup => c.lock_job(0, "counter", 0.0, &cmd0, &env),
+    };
     let start = Instant::now();
     while !parse_log(&log)
         .iter()
@@ -169,13 +189,22 @@ fn stopped_holder(fencing: bool) -> (Result<usize, String>, Cluster, Vec<f64>, V
         );
         std::thread::sleep(Duration::from_millis(20));
     }
-    c.signal_host(0, Signal::SIGSTOP);
+    let group = nix::unistd::Pid::from_raw(c.child(a).id() as i32);
+    match how {
+        Stop::Cgroup => c.signal_host(0, Signal::SIGSTOP),
+        Stop::ProcessGroup => nix::sys::signal::killpg(group, Signal::SIGSTOP).unwrap(),
+    }
     let cmd1 = c.devcount(1, &log, 0, 0);
     let cmd1: Vec<&str> = cmd1.iter().map(String::as_str).collect();
     let b = c.lock(1, "counter", 40.0, &cmd1, &[]);
     let (code, err) = c.wait(b);
     assert_eq!(code, Some(0), "host 1: {err}");
-    c.signal_host(0, Signal::SIGCONT);
+    match how {
+        Stop::Cgroup => c.signal_host(0, Signal::SIGCONT),
+        Stop::ProcessGroup => {
+            let _ = nix::sys::signal::killpg(group, Signal::SIGCONT);
+        }
+    }
     let _ = c.wait(a);
     // Let a continued, unfenced devcount finish its (late) write.
     std::thread::sleep(Duration::from_secs(3));
@@ -213,6 +242,91 @@ fn stopped_host_is_fenced_before_its_lock_is_taken() {
             .count(),
         1,
         "{events:?}"
+    );
+}
+
+/// Ctrl-Z in a shell stops `ferry lock`'s whole process group; the watchdog, in a session
+/// of its own, still fences the host before anyone else takes the lock. (It used to be in
+/// that group: stopped with the holder, it never fenced, and two holders overlapped.)
+#[test]
+fn a_stopped_process_group_is_still_fenced_by_its_watchdog() {
+    let _g = serial();
+    let (verdict, c, fenced, _) = stopped_holder_by(true, Stop::ProcessGroup);
+    verdict.unwrap_or_else(|e| panic!("checker: {e}"));
+    assert_eq!(fenced.len(), 1, "the stopped host was never fenced");
+    assert_fenced_before_the_next_holder(&c, fenced[0]);
+}
+
+/// The fence (cgroup empty) came before the second holder even read the counter.
+fn assert_fenced_before_the_next_holder(c: &Cluster, fenced: f64) {
+    let log = std::fs::read_to_string(c.file("devcount.log")).unwrap();
+    let second_intent_t: f64 = log
+        .lines()
+        .filter(|l| l.starts_with("intent"))
+        .nth(1)
+        .and_then(|l| l.split_whitespace().find_map(|w| w.strip_prefix("t=")))
+        .map(|t| t.parse::<u64>().unwrap() as f64 / 1e9)
+        .unwrap_or_else(|| panic!("no second holder in the log:\n{log}"));
+    assert!(
+        fenced < second_intent_t,
+        "fenced at {fenced} after the new owner started at {second_intent_t}"
+    );
+}
+
+/// The watchdog outlives its holder in every state: stopped while the holder is killed
+/// (its process group is then orphaned with a stopped member, and the kernel sends the
+/// group SIGHUP), continued, it still fences the host at its deadline.
+#[test]
+fn a_stopped_watchdog_fences_after_its_holder_dies() {
+    let _g = serial();
+    let mut c = Cluster::new(1);
+    let report = c.file("fence-report");
+    let env = [("FERRY_FENCE_REPORT", report.to_str().unwrap())];
+    // A command that ignores SIGHUP, as a VM would keep running.
+    let a = c.lock_job(0, "vm", 0.0, &["sh", "-c", "trap '' HUP; sleep 120"], &env);
+    let start = Instant::now();
+    let cg = loop {
+        let cgs = c.cgroups(0);
+        if let Some(cg) = cgs
+            .iter()
+            .find(|cg| ferry_tests::cluster::pids(cg).len() >= 2)
+        {
+            break cg.clone();
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(15),
+            "the holder never started"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let dog = c.watchdog_of(a).expect("the lock process's watchdog");
+    let dog_pid = nix::unistd::Pid::from_raw(dog as i32);
+    nix::sys::signal::kill(dog_pid, Signal::SIGSTOP).unwrap();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(c.child(a).id() as i32),
+        Signal::SIGKILL,
+    )
+    .unwrap();
+    // (Not `c.wait`: the stopped watchdog still holds the lock process's stderr open.)
+    let _ = c.child(a).wait();
+    std::thread::sleep(Duration::from_millis(500));
+    // What the kernel sends a process group orphaned with a stopped member (here sent by
+    // hand: where a subreaper adopts the orphans, the group is not orphaned).
+    nix::sys::signal::kill(dog_pid, Signal::SIGHUP).unwrap();
+    nix::sys::signal::kill(dog_pid, Signal::SIGCONT).unwrap();
+    // Fenced at the deadline (8 s after the last renewal), not merely signalled.
+    let until = Instant::now() + Duration::from_secs(15);
+    while populated(&cg) && Instant::now() < until {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(
+        !populated(&cg),
+        "the host's processes outlived its lease: nothing fenced them"
+    );
+    assert_eq!(
+        fence_times(&report).len(),
+        1,
+        "the watchdog did not report a fence"
     );
 }
 

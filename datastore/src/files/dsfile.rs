@@ -461,10 +461,16 @@ impl DsFile {
     /// that hands the lock to another host next.
     pub async fn detach(self) -> Result<()> {
         self.done.store(true, Ordering::SeqCst);
-        if self.sess.is_some() && self.sh.mode.is_some_and(|m| m != LockMode::Shared) {
-            self.commit().await?;
+        let committed =
+            if self.sess.is_some() && self.sh.mode.is_some_and(|m| m != LockMode::Shared) {
+                self.commit().await
+            } else {
+                Ok(())
+            };
+        if let Some(sess) = &self.sess {
+            sess.detach_handle(&self.uuid());
         }
-        Ok(())
+        committed
     }
 
     /// Whether metadata changed by this file's completed writes may not be durable yet:

@@ -740,6 +740,19 @@ impl Session {
         locks::release(&self.ds, self.me, &mut lock(&self.obs), &lock_object(uuid))
     }
 
+    /// Closes one handle of this host on a file but keeps the lock (an agent that stops
+    /// and comes back, or hands the lock to another host next): the next open takes it up
+    /// again.
+    pub(crate) fn detach_handle(&self, uuid: &Uuid) {
+        let mut h = lock(&self.handles);
+        match h.get_mut(uuid) {
+            Some((_, n)) if *n > 1 => *n -= 1,
+            _ => {
+                h.remove(uuid);
+            }
+        }
+    }
+
     /// Refuses what an open handle of this host forbids.
     fn refuse_if_open(&self, uuid: &Uuid, shown: &std::path::Path, what: &str) -> Result<()> {
         match lock(&self.handles).get(uuid) {

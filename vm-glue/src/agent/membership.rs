@@ -15,7 +15,7 @@
 use std::io::Write;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -122,25 +122,15 @@ pub fn spawn_supervisor(exe: &Path, run_dir: &Path, ds: &Datastore, cgroup: &Pat
             .join("hosts")
             .join(format!("{}.watchdog.log", ds.uuid())),
     )?;
-    let mut cmd = Command::new(exe);
-    cmd.arg("supervise")
-        .arg("--cgroup")
-        .arg(cgroup)
-        .arg("--fence-after-ms")
-        .arg(ds.superblock().fence_after().as_millis().to_string())
-        .arg("--fifo")
-        .arg(&fifo)
-        .stdin(Stdio::null())
-        .stdout(log.try_clone()?)
-        .stderr(log);
-    if let Ok(r) = std::env::var("FERRY_FENCE_REPORT") {
-        cmd.arg("--report").arg(r);
-    }
-    // Its own process group: a signal to the agent's group does not reach it.
-    std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
-    let child = cmd
-        .spawn()
-        .context("cannot start the fencing watchdog (ferry supervise)")?;
+    let child = datastore::fence::spawn_watchdog(datastore::fence::WatchdogSpec {
+        exe,
+        cgroup,
+        fence_after: ds.superblock().fence_after(),
+        fifo: Some(&fifo),
+        log: Some(log),
+        no_fence: false,
+        report: std::env::var_os("FERRY_FENCE_REPORT").map(PathBuf::from),
+    })?;
     // Reaped by a thread, so it never lingers as a zombie while the agent runs.
     let pid = child.id();
     std::thread::spawn(move || {

@@ -13,8 +13,8 @@
 //! keep their locks, slots keep being counted live until the watchdog's deadline, and an
 //! agent started again in time resumes everything. `POST /v1/host/leave` (`ferry host
 //! leave`) leaves every datastore cleanly and ends the agent; it is refused while
-//! exports exist. A lost host lease ends the agent at once (its watchdog fences the
-//! host).
+//! exports exist. A lost host lease freezes the exports, empties every VM cgroup and
+//! then ends the agent (the watchdog fences the whole host at its deadline regardless).
 
 pub mod api;
 pub mod config;
@@ -27,7 +27,7 @@ use std::fs::File;
 use std::io::{Read, Seek, Write};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use datastore::fence::HostCgroup;
@@ -485,9 +485,17 @@ pub async fn run(cfg: Config, exe: PathBuf) -> Result<Stop> {
         }
         Stop::LeaseLost(e) => {
             tracing::error!(
-                "host lease lost ({e}); stopping at once, the watchdog fences this host"
+                "host lease lost ({e}); fencing this host's VMs before stopping (the \
+                 watchdog fences the whole host at its deadline in any case)"
             );
-            // No commit, no unlock: the locks are no longer ours to use.
+            // No commit, no unlock: the locks are no longer ours to use. The exports
+            // acknowledge nothing more (their writes are refused past the deadline
+            // anyway), and the VMs are killed here: the agent never leaves while a VM
+            // it served may still run.
+            for e in agent.exports.lock().await.values() {
+                let _ = e.gate.freeze().await;
+            }
+            fence_vms(&agent.cgroup);
             std::process::exit(1);
         }
         Stop::Left => {
@@ -512,6 +520,36 @@ fn membership_home() -> Option<PathBuf> {
 
 /// Processes in the host cgroup tree other than this agent (VMs, and whatever else the
 /// host runs under its leases).
+/// Empties every VM cgroup under the host's `cgroup`, waiting as long as that takes (a
+/// process stuck in uninterruptible I/O keeps its cgroup populated: then the agent waits
+/// for the watchdog, which fences the whole host cgroup, this agent included).
+fn fence_vms(cgroup: &Path) {
+    let vms: Vec<PathBuf> = std::fs::read_dir(cgroup)
+        .map(|rd| {
+            rd.flatten()
+                .map(|e| e.path())
+                .filter(|p| {
+                    p.is_dir()
+                        && p.file_name()
+                            .is_some_and(|n| n.to_string_lossy().starts_with("vm-"))
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    for vm in vms {
+        let c = HostCgroup::at(vm.clone());
+        loop {
+            match c.kill(Duration::from_secs(5)) {
+                Ok(()) => {
+                    tracing::warn!("{}: VM fenced (cgroup emptied)", vm.display());
+                    break;
+                }
+                Err(e) => tracing::error!("{}: not empty yet: {e}; still waiting", vm.display()),
+            }
+        }
+    }
+}
+
 pub fn host_processes(cgroup: &Path) -> Vec<u32> {
     let mut out = Vec::new();
     let mut dirs = vec![cgroup.to_path_buf()];
