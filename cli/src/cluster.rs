@@ -140,6 +140,12 @@ pub struct SuperviseArgs {
     /// agent process, and the agent's next incarnation pets it through the same FIFO).
     #[arg(long)]
     fifo: Option<PathBuf>,
+    /// How long to wait for the killed cgroup to empty (default: fence_after).
+    #[arg(long)]
+    kill_grace_ms: Option<u64>,
+    /// What to do if it does not: reboot or log.
+    #[arg(long, default_value = "log")]
+    on_stuck: fence::Escalation,
 }
 
 pub fn run_datastore(cmd: DatastoreCommand, rt: &tokio::runtime::Runtime) -> Result<u8> {
@@ -601,11 +607,15 @@ pub fn run_supervise(args: SuperviseArgs) -> Result<u8> {
         ),
         None => Box::new(std::io::stdin()),
     };
-    let outcome = fence::supervise(
+    let fence_after = Duration::from_millis(args.fence_after_ms);
+    let outcome = fence::supervise_with(
         input,
         &cg,
-        Duration::from_millis(args.fence_after_ms),
+        fence_after,
         !args.no_fence,
+        args.kill_grace_ms
+            .map_or(fence_after, Duration::from_millis),
+        args.on_stuck,
     )?;
     match outcome {
         Outcome::Clean => Ok(0),
@@ -625,5 +635,20 @@ pub fn run_supervise(args: SuperviseArgs) -> Result<u8> {
             Ok(0)
         }
         Outcome::WouldHaveFenced => Ok(0),
+        Outcome::Stuck(at) => {
+            eprintln!(
+                "ferry supervise: {} did not empty within the kill grace (escalation: {})",
+                args.cgroup.display(),
+                args.on_stuck.as_str()
+            );
+            if let Some(r) = args.report {
+                let mut f = std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(&r)?;
+                writeln!(f, "stuck {} {}", at.as_nanos(), args.cgroup.display())?;
+            }
+            Ok(1)
+        }
     }
 }

@@ -55,6 +55,8 @@ pub fn spawn_supervisor(ds: &Datastore, cg: &HostCgroup, no_fence: bool) -> Resu
             log: None,
             no_fence,
             report: std::env::var_os("FERRY_FENCE_REPORT").map(PathBuf::from),
+            kill_grace: ds.superblock().kill_grace(),
+            escalation: datastore::fence::Escalation::default_for(ds.superblock().profile),
         },
     )?)
 }

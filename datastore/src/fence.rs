@@ -123,6 +123,52 @@ pub enum Outcome {
     Fenced(Duration),
     /// The deadline passed but fencing is disabled (negative-control tests only).
     WouldHaveFenced,
+    /// The cgroup did not empty within the kill grace (a process stuck in uninterruptible
+    /// I/O, or one that keeps spawning): the escalation was carried out (or, with
+    /// [`Escalation::Log`], only reported) at this `CLOCK_BOOTTIME`.
+    Stuck(Duration),
+}
+
+/// What the watchdog does when the killed cgroup does not empty within the kill grace
+/// (`host_dead − fence_after − io_timeout`), before other hosts may break the host's locks.
+/// Nothing the host's processes submit after the deadline reaches the datastore (I/O
+/// fencing), but an I/O already stuck in the kernel could still land late: a hardware
+/// watchdog would reset the machine here.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Escalation {
+    /// Reboot the machine at once (`b` to /proc/sysrq-trigger): the default of the
+    /// production profile.
+    Reboot,
+    /// Only report it, loudly (the test profile's default: test machines are shared).
+    Log,
+}
+
+impl Escalation {
+    /// The default for a timing profile.
+    pub fn default_for(profile: crate::Profile) -> Escalation {
+        match profile {
+            crate::Profile::Production => Escalation::Reboot,
+            crate::Profile::Test => Escalation::Log,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Escalation::Reboot => "reboot",
+            Escalation::Log => "log",
+        }
+    }
+}
+
+impl std::str::FromStr for Escalation {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "reboot" => Ok(Escalation::Reboot),
+            "log" => Ok(Escalation::Log),
+            _ => Err(format!("unknown escalation {s:?}: use reboot or log")),
+        }
+    }
 }
 
 /// The supervisor loop: reads pets from `input`, fences `cgroup` when `fence_after`
@@ -132,6 +178,25 @@ pub fn supervise(
     cgroup: &HostCgroup,
     fence_after: Duration,
     enabled: bool,
+) -> Result<Outcome> {
+    supervise_with(
+        input,
+        cgroup,
+        fence_after,
+        enabled,
+        fence_after,
+        Escalation::Log,
+    )
+}
+
+/// [`supervise`], waiting `kill_grace` for the cgroup to empty and then escalating.
+pub fn supervise_with(
+    input: impl Read + Send + 'static,
+    cgroup: &HostCgroup,
+    fence_after: Duration,
+    enabled: bool,
+    kill_grace: Duration,
+    escalation: Escalation,
 ) -> Result<Outcome> {
     enum Msg {
         Pet(Duration),
@@ -177,8 +242,14 @@ pub fn supervise(
                 "{}: no renewal since the deadline; fencing",
                 cgroup.path().display()
             );
-            cgroup.kill(fence_after)?;
-            return Ok(Outcome::Fenced(boottime()));
+            return match cgroup.kill(kill_grace) {
+                Ok(()) => Ok(Outcome::Fenced(boottime())),
+                Err(Error::Timeout { .. }) => {
+                    escalate(cgroup, escalation);
+                    Ok(Outcome::Stuck(boottime()))
+                }
+                Err(e) => Err(e),
+            };
         }
         if eof {
             std::thread::sleep((deadline - now).min(Duration::from_millis(50)));
@@ -189,6 +260,21 @@ pub fn supervise(
             Ok(Msg::Done) => return Ok(Outcome::Clean),
             Ok(Msg::Eof) | Err(mpsc::RecvTimeoutError::Disconnected) => eof = true,
             Err(mpsc::RecvTimeoutError::Timeout) => {}
+        }
+    }
+}
+
+fn escalate(cgroup: &HostCgroup, escalation: Escalation) {
+    tracing::error!(
+        "{}: the killed cgroup did not empty in time (processes stuck in the kernel?); \
+         escalation: {}",
+        cgroup.path().display(),
+        escalation.as_str()
+    );
+    if escalation == Escalation::Reboot {
+        // As a hardware watchdog would: no sync, no unmount, at once.
+        if let Err(e) = fs::write("/proc/sysrq-trigger", "b") {
+            tracing::error!("cannot reboot through /proc/sysrq-trigger: {e}");
         }
     }
 }
@@ -209,6 +295,9 @@ pub struct WatchdogSpec<'a> {
     pub no_fence: bool,
     /// Append `fenced <ns> <cgroup>` here when the cgroup was emptied.
     pub report: Option<PathBuf>,
+    /// How long to wait for the killed cgroup to empty, and what to do if it does not.
+    pub kill_grace: Duration,
+    pub escalation: Escalation,
 }
 
 /// Starts the watchdog in a session of its own (see the module docs); with no FIFO, its
@@ -219,7 +308,11 @@ pub fn spawn_watchdog(spec: WatchdogSpec<'_>) -> Result<Child> {
         .arg("--cgroup")
         .arg(spec.cgroup)
         .arg("--fence-after-ms")
-        .arg(spec.fence_after.as_millis().to_string());
+        .arg(spec.fence_after.as_millis().to_string())
+        .arg("--kill-grace-ms")
+        .arg(spec.kill_grace.as_millis().to_string())
+        .arg("--on-stuck")
+        .arg(spec.escalation.as_str());
     match spec.fifo {
         Some(f) => {
             cmd.arg("--fifo").arg(f).stdin(Stdio::null());

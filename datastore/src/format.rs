@@ -329,6 +329,62 @@ impl Superblock {
         2 * self.io_timeout()
     }
 
+    /// How long the watchdog waits for the killed cgroup to empty before it escalates:
+    /// what is left of the fence margin once a write submitted just before the deadline
+    /// has had `io_timeout` to land.
+    pub fn kill_grace(&self) -> std::time::Duration {
+        self.host_dead()
+            .saturating_sub(self.fence_after())
+            .saturating_sub(self.io_timeout())
+    }
+
+    /// The timing rules the safety argument rests on, all in one place (checked when a
+    /// datastore is made and every time one is opened):
+    /// 1. `2 × renew_interval + io_timeout ≤ fence_after`: a healthy host gets at least two
+    ///    renewal attempts, each allowed `io_timeout`, before its deadline;
+    /// 2. `fence_after + io_timeout ≤ host_dead`: a write submitted just before the
+    ///    deadline (nothing is submitted after it: I/O fencing) lands before any peer,
+    ///    counting from its own later sight of the last renewal, may break a lock;
+    /// 3. `kill_grace ≥ io_timeout / 2`: the watchdog has time to see the cgroup empty
+    ///    before those peers act (else it escalates; see `fence`);
+    /// 4. `observer poll (io_timeout / 2) < io_timeout`: a renewal is seen within its
+    ///    own time budget.
+    pub fn check_timing(&self) -> Result<(), String> {
+        let (io, renew, fence, dead) = (
+            self.io_timeout(),
+            self.renew_interval(),
+            self.fence_after(),
+            self.host_dead(),
+        );
+        let ms = |d: std::time::Duration| d.as_millis();
+        if io.is_zero() {
+            return Err("io_timeout is 0".into());
+        }
+        if 2 * renew + io > fence {
+            return Err(format!(
+                "2 x renew_interval + io_timeout ({} ms) exceeds fence_after ({} ms)",
+                ms(2 * renew + io),
+                ms(fence)
+            ));
+        }
+        if fence + io > dead {
+            return Err(format!(
+                "fence_after + io_timeout ({} ms) exceeds host_dead ({} ms): the fence margin \
+                 ({} ms) must be at least io_timeout",
+                ms(fence + io),
+                ms(dead),
+                self.fence_margin_ms
+            ));
+        }
+        if self.kill_grace() < io / 2 {
+            return Err(format!(
+                "the watchdog's kill grace ({} ms) is under io_timeout / 2",
+                ms(self.kill_grace())
+            ));
+        }
+        Ok(())
+    }
+
     pub fn encode(&self, generation: u64) -> Box<Block> {
         let mut b = Block::zeroed();
         let p = &mut b.0;
@@ -808,6 +864,24 @@ mod tests {
             let _ = Leader::decode(&b, &ds());
             let _ = Ballot::decode(&b, &ds());
             let _ = LockRecord::decode(&b, &ds());
+        }
+    }
+}
+
+#[cfg(test)]
+mod timing_tests {
+    use super::*;
+
+    #[test]
+    fn both_profiles_keep_the_timing_rules_and_a_broken_margin_is_refused() {
+        for p in [Profile::Production, Profile::Test] {
+            let sb = Superblock::layout(Uuid::new_v4(), "t", 1 << 30, 8, p);
+            sb.check_timing().unwrap();
+            assert!(sb.kill_grace() >= sb.io_timeout() / 2);
+            let mut bad = sb.clone();
+            bad.fence_margin_ms = bad.io_timeout_ms / 2;
+            let e = bad.check_timing().unwrap_err();
+            assert!(e.contains("fence margin"), "{e}");
         }
     }
 }

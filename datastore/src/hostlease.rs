@@ -493,8 +493,24 @@ impl HostLease {
         }
     }
 
-    /// Stops renewing and frees the slot.
+    /// Stops renewing and frees the slot. Refused while a lock record still names this
+    /// host: a free slot makes every hold of ours invalid at once, while whoever uses
+    /// that lock may still be writing (release the locks first, or drop the lease and let
+    /// the slot be seen dead after host_dead).
     pub fn leave(mut self) -> Result<()> {
+        let held: Vec<String> = crate::locks::list(&self.ds)?
+            .into_iter()
+            .filter(|e| e.lock.holders.contains(&self.owner))
+            .map(|e| e.lock.object)
+            .collect();
+        if !held.is_empty() {
+            return Err(Error::Invalid {
+                object: self.ds.path().to_path_buf(),
+                detail: format!(
+                    "cannot leave while this host holds lock(s) {held:?}: release them first"
+                ),
+            });
+        }
         self.stop_thread();
         let mut slot = self.shared.slot.lock().expect("lease state").clone();
         match self.ds.read_slot(self.owner.host_id)? {
@@ -547,16 +563,43 @@ fn repair_own_ballot(ds: &Datastore, host_id: u32) {
     }
 }
 
-/// The highest host generation of `host_id` that any lock record or the volume-lease
-/// leader names (0 if none).
+/// The highest host generation of `host_id` that any lock record, ballot or the
+/// volume-lease leader names (0 if none). Refused while a lock record is unreadable: it
+/// could name a higher one.
 fn highest_generation_named(ds: &Datastore, host_id: u32) -> Result<u64> {
     let mut high = 0;
+    let sb = ds.superblock();
+    let torn = ds
+        .read_many(sb.lock_start, sb.lock_count as u64)?
+        .iter()
+        .filter(|b| {
+            matches!(
+                crate::format::LockRecord::decode(b, ds.uuid()),
+                Decoded::Unknown(_)
+            )
+        })
+        .count();
+    if torn > 0 {
+        return Err(Error::Invalid {
+            object: ds.path().to_path_buf(),
+            detail: format!(
+                "slot {host_id} is unreadable and {torn} lock record(s) too: the generation to \
+                 take over from is unknown; run `ferry datastore check --repair` first"
+            ),
+        });
+    }
+    for b in ds.read_many(sb.ballot_start, sb.max_hosts as u64)? {
+        if let Decoded::Valid(b) = crate::format::Ballot::decode(&b, ds.uuid()) {
+            if let Some(o) = b.inp.filter(|o| o.host_id == host_id) {
+                high = high.max(o.generation);
+            }
+        }
+    }
     for e in crate::locks::list(ds)? {
         for h in e.lock.holders.iter().filter(|h| h.host_id == host_id) {
             high = high.max(h.generation);
         }
     }
-    let sb = ds.superblock();
     if let Decoded::Valid(l) = crate::format::Leader::decode(&*ds.read(sb.leader_rec)?, ds.uuid()) {
         if l.owner.host_id == host_id {
             high = high.max(l.owner.generation);

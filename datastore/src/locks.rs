@@ -240,7 +240,15 @@ pub fn handoff(
                 holders: describe(obs, &rec.holders),
             });
         }
-        if !obs.owner_valid(to) {
+        // Exactly the incarnation the slot shows, live: a generation above it is no
+        // host yet (owner_valid lets an owner outrank a delayed joiner's write; a
+        // handoff must not name a future incarnation).
+        let exact = obs
+            .views()
+            .get(to.host_id as usize - 1)
+            .and_then(|v| v.slot.as_ref().map(|s| (s.host_generation, v.liveness)))
+            .is_some_and(|(g, l)| g == to.generation && l == crate::store::Liveness::Live);
+        if to.host_id == 0 || !exact || !obs.owner_valid(to) {
             return Err(Error::Invalid {
                 object: ds.path().to_path_buf(),
                 detail: format!(

@@ -133,6 +133,10 @@ impl Datastore {
         profile: Profile,
     ) -> Result<Superblock> {
         let sb = Superblock::layout(Uuid::new_v4(), label, size, max_hosts, profile);
+        sb.check_timing().map_err(|e| Error::Invalid {
+            object: io.path().to_path_buf(),
+            detail: format!("timing profile {profile:?} breaks a safety rule: {e}"),
+        })?;
         if sb.block_count == 0 {
             return Err(Error::Invalid {
                 object: io.path().to_path_buf(),
@@ -179,6 +183,13 @@ impl Datastore {
     /// Opens over any record I/O and clock.
     pub fn open_with(io: Arc<dyn RecordIo>, clock: Arc<dyn Clock>) -> Result<Datastore> {
         let sb = load_superblock(io.as_ref())?;
+        sb.check_timing().map_err(|e| Error::Invalid {
+            object: io.path().to_path_buf(),
+            detail: format!(
+                "the superblock's timings break a safety rule ({e}); this datastore cannot be \
+                 used safely: re-create it with a standard profile"
+            ),
+        })?;
         Ok(Datastore {
             io,
             sb,

@@ -69,6 +69,15 @@ fn lock_modes_handoff_and_racing_third_host() {
     }
     // Handoff with the expected version succeeds; a racing third host with the same
     // (now stale) expectation fails cleanly, as does a stale retry.
+    // Never to an incarnation the slot does not show (one above it is no host yet).
+    let future = datastore::Owner {
+        generation: ids[1].generation + 1,
+        ..ids[1]
+    };
+    assert!(matches!(
+        locks::handoff(&ds[0], ids[0], &mut obs[0], "vm", future, v1),
+        Err(Error::Invalid { .. })
+    ));
     let v2 = locks::handoff(&ds[0], ids[0], &mut obs[0], "vm", ids[1], v1).unwrap();
     assert!(v2 > v1);
     assert!(matches!(
@@ -110,10 +119,20 @@ fn lock_modes_handoff_and_racing_third_host() {
     let listed = locks::list(&ds[0]).unwrap();
     let iso = listed.iter().find(|e| e.lock.object == "iso").unwrap();
     assert_eq!(iso.lock.holders.len(), 2);
+    // A host leaves only after releasing its locks (see
+    // `leaving_is_refused_while_the_host_holds_a_lock`).
     for h in hosts {
+        let d = Arc::clone(h.datastore());
+        let me = h.owner();
+        let mut o = Observer::new(&d);
+        for x in locks::list(&d).unwrap() {
+            if x.lock.holders.contains(&me) {
+                locks::release(&d, me, &mut o, &x.lock.object).unwrap();
+            }
+        }
         h.leave().unwrap();
     }
-    // After leaving, the holds of departed hosts no longer count.
+    // After leaving, nothing of the departed hosts is held.
     let late = join_all(&path, &["h4"]);
     let d = Arc::clone(late[0].datastore());
     let mut o = Observer::new(&d);
@@ -475,4 +494,43 @@ fn a_torn_lock_record_is_held_until_repair_clears_it_with_nobody_else_live() {
     );
     assert!(r.torn_lock_records.is_empty(), "{r:?}");
     locks::try_acquire(&db, b.owner(), &mut ob, "vm", LockMode::Exclusive).unwrap();
+}
+
+/// A superblock whose timings break the safety rules (here a fence margin shorter than
+/// io_timeout) is refused at open, naming the rule.
+#[test]
+fn a_superblock_with_unsafe_timings_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = image(dir.path());
+    let dev = Device::open(&path).unwrap();
+    let mut sb = Datastore::open(&path).unwrap().superblock().clone();
+    sb.fence_margin_ms = 100;
+    for copy in [datastore::format::SUPER_A, datastore::format::SUPER_B] {
+        dev.write(copy, &sb.encode(2)).unwrap();
+    }
+    match Datastore::open(&path) {
+        Err(Error::Invalid { detail, .. }) => {
+            assert!(detail.contains("safety rule"), "{detail}")
+        }
+        other => panic!("opened a datastore with unsafe timings: {other:?}"),
+    }
+}
+
+/// Leaving frees the slot, which invalidates every hold of the host at once: refused while
+/// a lock record still names it.
+#[test]
+fn leaving_is_refused_while_the_host_holds_a_lock() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = image(dir.path());
+    let mut hosts = join_all(&path, &["solo"]);
+    let h = hosts.pop().unwrap();
+    let d = Arc::clone(h.datastore());
+    let mut o = Observer::new(&d);
+    locks::try_acquire(&d, h.owner(), &mut o, "x", LockMode::Exclusive).unwrap();
+    match h.leave() {
+        Err(Error::Invalid { detail, .. }) => {
+            assert!(detail.contains("release them first"), "{detail}")
+        }
+        other => panic!("left while holding a lock: {other:?}"),
+    }
 }

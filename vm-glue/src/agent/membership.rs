@@ -130,6 +130,8 @@ pub fn spawn_supervisor(exe: &Path, run_dir: &Path, ds: &Datastore, cgroup: &Pat
         log: Some(log),
         no_fence: false,
         report: std::env::var_os("FERRY_FENCE_REPORT").map(PathBuf::from),
+        kill_grace: ds.superblock().kill_grace(),
+        escalation: datastore::fence::Escalation::default_for(ds.superblock().profile),
     })?;
     // Reaped by a thread, so it never lingers as a zombie while the agent runs.
     let pid = child.id();
