@@ -427,3 +427,41 @@ fn a_hosts_own_open_handle_refuses_remove_rename_and_a_second_writer() {
         a.remove("/disk").await.unwrap();
     });
 }
+
+/// I/O fencing on the data path: past the host lease deadline a file write (data and
+/// zeroes) is refused with EIO before it is submitted, and nothing of it lands.
+#[test]
+fn file_writes_past_the_lease_deadline_are_refused() {
+    let h = hosts(256 * MIB, &["ha"]);
+    let a = &h.hosts[0].1;
+    rt().block_on(async {
+        let f = a
+            .create("/disk", 8 * MIB, Provisioning::Thin)
+            .await
+            .unwrap();
+        f.write(0, &[1u8; 4096], WriteFlags::NONE).await.unwrap();
+        f.flush().await.unwrap();
+        // The lease's deadline passes (as after a freeze): every write is refused.
+        let ds = Arc::clone(a.datastore());
+        let kept = ds.write_deadline();
+        ds.set_write_deadline(Some(std::time::Duration::ZERO));
+        let e = f
+            .write(0, &[2u8; 4096], WriteFlags::NONE)
+            .await
+            .unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::Io, "{e}");
+        assert!(f.write_zeroes(0, 4096, false).await.is_err());
+        let e = f
+            .write(MIB, &[3u8; 4096], WriteFlags::NONE)
+            .await
+            .unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::Io, "{e}");
+        ds.set_write_deadline(kept);
+        let mut buf = [0u8; 4096];
+        f.read(0, &mut buf).await.unwrap();
+        assert_eq!(buf, [1u8; 4096], "a fenced write landed");
+        f.read(MIB, &mut buf).await.unwrap();
+        assert_eq!(buf, [0u8; 4096], "a fenced write landed");
+        f.close().await.unwrap();
+    });
+}

@@ -344,8 +344,11 @@ fn negative_control_without_fencing_the_checker_fails() {
     );
 }
 
+/// Renewals that take most of io_timeout still count (a renewal counts only if its write
+/// completed within io_timeout of its issue: a later one might land after peers saw the
+/// slot unchanged for host_dead).
 #[test]
-fn slow_renewals_under_4x_io_timeout_keep_the_lease() {
+fn slow_renewals_within_io_timeout_keep_the_lease() {
     let _g = serial();
     let mut c = Cluster::new(2);
     let a = c.lock(
@@ -353,7 +356,7 @@ fn slow_renewals_under_4x_io_timeout_keep_the_lease() {
         "obj",
         0.0,
         &["sleep", "14"],
-        &[("FERRY_FAULT_RENEW_DELAY_MS", "3000")],
+        &[("FERRY_FAULT_RENEW_DELAY_MS", "700")],
     );
     wait_holder(&c, "obj", &c.host(0), 15.0);
     let deadline = Instant::now() + Duration::from_secs(12);

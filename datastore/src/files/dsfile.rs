@@ -160,6 +160,16 @@ fn to_block(e: Error, name: &Path, offset: u64) -> diskfmt::Error {
                 err: std::io::Error::from_raw_os_error(libc::ENOSPC),
             }
         }
+        // I/O fencing: past the host lease deadline nothing is written (EIO to the guest).
+        Error::LeaseLost { detail, .. } => {
+            tracing::error!("{}: {detail}", name.display());
+            diskfmt::Error::Io {
+                object: name.to_path_buf(),
+                op: "write",
+                offset,
+                err: std::io::Error::from_raw_os_error(libc::EIO),
+            }
+        }
         other => diskfmt::Error::Invalid {
             object: name.to_path_buf(),
             detail: other.to_string(),
@@ -406,6 +416,7 @@ impl DsFile {
             }
         }
         for (off, len) in runs {
+            self.ds.check_write(None)?;
             self.data.write_zero_data(off, len).await?;
         }
         Ok(())
@@ -549,6 +560,7 @@ impl DsFile {
     }
 
     async fn write_impl(&self, offset: u64, buf: &[u8], flags: WriteFlags) -> Result<()> {
+        self.ds.check_write(None)?;
         let sess = self.session(offset).map_err(Error::Block)?;
         self.check(offset, buf.len() as u64).map_err(Error::Block)?;
         if buf.is_empty() {
@@ -628,6 +640,8 @@ impl DsFile {
             }
             segs
         };
+        // I/O fencing, immediately before the data is submitted.
+        self.ds.check_write(None)?;
         let writes = segs.iter().map(|s| {
             self.data.write_at(
                 s.dev.expect("write segments are on the device"),
@@ -658,6 +672,8 @@ impl DsFile {
     }
 
     async fn zero_impl(&self, offset: u64, len: u64, unmap: bool) -> Result<()> {
+        // Past the lease deadline no change is made, even one only the map records.
+        self.ds.check_write(None)?;
         let sess = self.session(offset).map_err(Error::Block)?;
         self.check(offset, len).map_err(Error::Block)?;
         if len == 0 {
@@ -726,6 +742,7 @@ impl DsFile {
             }
         }
         for (o, l) in merged {
+            self.ds.check_write(None)?;
             self.data.write_zero_data(o, l).await?;
         }
         Ok(())
