@@ -1,12 +1,11 @@
 #!/usr/bin/env bash
-# ferry's demo. For now it shows the disk layer (Step 1: a sparse image converted between
-# formats and provisionings, checked against qemu-img), the datastore's locking (Step 2:
-# two hosts, a lock, a host killed and fenced, the lock taken over) and files in the
-# datastore (Step 3: a qcow2 imported thin, opened by one host and refused to the other,
-# exported back identical, checked), host agents with NBD exports and a lock handoff
-# (Step 4), the test VM under QEMU (Step 5), and Storage vMotion: that VM moved live to
-# another datastore, every acknowledged write checked (Step 6), and the main job: the
-# running VM moved to another host and another datastore at once (Step 8).
+# ferry's demo: the disk layer (a sparse image converted between formats and
+# provisionings, checked against qemu-img), the datastore's locking (two hosts, a lock, a
+# host killed and fenced, the lock taken over), files in the datastore (a qcow2 imported
+# thin, opened by one host and refused to the other, exported back identical, checked),
+# host agents with NBD exports and a lock handoff, the test VM under QEMU, Storage vMotion
+# (that VM moved live to another datastore, every acknowledged write checked), and the
+# main job: the running VM moved to another host and another datastore at once.
 # Sets the machine up first (scripts/setup.sh). Run as root.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -114,8 +113,8 @@ show $F disk convert "$l2:/vm1/disk0" "$work/back.qcow2" --format qcow2
 show qemu-img compare "$work/thin.qcow2" "$work/back.qcow2"
 show $F datastore check "$l2"
 
-step "Step 4: a host agent on each host; alpha serves disk0 over NBD with its lock"
-# Two more datastores: demo2 only alpha sees (Step 6), demo3 only beta sees (Step 8).
+step "A host agent on each host; alpha serves disk0 over NBD with its lock"
+# Two more datastores: demo2 only alpha sees (storage move), demo3 only beta sees (host + storage move).
 # The agents talk over TCP (control API and NBD) with a cluster secret.
 $F datastore create "$work/lun2.img" --label demo2 --size 256M --profile test --max-hosts 8 >/dev/null
 $F datastore create "$work/lun3.img" --label demo3 --size 256M --profile test --max-hosts 8 >/dev/null
@@ -148,7 +147,7 @@ show $F export deactivate disk0 --handoff-to demo-beta $A
 show $F export activate disk0 $B
 show qemu-io -f raw -c "write -P 0x42 0 64k" -c "read -P 0x42 0 64k" "nbd+unix:///disk0?socket=$work/run-beta/nbd.sock"
 
-step "Step 5: the test VM, defined in the datastore, runs on alpha; beta cannot start it"
+step "The test VM, defined in the datastore, runs on alpha; beta cannot start it"
 G=$(scripts/build-guest.sh)
 show $F vm create demo-vm --datastore demo --memory 256M --disk 128M,thin \
   --kernel "$G/vmlinuz" --initrd "$G/initramfs.img" \
@@ -165,14 +164,14 @@ $F vm console demo-vm $A | grep -E "FBOOT|FSTART"
 $F vm console demo-vm $A | grep "^FW" | tail -n 3
 echo "... $($F vm console demo-vm $A | grep -c '^FW') writes acknowledged (flushed) and logged so far"
 
-step "Step 6: Storage vMotion — demo-vm moves live from datastore demo to demo2, thin to eager-thick"
+step "Storage vMotion — demo-vm moves live from datastore demo to demo2, thin to eager-thick"
 pid_before=$($F vm ls --json $A | grep -o '"pid": *[0-9]*' | head -1)
 show $F relocate-vm demo-vm --datastore demo2 --disk-format eager-thick $A
 show $F vm ls $A
 echo "QEMU before: $pid_before; after: $($F vm ls --json $A | grep -o '"pid": *[0-9]*' | head -1) (the same process: the guest never noticed)"
 sleep 5
 
-step "Step 8, the main job: demo-vm moves live to host beta AND to datastore demo3 at once"
+step "The main job: demo-vm moves live to host beta AND to datastore demo3 at once"
 echo "alpha does not see demo3 and beta does not see demo2: the disk is copied over NBD (TCP)"
 echo "into a file beta creates, while the guest keeps writing; then its memory follows."
 echo "$ $F relocate-vm demo-vm --host demo-beta --datastore demo3 --json $A"
