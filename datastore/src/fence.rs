@@ -246,7 +246,11 @@ pub fn supervise_with(
                 Ok(()) => Ok(Outcome::Fenced(boottime())),
                 Err(Error::Timeout { .. }) => {
                     escalate(cgroup, escalation);
-                    Ok(Outcome::Stuck(boottime()))
+                    // Only reported: keep waiting, and say fenced once it is empty.
+                    match cgroup.kill(fence_after) {
+                        Ok(()) => Ok(Outcome::Fenced(boottime())),
+                        Err(_) => Ok(Outcome::Stuck(boottime())),
+                    }
                 }
                 Err(e) => Err(e),
             };
