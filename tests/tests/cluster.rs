@@ -323,6 +323,11 @@ fn a_stopped_watchdog_fences_after_its_holder_dies() {
         !populated(&cg),
         "the host's processes outlived its lease: nothing fenced them"
     );
+    // The watchdog reports once it has seen the cgroup empty, a moment after we do.
+    let until = Instant::now() + Duration::from_secs(5);
+    while fence_times(&report).is_empty() && Instant::now() < until {
+        std::thread::sleep(Duration::from_millis(50));
+    }
     assert_eq!(
         fence_times(&report).len(),
         1,
