@@ -206,6 +206,15 @@ async fn copy(sh: Arc<Shared>, g0: u64, g1: u64, _permit: OwnedSemaphorePermit) 
             written.push(i);
         }
     }
+    // Marked before anything is sent: a copy that fails after landing part of its range
+    // must not leave those grains counted as "never written on the target" (a later
+    // zeroing of them would then be skipped, and stale data pivoted).
+    {
+        let mut st = sh.st.lock().expect("mirror state");
+        for &i in &written {
+            st.touched.set_range(i, i + 1);
+        }
+    }
     let target = Arc::clone(&sh.target);
     let mut task = tokio::spawn(async move {
         for p in pieces {
@@ -235,9 +244,6 @@ async fn copy(sh: Arc<Shared>, g0: u64, g1: u64, _permit: OwnedSemaphorePermit) 
             let mut st = sh.st.lock().expect("mirror state");
             st.dirty.clear_range(g0, g1);
             st.copying.clear_range(g0, g1);
-            for i in written {
-                st.touched.set_range(i, i + 1);
-            }
             st.done_bytes += end - start;
             st.consecutive_errors = 0;
             drop(st);

@@ -24,6 +24,14 @@ struct Flaky {
     writes: AtomicU32,
     /// Hold writes until cleared.
     hang: AtomicBool,
+    /// A failing write first applies the first half of its request (a torn failure).
+    partial: AtomicBool,
+    /// A failing write fails only after this many ms (past a target timeout: late).
+    fail_after_ms: AtomicU64,
+    /// A mirror whose copier is frozen as each injected failure starts.
+    freeze_on_fail: std::sync::OnceLock<Arc<Mirror>>,
+    /// Injected failures that have ended (their part landed, their error returned).
+    failed: AtomicU32,
     written_bytes: AtomicU64,
 }
 
@@ -35,8 +43,37 @@ impl Flaky {
             fail_every: AtomicU32::new(0),
             writes: AtomicU32::new(0),
             hang: AtomicBool::new(false),
+            partial: AtomicBool::new(false),
+            fail_after_ms: AtomicU64::new(0),
+            freeze_on_fail: std::sync::OnceLock::new(),
+            failed: AtomicU32::new(0),
             written_bytes: AtomicU64::new(0),
         })
+    }
+
+    /// Runs a request through the gate; a failing one may land in part, and late.
+    async fn request<'a, F>(&'a self, offset: u64, len: u64, apply: F) -> diskfmt::Result<()>
+    where
+        F: Fn(u64) -> IoFuture<'a, ()>,
+    {
+        match self.gate(offset).await {
+            Ok(()) => apply(len).await,
+            Err(e) => {
+                if let Some(m) = self.freeze_on_fail.get() {
+                    m.freeze_copier(true);
+                }
+                let late = self.fail_after_ms.load(Ordering::SeqCst);
+                if late > 0 {
+                    tokio::time::sleep(Duration::from_millis(late)).await;
+                }
+                let half = (len / 2) & !511;
+                if self.partial.load(Ordering::SeqCst) && half > 0 {
+                    let _ = apply(half).await;
+                }
+                self.failed.fetch_add(1, Ordering::SeqCst);
+                Err(e)
+            }
+        }
     }
 
     async fn gate(&self, offset: u64) -> diskfmt::Result<()> {
@@ -85,10 +122,11 @@ impl BlockDev for Flaky {
     }
     fn write<'a>(&'a self, offset: u64, buf: &'a [u8], flags: WriteFlags) -> IoFuture<'a, ()> {
         Box::pin(async move {
-            self.gate(offset).await?;
-            self.written_bytes
-                .fetch_add(buf.len() as u64, Ordering::SeqCst);
-            self.inner.write(offset, buf, flags).await
+            self.request(offset, buf.len() as u64, |n| {
+                self.written_bytes.fetch_add(n, Ordering::SeqCst);
+                self.inner.write(offset, &buf[..n as usize], flags)
+            })
+            .await
         })
     }
     fn flush(&self) -> IoFuture<'_, ()> {
@@ -96,14 +134,16 @@ impl BlockDev for Flaky {
     }
     fn write_zeroes(&self, offset: u64, length: u64, may_unmap: bool) -> IoFuture<'_, ()> {
         Box::pin(async move {
-            self.gate(offset).await?;
-            self.inner.write_zeroes(offset, length, may_unmap).await
+            self.request(offset, length, |n| {
+                self.inner.write_zeroes(offset, n, may_unmap)
+            })
+            .await
         })
     }
     fn discard(&self, offset: u64, length: u64) -> IoFuture<'_, ()> {
         Box::pin(async move {
-            self.gate(offset).await?;
-            self.inner.discard(offset, length).await
+            self.request(offset, length, |n| self.inner.discard(offset, n))
+                .await
         })
     }
     fn block_status(&self, offset: u64, length: u64) -> IoFuture<'_, Vec<Extent>> {
@@ -248,12 +288,14 @@ proptest! {
     #![proptest_config(ProptestConfig { cases: 24, .. ProptestConfig::default() })]
 
     /// Random concurrent guest I/O during the copy, with every 7th (or so) target write
-    /// failing: after the pivot, target == source == model.
+    /// failing, some after applying half of their request: after the pivot, target ==
+    /// source == model.
     #[test]
     fn after_complete_the_target_equals_the_source(
         prefill in proptest::collection::vec((0..SIZE / 65536, 1..6u64, any::<u8>()), 0..12),
         batches in proptest::collection::vec(proptest::collection::vec(op(), 1..6), 1..14),
         fail_every in prop_oneof![Just(0u32), 5..15u32],
+        torn_failures in any::<bool>(),
         target_thin in any::<bool>(),
     ) {
         runtime().block_on(async {
@@ -271,6 +313,7 @@ proptest! {
             }
             let flaky = Flaky::new(tgt.clone());
             flaky.fail_every.store(fail_every, Ordering::SeqCst);
+            flaky.partial.store(torn_failures, Ordering::SeqCst);
             let m = Mirror::start(src.clone(), flaky.clone(), small_opts()).unwrap();
             for b in &batches {
                 run_batch(&m, &mut model, b).await;
@@ -408,6 +451,59 @@ fn a_failing_target_never_fails_the_guest_and_fails_the_job_after_its_retries() 
         assert!(m.prepare_pivot(Duration::from_secs(1)).await.is_err());
         m.finish().await;
     });
+}
+
+/// A bulk copy that fails after writing part of its range (at once, or late after the
+/// target timeout) leaves those blocks written on the target: zeroing them afterwards
+/// through the guest must still reach the target before the pivot.
+#[test]
+fn a_copy_that_fails_half_written_never_leaves_stale_data_on_the_target() {
+    for late in [false, true] {
+        runtime().block_on(async {
+            let dir = tempfile::tempdir().unwrap();
+            let src = raw(dir.path(), "src", SIZE, Provisioning::Thin).await;
+            let tgt = raw(dir.path(), "tgt", SIZE, Provisioning::Thin).await;
+            src.write(0, &fill(8, 0, 256 << 10), WriteFlags::NONE)
+                .await
+                .unwrap();
+            let flaky = Flaky::new(tgt.clone());
+            flaky.hang.store(true, Ordering::SeqCst);
+            flaky.fail.store(1, Ordering::SeqCst);
+            flaky.partial.store(true, Ordering::SeqCst);
+            let mut o = small_opts();
+            if late {
+                o.target_timeout = Duration::from_millis(200);
+                flaky.fail_after_ms.store(600, Ordering::SeqCst);
+            }
+            let m = Mirror::start(src.clone(), flaky.clone(), o).unwrap();
+            // Freeze the copier the moment the first copy starts failing (half of it lands).
+            flaky.freeze_on_fail.set(Arc::clone(&m)).unwrap();
+            flaky.hang.store(false, Ordering::SeqCst);
+            let t0 = Instant::now();
+            while m.progress().target_errors == 0 || flaky.failed.load(Ordering::SeqCst) == 0 {
+                assert!(t0.elapsed() < Duration::from_secs(10), "no copy failed");
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            // The guest zeroes the range while it is still dirty: the source only.
+            m.write_zeroes(0, 256 << 10, false).await.unwrap();
+            m.freeze_copier(false);
+            tokio::time::timeout(Duration::from_secs(10), m.wait_ready())
+                .await
+                .unwrap()
+                .unwrap();
+            m.prepare_pivot(Duration::from_secs(5))
+                .await
+                .unwrap()
+                .commit();
+            let (s, t) = (read_all(&*src).await, read_all(&*tgt).await);
+            assert!(s.iter().all(|b| *b == 0));
+            assert!(
+                t == s,
+                "late={late}: the target kept stale data at {:?}",
+                t.iter().position(|b| *b != 0)
+            );
+        });
+    }
 }
 
 #[test]
