@@ -7,5 +7,5 @@ cd "$(dirname "$0")/.."
 scripts/setup.sh
 echo "== fmt";    cargo fmt --all -- --check
 echo "== clippy"; cargo clippy --release --workspace --all-targets --quiet -- -D warnings
-echo "== tests";  cargo test --release --workspace
+echo "== tests";  cargo test --release --workspace --no-fail-fast
 scripts/fuzz.sh 30

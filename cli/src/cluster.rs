@@ -459,7 +459,7 @@ fn list_locks(device: &Path, json: bool) -> Result<u8> {
 }
 
 pub fn run_lock(args: LockArgs) -> Result<u8> {
-    let unsafe_no_fence = std::env::var("FERRY_UNSAFE_NO_FENCE").is_ok_and(|v| v == "1");
+    let unsafe_no_fence = datastore::failpoint::fires("unsafe-no-fence");
     let ds = Arc::new(Datastore::open(&args.datastore)?);
 
     // The host cgroup holds this process and the command; the supervisor stays outside.

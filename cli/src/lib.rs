@@ -1,6 +1,9 @@
 //! The `ferry` command: parses arguments, runs one command, prints human or `--json`
 //! output. Errors print as one line on stderr and exit with status 2 (`disk compare`
 //! exits 1 when the images differ, like `qemu-img compare`).
+//!
+//! A library so that the test build of the command (`ferry-hooked`, which installs test
+//! hooks first) runs exactly this code; `src/main.rs` is the shipped `ferry`.
 
 mod agentctl;
 mod cluster;
@@ -65,7 +68,8 @@ enum Command {
     Supervise(cluster::SuperviseArgs),
 }
 
-fn main() -> ExitCode {
+/// Runs the command line of this process.
+pub fn run() -> ExitCode {
     let cli = Cli::parse();
     if matches!(cli.command, Command::Supervise(_)) {
         // The watchdog leaves the caller's session and blocks SIGHUP before any thread

@@ -1,8 +1,8 @@
 //! Synchronous record I/O on the shared device: one 4 KiB record per `pread`/`pwrite`,
 //! `O_DIRECT | O_DSYNC`, on a descriptor of its own (never queued behind data I/O).
 //!
-//! [`RecordIo`] is the seam tests use to inject faults: [`Faults`] adds delays to
-//! renewals (from `FERRY_FAULT_RENEW_DELAY_MS`, read once) or fails writes.
+//! [`RecordIo`] is the seam tests use to inject faults: [`Faults`] delays renewals (the
+//! test setting `renew-delay-ms`, see [`crate::failpoint`]).
 
 use std::fs::{File, OpenOptions};
 use std::io;

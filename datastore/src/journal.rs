@@ -12,31 +12,14 @@
 //! by any host about to break the locks or claim the clusters of a dead host, so no
 //! record of the transaction is changed by anyone else before it is finished.
 //!
-//! Failpoints (`FERRY_FAILPOINT=<name>[@N]`, tests): `journal-written`, `apply-partial`,
-//! `applied` kill the process (SIGKILL) at that step (of its N-th transaction).
+//! Crash tests kill the process at each step through the failpoints `journal-written`,
+//! `apply-partial` and `applied` ([`crate::failpoint`]).
 
 use crate::filerec::{JournalHeader, TxnState, MAX_TXN_RECORDS};
 use crate::format::{Block, Decoded, Owner};
 use crate::store::Datastore;
 use crate::store::{Liveness, Observer};
 use crate::{Error, Result};
-
-/// Kills this process with SIGKILL if `FERRY_FAILPOINT` names `point` (crash tests):
-/// `point` kills the first time it is reached, `point@N` the N-th time.
-pub fn failpoint(point: &str) {
-    static HITS: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
-    let Ok(v) = std::env::var("FERRY_FAILPOINT") else {
-        return;
-    };
-    let (name, nth) = match v.split_once('@') {
-        Some((n, k)) => (n, k.parse().unwrap_or(1)),
-        None => (v.as_str(), 1),
-    };
-    if name == point && HITS.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1 >= nth {
-        eprintln!("ferry: failpoint {point}: killing myself");
-        let _ = nix::sys::signal::raise(nix::sys::signal::Signal::SIGKILL);
-    }
-}
 
 pub(crate) fn images_crc(images: &[Box<Block>]) -> u32 {
     images
@@ -124,7 +107,7 @@ pub fn commit(ds: &Datastore, me: Owner, seq: u64, writes: &[(u64, Box<Block>)])
     all.push(header.encode(ds.uuid()));
     all.extend(images);
     ds.write_many(jrec, &all)?;
-    failpoint("journal-written");
+    crate::failpoint::crash_at("journal-written");
     apply(ds, writes)?;
     header.state = TxnState::Applied;
     ds.write(jrec, &header.encode(ds.uuid()))
@@ -133,11 +116,11 @@ pub fn commit(ds: &Datastore, me: Owner, seq: u64, writes: &[(u64, Box<Block>)])
 fn apply(ds: &Datastore, writes: &[(u64, Box<Block>)]) -> Result<()> {
     for (i, (target, image)) in writes.iter().enumerate() {
         if i == writes.len() / 2 {
-            failpoint("apply-partial");
+            crate::failpoint::crash_at("apply-partial");
         }
         ds.write(*target, image)?;
     }
-    failpoint("applied");
+    crate::failpoint::crash_at("applied");
     Ok(())
 }
 

@@ -10,14 +10,18 @@
 //! - [`paxos`]: the volume lease, by Disk Paxos.
 //! - [`locks`]: object locks (exclusive, shared, multi-writer), handoff, breaking.
 //! - [`fence`]: the host cgroup and the watchdog supervisor that empties it.
+//! - [`failpoint`]: named test hooks; the shipped binary installs none.
 //!
 //! Safety needs only atomic single-record writes: no compare-and-swap, no host-local
-//! locks, no wall-clock time. Files, directories and space (Step 3) are not here yet.
+//! locks, no wall-clock time. Files, directories and space are in [`files`] (descriptors in
+//! [`filerec`]), made crash-atomic by each host's redo [`journal`]; [`check`] verifies a
+//! datastore and repairs what a dead host left.
 #![forbid(unsafe_code)]
 
 pub mod check;
 pub mod clock;
 pub mod device;
+pub mod failpoint;
 pub mod fence;
 pub mod filerec;
 pub mod files;

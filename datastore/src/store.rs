@@ -162,18 +162,14 @@ impl Datastore {
         Ok(sb)
     }
 
-    /// Opens the datastore on a device path. For tests, `FERRY_FAULT_RENEW_DELAY_MS`
-    /// delays every heartbeat write by that much once armed (the host lease arms it after
-    /// joining, so renewals are slow as on a failing device).
+    /// Opens the datastore on a device path. Under the test setting `renew-delay-ms`
+    /// ([`crate::failpoint`]) every heartbeat write is that much slower once the host
+    /// lease has joined, as on a failing device.
     pub fn open(path: &Path) -> Result<Datastore> {
         let dev = Device::open(path)?;
-        let delay = std::env::var("FERRY_FAULT_RENEW_DELAY_MS")
-            .ok()
-            .and_then(|v| v.parse::<u64>().ok())
-            .unwrap_or(0);
-        if delay == 0 {
+        let Some(delay) = crate::failpoint::setting("renew-delay-ms").filter(|d| *d > 0) else {
             return Self::open_with(Arc::new(dev), Arc::new(BootClock));
-        }
+        };
         let sb = load_superblock(&dev)?;
         let range = sb.hb_start..sb.hb_start + sb.max_hosts as u64;
         let io = Faults::new(dev, Duration::from_millis(delay), range);

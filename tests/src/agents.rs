@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use datastore::fence::HostCgroup;
 use serde_json::Value;
 
-use crate::cluster::ferry_bin;
+use crate::cluster::{ferry_bin, ferry_bin_for};
 use crate::{run_ok, LoopDev};
 
 /// The cluster secret every test agent shares.
@@ -342,10 +342,10 @@ impl AgentBed {
                 let mut c = Command::new("nsenter");
                 c.arg(format!("--net=/run/netns/{ns}"))
                     .arg("--")
-                    .arg(ferry_bin());
+                    .arg(ferry_bin_for(&env));
                 c
             }
-            None => Command::new(ferry_bin()),
+            None => Command::new(ferry_bin_for(&env)),
         };
         let child = cmd
             .arg("agent")

@@ -18,19 +18,37 @@ use crate::{run_ok, LoopDev};
 /// Cluster tests share the machine's timing: run them one at a time.
 pub static SERIAL: Mutex<()> = Mutex::new(());
 
-/// The ferry binary next to the test executable (`target/<profile>/ferry`).
+/// The shipped ferry binary next to the test executable (`target/<profile>/ferry`).
 pub fn ferry_bin() -> PathBuf {
+    harness_bin("ferry")
+}
+
+/// The test build of ferry (`ferry-hooked`): reads test hooks from `FERRY_FAILPOINTS`.
+pub fn ferry_hooked_bin() -> PathBuf {
+    harness_bin("ferry-hooked")
+}
+
+/// `ferry-hooked` when `env` sets test hooks, else the shipped `ferry`.
+pub fn ferry_bin_for<K: AsRef<str>, V>(env: &[(K, V)]) -> PathBuf {
+    if env.iter().any(|(k, _)| k.as_ref() == "FERRY_FAILPOINTS") {
+        ferry_hooked_bin()
+    } else {
+        ferry_bin()
+    }
+}
+
+fn harness_bin(name: &str) -> PathBuf {
     let exe = std::env::current_exe().expect("test exe");
     // Tests run from target/PROFILE/deps/, the harness's own binaries from target/PROFILE/.
     let here = exe.parent().expect("exe dir");
-    let bin = if here.join("ferry").exists() {
-        here.join("ferry")
+    let bin = if here.join(name).exists() {
+        here.join(name)
     } else {
-        here.parent().expect("target dir").join("ferry")
+        here.parent().expect("target dir").join(name)
     };
     assert!(
         bin.exists(),
-        "{} is missing: build it first (cargo build --release --bin ferry)",
+        "{} is missing: build it first (cargo build --release --workspace --bins)",
         bin.display()
     );
     bin
@@ -149,7 +167,7 @@ impl Cluster {
         env: &[(&str, &str)],
         job: bool,
     ) -> usize {
-        let mut c = Command::new(ferry_bin());
+        let mut c = Command::new(ferry_bin_for(env));
         if job {
             std::os::unix::process::CommandExt::process_group(&mut c, 0);
         }

@@ -1,12 +1,13 @@
 //! Shared harness for ferry's end-to-end tests: loop devices that clean themselves up,
-//! the `qemu-img`/`qemu-io` oracles, and small helpers. Later steps add hosts in network
-//! namespaces and real guests here.
+//! the `qemu-img`/`qemu-io` oracles, hosts in network namespaces, agents, real guests,
+//! and the test hooks ([`hooks`]).
 //!
 //! The oracles are installed by `scripts/setup.sh`; a test that needs one fails (never
 //! skips) when it is missing.
 
 pub mod agents;
 pub mod cluster;
+pub mod hooks;
 pub mod vms;
 
 use std::path::{Path, PathBuf};

@@ -169,7 +169,7 @@ fn stopped_holder_by(
     let report = c.file("fence-report");
     let mut env = vec![("FERRY_FENCE_REPORT", report.to_str().unwrap().to_string())];
     if !fencing {
-        env.push(("FERRY_UNSAFE_NO_FENCE", "1".into()));
+        env.push(("FERRY_FAILPOINTS", "unsafe-no-fence".into()));
     }
     let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
     let cmd0 = c.devcount(0, &log, 16_000, 0);
@@ -361,7 +361,7 @@ fn slow_renewals_within_io_timeout_keep_the_lease() {
         "obj",
         0.0,
         &["sleep", "14"],
-        &[("FERRY_FAULT_RENEW_DELAY_MS", "700")],
+        &[("FERRY_FAILPOINTS", "renew-delay-ms=700")],
     );
     wait_holder(&c, "obj", &c.host(0), 15.0);
     let deadline = Instant::now() + Duration::from_secs(12);
@@ -385,7 +385,7 @@ fn renewals_slower_than_8x_io_timeout_fence_the_host_before_anyone_breaks_its_lo
         "obj",
         0.0,
         &["sleep", "60"],
-        &[("FERRY_FAULT_RENEW_DELAY_MS", "9000")],
+        &[("FERRY_FAILPOINTS", "renew-delay-ms=9000")],
     );
     wait_holder(&c, "obj", &c.host(0), 15.0);
     let acquired = c.file("acquired");

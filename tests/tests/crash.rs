@@ -63,7 +63,7 @@ fn start_writer(
         .stdout(Stdio::null())
         .stderr(Stdio::null());
     if let Some(fp) = failpoint {
-        c.env("FERRY_FAILPOINT", fp);
+        c.env("FERRY_FAILPOINTS", fp);
     }
     Writer {
         child: c.spawn().expect("spawn dswriter"),

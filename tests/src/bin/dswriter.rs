@@ -27,6 +27,7 @@ use ferry_tests::Rng;
 const SIZE: u64 = 64 << 20;
 
 fn main() {
+    ferry_tests::hooks::install_from_env();
     let a: Vec<String> = std::env::args().collect();
     if a.len() < 6 {
         eprintln!("usage: dswriter write|verify DEVICE HOST FILE LOG [SEED]");

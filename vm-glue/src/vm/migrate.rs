@@ -114,14 +114,6 @@ pub struct IncomingReq {
     pub cold: bool,
 }
 
-/// Test hooks from `FERRY_FAILPOINTS`: `migrate-after-handoff` fails the relocation
-/// right after the locks were handed to the destination.
-fn failpoint(name: &str) -> bool {
-    std::env::var("FERRY_FAILPOINTS")
-        .map(|v| v.split(',').any(|f| f.trim() == name))
-        .unwrap_or(false)
-}
-
 // ---------------------------------------------------------------------------------
 // Destination side.
 
@@ -1138,7 +1130,7 @@ async fn run(
                 if let Some(mut l) = leaving {
                     l.committed = true;
                     let _ = save_leaving(agent, &l);
-                    if failpoint("both-after-commit") {
+                    if datastore::failpoint::fires("both-after-commit") {
                         tracing::warn!("failpoint both-after-commit: killing the agent");
                         let _ = nix::sys::signal::raise(nix::sys::signal::Signal::SIGKILL);
                     }
@@ -1341,7 +1333,7 @@ async fn migrate(
         }
         agent.save_exports(&t).await?;
     }
-    if failpoint("migrate-after-handoff") {
+    if datastore::failpoint::fires("migrate-after-handoff") {
         bail!("failpoint migrate-after-handoff");
     }
     // A host + storage move commits on the destination next: from here a restarted

@@ -96,18 +96,12 @@ impl Drop for BusyGuard {
     }
 }
 
-/// Test hooks, from `FERRY_FAILPOINTS` (comma-separated names): `pivot-before-config`,
-/// `pivot-after-config`, `pivot-after-switch` kill the agent (SIGKILL) at that pivot
-/// step; `mirror-freeze` freezes the bulk copiers once every disk is ready and holds
-/// the pivot until `run_dir/relocations/<vm>.go` exists.
-fn failpoint(name: &str) -> bool {
-    std::env::var("FERRY_FAILPOINTS")
-        .map(|v| v.split(',').any(|f| f.trim() == name))
-        .unwrap_or(false)
-}
-
+/// Test hooks ([`datastore::failpoint`]): `pivot-before-config`, `pivot-after-config`,
+/// `pivot-after-switch` kill the agent (SIGKILL) at that pivot step; `mirror-freeze`
+/// freezes the bulk copiers once every disk is ready and holds the pivot until
+/// `run_dir/relocations/<vm>.go` exists.
 fn crash_at(name: &str) {
-    if failpoint(name) {
+    if datastore::failpoint::fires(name) {
         tracing::warn!("failpoint {name}: killing the agent");
         let _ = nix::sys::signal::raise(nix::sys::signal::Signal::SIGKILL);
     }
@@ -495,7 +489,7 @@ async fn run(
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
-        if failpoint("mirror-freeze") {
+        if datastore::failpoint::fires("mirror-freeze") {
             for mv in &moving {
                 mv.mirror.freeze_copier(true);
             }
