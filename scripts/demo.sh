@@ -120,11 +120,12 @@ $F datastore create "$work/lun2.img" --label demo2 --size 256M --profile test --
 $F datastore create "$work/lun3.img" --label demo3 --size 256M --profile test --max-hosts 8 >/dev/null
 l3=$(losetup --find --show --direct-io=on "$work/lun2.img"); loops+=("$l3")
 l4=$(losetup --find --show --direct-io=on "$work/lun3.img"); loops+=("$l4")
+G=$(scripts/build-guest.sh)   # the test guest: the agents may boot VMs from here only
 port=17400
 for h in alpha beta; do
   dev=$l1; own=$l3; [ $h = beta ] && { dev=$l2; own=$l4; }
-  printf 'host = "demo-%s"\nrun_dir = "%s"\nprofile = "test"\nmanagement_listen = "127.0.0.1:%s"\nnbd_listen = "127.0.0.1:%s"\nsecret = "demo-cluster-secret-0123"\n[[datastore]]\ndevice = "%s"\n[[datastore]]\ndevice = "%s"\n' \
-    "$h" "$work/run-$h" "$port" "$((port + 1))" "$dev" "$own" > "$work/$h.toml"
+  printf 'host = "demo-%s"\nrun_dir = "%s"\nprofile = "test"\nmanagement_listen = "127.0.0.1:%s"\nnbd_listen = "127.0.0.1:%s"\nsecret = "demo-cluster-secret-0123"\nboot_dirs = ["%s"]\n[[datastore]]\ndevice = "%s"\n[[datastore]]\ndevice = "%s"\n' \
+    "$h" "$work/run-$h" "$port" "$((port + 1))" "$G" "$dev" "$own" > "$work/$h.toml"
   port=$((port + 2))
   FERRY_LOG=warn $F agent --config "$work/$h.toml" & agent_pids+=($!)
 done
@@ -148,7 +149,6 @@ show $F export activate disk0 $B
 show qemu-io -f raw -c "write -P 0x42 0 64k" -c "read -P 0x42 0 64k" "nbd+unix:///disk0?socket=$work/run-beta/nbd.sock"
 
 step "The test VM, defined in the datastore, runs on alpha; beta cannot start it"
-G=$(scripts/build-guest.sh)
 show $F vm create demo-vm --datastore demo --memory 256M --disk 128M,thin \
   --kernel "$G/vmlinuz" --initrd "$G/initramfs.img" \
   --append "console=ttyS0 quiet panic=-1 ferry.seconds=0 ferry.region_mib=64" --nic mac=52:54:00:00:00:01 $A

@@ -92,6 +92,13 @@ pub fn block_on<F: std::future::Future>(f: F) -> F::Output {
         .block_on(f)
 }
 
+/// Where scripts/build-guest.sh puts the test guest (its default), without building it.
+pub fn guest_dir_path() -> PathBuf {
+    std::env::var_os("FERRY_GUEST_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/var/cache/ferry/guest"))
+}
+
 /// Builds (or finds, cached) the test guest with scripts/build-guest.sh; returns the
 /// directory holding `vmlinuz` and `initramfs.img`.
 pub fn guest_dir() -> PathBuf {
@@ -212,8 +219,10 @@ impl AgentBed {
                 let nbd = format!("127.0.0.1:{}", free_port());
                 let mut text = format!(
                     "host = \"{name}\"\nrun_dir = \"{}\"\nmanagement_listen = \"{mgmt}\"\n\
-                     nbd_listen = \"{nbd}\"\nsecret = \"{SECRET}\"\nprofile = \"test\"\n",
+                     nbd_listen = \"{nbd}\"\nsecret = \"{SECRET}\"\nprofile = \"test\"\n\
+                     boot_dirs = [\"{}\"]\n",
                     run_dir.display(),
+                    guest_dir_path().display(),
                 );
                 for k in 0..images.len() {
                     text += &format!(

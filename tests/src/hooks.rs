@@ -23,10 +23,14 @@ impl EnvHooks {
         let mut h = EnvHooks::default();
         for item in spec.split(',').map(str::trim).filter(|s| !s.is_empty()) {
             if let Some((k, v)) = item.split_once('=') {
-                let v = v.parse().unwrap_or_else(|_| panic!("FERRY_FAILPOINTS: {item}"));
+                let v = v
+                    .parse()
+                    .unwrap_or_else(|_| panic!("FERRY_FAILPOINTS: {item}"));
                 h.settings.insert(k.to_string(), v);
             } else if let Some((k, n)) = item.split_once('@') {
-                let n = n.parse().unwrap_or_else(|_| panic!("FERRY_FAILPOINTS: {item}"));
+                let n = n
+                    .parse()
+                    .unwrap_or_else(|_| panic!("FERRY_FAILPOINTS: {item}"));
                 h.points.insert(k.to_string(), n);
             } else {
                 h.points.insert(item.to_string(), 1);

@@ -238,7 +238,14 @@ async fn route(agent: &Arc<Agent>, req: &Request, tcp: bool) -> ApiResult {
                 timeout_s: Option<u64>,
             }
             let r: StopReq = body(req)?;
-            let t = std::time::Duration::from_secs(r.timeout_s.unwrap_or(30));
+            let t = r.timeout_s.unwrap_or(30);
+            if t > 3600 {
+                return Err(err(
+                    400,
+                    format!("VM {name}: `timeout_s` = {t}: must be 0 to 3600 s"),
+                ));
+            }
+            let t = std::time::Duration::from_secs(t);
             crate::vm::stop(agent, name, r.force, t)
                 .await
                 .map_err(vm_err)?;
@@ -246,6 +253,9 @@ async fn route(agent: &Arc<Agent>, req: &Request, tcp: bool) -> ApiResult {
         }
         ("POST", ["v1", "vms", name, "relocate"]) => {
             let r: crate::vm::relocate::RelocateReq = body(req)?;
+            r.params()
+                .check()
+                .map_err(|e| err(400, format!("relocation of VM {name}: {e:#}")))?;
             let task = crate::vm::relocate::start(agent, name, r)
                 .await
                 .map_err(vm_err)?;

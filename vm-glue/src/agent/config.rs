@@ -1,7 +1,7 @@
 //! The agent's TOML configuration (`ferry agent --config FILE`), validated with errors
 //! that name the field. The schema is documented in `docs/api.md`.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -43,7 +43,13 @@ struct Raw {
     write_hold_secs: Option<u64>,
     accel: Option<String>,
     qemu: Option<String>,
+    advertise: Option<String>,
+    boot_dirs: Option<Vec<PathBuf>>,
 }
+
+/// Where VM kernels, initrds and firmware may come from unless the config says otherwise.
+pub const DEFAULT_BOOT_DIRS: [&str; 3] =
+    ["/var/lib/ferry/boot", "/usr/share/qemu", "/usr/share/ovmf"];
 
 /// The validated configuration.
 #[derive(Debug, Clone)]
@@ -63,6 +69,10 @@ pub struct Config {
     pub accel: String,
     /// The QEMU binary.
     pub qemu: String,
+    /// The IP peers dial for this host's TCP listeners (needed with a wildcard listen).
+    pub advertise: Option<IpAddr>,
+    /// The only directories a VM's kernel, initrd or firmware may lie under.
+    pub boot_dirs: Vec<PathBuf>,
 }
 
 fn field_err(file: &Path, field: &str, detail: impl std::fmt::Display) -> anyhow::Error {
@@ -113,6 +123,46 @@ impl Config {
         };
         let management_listen = addr("management_listen", &raw.management_listen)?;
         let nbd_listen = addr("nbd_listen", &raw.nbd_listen)?;
+        let advertise = raw
+            .advertise
+            .as_ref()
+            .map(|s| {
+                s.parse::<IpAddr>()
+                    .map_err(|e| field_err(file, "advertise", format!("{s:?}: {e} (want an IP)")))
+            })
+            .transpose()?;
+        if advertise.is_some_and(|a| a.is_unspecified()) {
+            return Err(field_err(
+                file,
+                "advertise",
+                "must be an address peers can dial, not 0.0.0.0 or ::",
+            ));
+        }
+        for (field, l) in [
+            ("management_listen", management_listen),
+            ("nbd_listen", nbd_listen),
+        ] {
+            if l.is_some_and(|a| a.ip().is_unspecified()) && advertise.is_none() {
+                return Err(field_err(
+                    file,
+                    field,
+                    "listens on every address: set `advertise` to the IP other hosts dial",
+                ));
+            }
+        }
+        let boot_dirs = match raw.boot_dirs {
+            Some(dirs) => {
+                if let Some(d) = dirs.iter().find(|d| !d.is_absolute()) {
+                    return Err(field_err(
+                        file,
+                        "boot_dirs",
+                        format!("{}: must be an absolute path", d.display()),
+                    ));
+                }
+                dirs
+            }
+            None => DEFAULT_BOOT_DIRS.iter().map(PathBuf::from).collect(),
+        };
         let secret = match (raw.secret, raw.secret_file) {
             (Some(_), Some(_)) => {
                 return Err(field_err(
@@ -166,7 +216,41 @@ impl Config {
             secret,
             profile: raw.profile,
             write_hold,
+            advertise,
+            boot_dirs,
         })
+    }
+
+    /// The address peers dial for a listener bound at `bound`: the `advertise` IP when
+    /// it listens on every address.
+    pub fn published(&self, bound: SocketAddr) -> SocketAddr {
+        match self.advertise {
+            Some(ip) if bound.ip().is_unspecified() => SocketAddr::new(ip, bound.port()),
+            _ => bound,
+        }
+    }
+
+    /// Refuses a kernel, initrd or firmware path outside `boot_dirs` (after resolving
+    /// symbolic links and `..`), so a VM definition cannot make QEMU read any host file.
+    pub fn check_boot_file(&self, field: &str, path: &str) -> anyhow::Result<()> {
+        let real = std::fs::canonicalize(path)
+            .map_err(|e| anyhow::anyhow!("vm.toml: `{field}`: {path}: {e}"))?;
+        let allowed = self
+            .boot_dirs
+            .iter()
+            .any(|d| std::fs::canonicalize(d).is_ok_and(|d| real.starts_with(d)));
+        if !allowed || !real.is_file() {
+            anyhow::bail!(
+                "vm.toml: `{field}`: {path} is not a file under this host's boot_dirs ({}); \
+                 put it there or add its directory to boot_dirs in the agent config",
+                self.boot_dirs
+                    .iter()
+                    .map(|d| d.display().to_string())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            );
+        }
+        Ok(())
     }
 
     /// The unix socket every export is served on.
@@ -219,5 +303,62 @@ device = "/dev/loop0"
         assert!(e.to_string().contains("bogus"), "{e}");
         let e = parse("host = \"a\"\nrun_dir = \"/r\"\n").unwrap_err();
         assert!(e.to_string().contains("`datastore`"), "{e}");
+        let e = parse(&format!("host = \"a\"\nboot_dirs = [\"rel\"]\n{base}")).unwrap_err();
+        assert!(e.to_string().contains("`boot_dirs`"), "{e}");
+    }
+
+    #[test]
+    fn a_wildcard_listener_needs_an_address_to_advertise() {
+        let base = "host = \"a\"\nsecret = \"0123456789abcdef\"\nrun_dir = \"/r\"\n\
+                    [[datastore]]\ndevice = \"/d\"\n";
+        let e = parse(&format!("nbd_listen = \"0.0.0.0:10809\"\n{base}")).unwrap_err();
+        assert!(
+            e.to_string().contains("`nbd_listen`") && e.to_string().contains("advertise"),
+            "{e}"
+        );
+        let e = parse(&format!("management_listen = \"[::]:7700\"\n{base}")).unwrap_err();
+        assert!(e.to_string().contains("`management_listen`"), "{e}");
+        let e = parse(&format!("advertise = \"0.0.0.0\"\n{base}")).unwrap_err();
+        assert!(e.to_string().contains("`advertise`"), "{e}");
+        let c = parse(&format!(
+            "nbd_listen = \"0.0.0.0:10809\"\nadvertise = \"10.0.0.7\"\n{base}"
+        ))
+        .unwrap();
+        assert_eq!(
+            c.published("0.0.0.0:10809".parse().unwrap()).to_string(),
+            "10.0.0.7:10809"
+        );
+        assert_eq!(
+            c.published("10.0.0.1:7700".parse().unwrap()).to_string(),
+            "10.0.0.1:7700"
+        );
+    }
+
+    #[test]
+    fn boot_files_must_lie_under_boot_dirs() {
+        let dir = tempfile::tempdir().unwrap();
+        let ok = dir.path().join("boot");
+        std::fs::create_dir(&ok).unwrap();
+        std::fs::write(ok.join("vmlinuz"), b"k").unwrap();
+        std::fs::write(dir.path().join("secret"), b"s").unwrap();
+        std::os::unix::fs::symlink(dir.path().join("secret"), ok.join("link")).unwrap();
+        let c = parse(&format!(
+            "host = \"a\"\nrun_dir = \"/r\"\nboot_dirs = [\"{}\"]\n[[datastore]]\ndevice = \"/d\"\n",
+            ok.display()
+        ))
+        .unwrap();
+        let p = |f: &str| dir.path().join(f).display().to_string();
+        c.check_boot_file("boot.kernel", &p("boot/vmlinuz"))
+            .unwrap();
+        for bad in [
+            p("secret"),
+            p("boot/../secret"),
+            p("boot/link"),
+            p("boot"),
+            p("boot/none"),
+        ] {
+            let e = c.check_boot_file("boot.kernel", &bad).unwrap_err();
+            assert!(e.to_string().contains("`boot.kernel`"), "{bad}: {e}");
+        }
     }
 }

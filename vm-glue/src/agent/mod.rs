@@ -370,7 +370,7 @@ pub async fn run(cfg: Config, exe: PathBuf) -> Result<Stop> {
         .map(|a| tcp(a, "the control API"))
         .transpose()?;
     let address = match &mgmt_l {
-        Some(l) => l.local_addr()?.to_string(),
+        Some(l) => cfg.published(l.local_addr()?).to_string(),
         None => String::new(),
     };
     let cfg2 = cfg.clone();
@@ -433,7 +433,7 @@ pub async fn run(cfg: Config, exe: PathBuf) -> Result<Stop> {
     let nbd_sock = bind_unix(&cfg.nbd_socket())?;
     let nbd_tcp = match (nbd_tcp_l, &agent.nbd_tcp) {
         (Some(l), Some(srv)) => {
-            *agent.nbd_tcp_addr.lock().expect("addr") = Some(l.local_addr()?);
+            *agent.nbd_tcp_addr.lock().expect("addr") = Some(cfg.published(l.local_addr()?));
             Some((Arc::clone(srv), l))
         }
         _ => None,
@@ -442,7 +442,7 @@ pub async fn run(cfg: Config, exe: PathBuf) -> Result<Stop> {
     let ctl = tokio::net::UnixListener::from_std(bind_unix(&cfg.control_socket)?)?;
     tokio::spawn(api::serve_unix(Arc::clone(&agent), ctl));
     if let Some(l) = mgmt_l {
-        *agent.mgmt_addr.lock().expect("addr") = Some(l.local_addr()?);
+        *agent.mgmt_addr.lock().expect("addr") = Some(cfg.published(l.local_addr()?));
         tokio::spawn(api::serve_tcp(
             Arc::clone(&agent),
             tokio::net::TcpListener::from_std(l)?,

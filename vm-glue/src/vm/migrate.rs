@@ -62,6 +62,33 @@ pub struct MigrateParams {
     pub timeout_s: Option<u64>,
 }
 
+impl MigrateParams {
+    /// Refuses values out of range (errors name the field), before anything is handed over.
+    pub fn check(&self) -> Result<()> {
+        fn within<T: PartialOrd + std::fmt::Display + Copy>(
+            field: &str,
+            v: Option<T>,
+            lo: T,
+            hi: T,
+            unit: &str,
+        ) -> Result<()> {
+            match v {
+                Some(v) if v < lo || v > hi => {
+                    bail!("`{field}` = {v}: must be {lo} to {hi}{unit}")
+                }
+                _ => Ok(()),
+            }
+        }
+        within("downtime_ms", self.downtime_ms, 1, 600_000, " ms")?;
+        within("bandwidth", self.bandwidth, 1 << 20, 1 << 40, " bytes/s")?;
+        within("multifd_channels", self.multifd_channels, 1, 16, "")?;
+        within("timeout_s", self.timeout_s, 1, MAX_TIMEOUT_S, " s")
+    }
+}
+
+/// The longest relocation a caller may allow (one day).
+pub const MAX_TIMEOUT_S: u64 = 86_400;
+
 /// QEMU's own defaults (7.2), set again for every migration.
 const DEFAULT_DOWNTIME_MS: u64 = 300;
 const DEFAULT_BANDWIDTH: u64 = 128 << 20;
@@ -1729,4 +1756,63 @@ async fn rollback(
         }
     }
     false
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn settings_out_of_range_are_refused_by_name() {
+        let ok = MigrateParams {
+            downtime_ms: Some(300),
+            bandwidth: Some(1 << 30),
+            multifd_channels: Some(4),
+            timeout_s: Some(600),
+        };
+        ok.check().unwrap();
+        MigrateParams::default().check().unwrap();
+        // A huge timeout overflowed the destination's give-up time (a panic after the
+        // definition was handed over).
+        for (p, field) in [
+            (
+                MigrateParams {
+                    timeout_s: Some(u64::MAX),
+                    ..ok.clone()
+                },
+                "timeout_s",
+            ),
+            (
+                MigrateParams {
+                    timeout_s: Some(0),
+                    ..ok.clone()
+                },
+                "timeout_s",
+            ),
+            (
+                MigrateParams {
+                    downtime_ms: Some(0),
+                    ..ok.clone()
+                },
+                "downtime_ms",
+            ),
+            (
+                MigrateParams {
+                    bandwidth: Some(1),
+                    ..ok.clone()
+                },
+                "bandwidth",
+            ),
+            (
+                MigrateParams {
+                    multifd_channels: Some(1000),
+                    ..ok.clone()
+                },
+                "multifd_channels",
+            ),
+        ] {
+            let e = p.check().unwrap_err().to_string();
+            assert!(e.contains(field), "{e}");
+        }
+    }
 }

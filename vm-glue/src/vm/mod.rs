@@ -351,6 +351,24 @@ pub(crate) async fn release_exports(agent: &Agent, names: &[String]) {
     let _ = agent.save_exports(&table).await;
 }
 
+/// Refuses boot files outside this host's `boot_dirs`, at every start of QEMU here
+/// (incoming moves included): each host decides what its QEMU may read.
+fn check_boot_files(agent: &Agent, spec: &VmSpec) -> Result<()> {
+    for (field, p) in [
+        ("boot.kernel", &spec.boot.kernel),
+        ("boot.initrd", &spec.boot.initrd),
+        ("boot.firmware", &spec.boot.firmware),
+    ] {
+        if let Some(p) = p {
+            agent
+                .cfg
+                .check_boot_file(field, p)
+                .map_err(|e| anyhow!("VM {}: {e:#}", spec.name))?;
+        }
+    }
+    Ok(())
+}
+
 /// Starts QEMU in the VM's cgroup; returns its pid, QMP connection, cgroup, accelerator.
 pub(crate) async fn launch(
     agent: &Agent,
@@ -358,6 +376,7 @@ pub(crate) async fn launch(
     exports: &[String],
     incoming: bool,
 ) -> Result<(u32, Arc<Qmp>, PathBuf, &'static str)> {
+    check_boot_files(agent, spec)?;
     let dir = vm_dir(agent, &spec.name);
     std::fs::create_dir_all(&dir)?;
     let qmp_sock = dir.join("qmp.sock");

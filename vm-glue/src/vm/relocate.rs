@@ -63,6 +63,18 @@ pub struct RelocateReq {
     pub timeout_s: Option<u64>,
 }
 
+impl RelocateReq {
+    /// The host relocation's settings.
+    pub fn params(&self) -> super::migrate::MigrateParams {
+        super::migrate::MigrateParams {
+            downtime_ms: self.downtime_ms,
+            bandwidth: self.bandwidth,
+            multifd_channels: self.multifd_channels,
+            timeout_s: self.timeout_s,
+        }
+    }
+}
+
 /// One disk's move.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 struct DiskMove {
@@ -304,6 +316,10 @@ async fn plan(
 
 /// Checks a request and starts the relocation as a task; returns the task.
 pub async fn start(agent: &Arc<Agent>, name: &str, r: RelocateReq) -> Result<Arc<Task>> {
+    let params = r.params();
+    params
+        .check()
+        .map_err(|e| anyhow!("relocation of VM {name}: {e:#}"))?;
     {
         let mut busy = BUSY.lock().expect("busy");
         if !busy.insert(name.to_string()) {
@@ -312,12 +328,6 @@ pub async fn start(agent: &Arc<Agent>, name: &str, r: RelocateReq) -> Result<Arc
     }
     let guard = BusyGuard(name.to_string());
     if let Some(h) = r.host.as_ref().filter(|h| **h != agent.cfg.host) {
-        let params = super::migrate::MigrateParams {
-            downtime_ms: r.downtime_ms,
-            bandwidth: r.bandwidth,
-            multifd_channels: r.multifd_channels,
-            timeout_s: r.timeout_s,
-        };
         let storage = super::migrate::StorageReq {
             datastore: r.datastore.clone(),
             disks: r.disks.clone(),

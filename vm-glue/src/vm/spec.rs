@@ -80,6 +80,23 @@ fn check_name(field: &str, s: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// A value QEMU reads inside an option list (`-machine TYPE,…`, `-cpu MODEL,…`): only
+/// letters, digits, '-', '_' and '.', so it cannot add options of its own.
+fn check_word(field: &str, s: &str) -> Result<(), String> {
+    if s.is_empty()
+        || s.len() > 64
+        || !s
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+    {
+        return Err(bad(
+            field,
+            format!("{s:?} must be 1 to 64 letters, digits, '-', '_' or '.' (no options)"),
+        ));
+    }
+    Ok(())
+}
+
 /// Whether `s` is a unicast MAC `aa:bb:cc:dd:ee:ff`.
 pub fn valid_mac(s: &str) -> bool {
     let parts: Vec<&str> = s.split(':').collect();
@@ -103,6 +120,8 @@ impl VmSpec {
         if !(1..=256).contains(&self.vcpus) {
             return Err(bad("vcpus", "must be 1 to 256"));
         }
+        check_word("machine", &self.machine)?;
+        check_word("cpu", &self.cpu)?;
         let versioned = self.machine.rsplit_once('-').is_some_and(|(_, v)| {
             v.contains('.') && v.chars().all(|c| c.is_ascii_digit() || c == '.')
         });
@@ -115,7 +134,7 @@ impl VmSpec {
                 ),
             ));
         }
-        if self.cpu.is_empty() || self.cpu == "host" || self.cpu == "max" {
+        if ["host", "max"].contains(&self.cpu.to_ascii_lowercase().as_str()) {
             return Err(bad(
                 "cpu",
                 "name a CPU model (e.g. qemu64, Westmere): host and max do not migrate",
@@ -168,6 +187,35 @@ impl VmSpec {
                     &format!("nics[{i}].mac"),
                     format!("{:?} is not a unicast MAC like 52:54:00:12:34:56", n.mac),
                 ));
+            }
+            if let Some(b) = &n.bridge {
+                if b.is_empty()
+                    || b.len() > 15
+                    || !b
+                        .chars()
+                        .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+                {
+                    return Err(bad(
+                        &format!("nics[{i}].bridge"),
+                        format!(
+                            "{b:?} is not a bridge name (1 to 15 letters, digits, '-', '_', '.')"
+                        ),
+                    ));
+                }
+            }
+        }
+        for (field, p) in [
+            ("boot.kernel", &self.boot.kernel),
+            ("boot.initrd", &self.boot.initrd),
+            ("boot.firmware", &self.boot.firmware),
+        ] {
+            if let Some(p) = p {
+                if !p.starts_with('/') || p.contains(',') {
+                    return Err(bad(
+                        field,
+                        format!("{p:?} must be an absolute path without commas"),
+                    ));
+                }
             }
         }
         Ok(())
@@ -240,6 +288,27 @@ pub(crate) mod tests {
             ),
             (Box::new(|s| s.boot.firmware = Some("/f".into())), "`boot`"),
             (Box::new(|s| s.name = "a b".into()), "`name`"),
+            // Option injection into -machine / -cpu.
+            (
+                Box::new(|s| s.machine = "pc-q35-7.2,memory-backend=x".into()),
+                "`machine`",
+            ),
+            (
+                Box::new(|s| s.machine = "pc-q35-7.2,accel=kvm,x-1.2".into()),
+                "`machine`",
+            ),
+            (Box::new(|s| s.cpu = "max,migratable=on".into()), "`cpu`"),
+            (Box::new(|s| s.cpu = "qemu64,+vmx".into()), "`cpu`"),
+            (Box::new(|s| s.cpu = "MAX".into()), "`cpu`"),
+            (Box::new(|s| s.cpu = "".into()), "`cpu`"),
+            (
+                Box::new(|s| s.nics[0].bridge = Some("br0,script=/x".into())),
+                "`nics[0].bridge`",
+            ),
+            (
+                Box::new(|s| s.boot.kernel = Some("vmlinuz".into())),
+                "`boot.kernel`",
+            ),
         ];
         for (f, field) in cases {
             let mut s = spec();
