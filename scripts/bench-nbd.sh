@@ -39,7 +39,7 @@ $F datastore create "$loopdev" --label bench --profile test --max-hosts 8 --forc
 dd if=/dev/urandom of="$work/fill.raw" bs=1M count=1024 status=none
 FERRY_HOST=bench $F disk convert "$work/fill.raw" "$loopdev:/bench" --provisioning eager-thick >/dev/null
 rawdev=$(losetup --find --show --direct-io=on "$work/fill.raw")
-printf 'host = "bench"\nrun_dir = "%s/run"\n[[datastore]]\ndevice = "%s"\n' "$work" "$loopdev" > "$work/agent.toml"
+printf 'host = "bench"\nrun_dir = "%s/run"\nstate_dir = "%s/state"\n[[datastore]]\ndevice = "%s"\n' "$work" "$work" "$loopdev" > "$work/agent.toml"
 
 serve() { # $1: ferry|qemu; sets uri (runs in this shell, so pids keeps the server)
   local sock="$work/$1.sock"

@@ -124,8 +124,8 @@ G=$(scripts/build-guest.sh)   # the test guest: the agents may boot VMs from her
 port=17400
 for h in alpha beta; do
   dev=$l1; own=$l3; [ $h = beta ] && { dev=$l2; own=$l4; }
-  printf 'host = "demo-%s"\nrun_dir = "%s"\nprofile = "test"\nmanagement_listen = "127.0.0.1:%s"\nnbd_listen = "127.0.0.1:%s"\nsecret = "demo-cluster-secret-0123"\nboot_dirs = ["%s"]\n[[datastore]]\ndevice = "%s"\n[[datastore]]\ndevice = "%s"\n' \
-    "$h" "$work/run-$h" "$port" "$((port + 1))" "$G" "$dev" "$own" > "$work/$h.toml"
+  printf 'host = "demo-%s"\nrun_dir = "%s"\nprofile = "test"\nmanagement_listen = "127.0.0.1:%s"\nnbd_listen = "127.0.0.1:%s"\nsecret = "demo-cluster-secret-0123"\nboot_dirs = ["%s"]\nstate_dir = "%s"\n[[datastore]]\ndevice = "%s"\n[[datastore]]\ndevice = "%s"\n' \
+    "$h" "$work/run-$h" "$port" "$((port + 1))" "$G" "$work/state-$h" "$dev" "$own" > "$work/$h.toml"
   port=$((port + 2))
   FERRY_LOG=warn $F agent --config "$work/$h.toml" & agent_pids+=($!)
 done

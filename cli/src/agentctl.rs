@@ -216,6 +216,16 @@ pub enum TaskCommand {
         #[command(flatten)]
         agent: AgentArgs,
     },
+    /// Settle a relocation whose outcome is unknown (its destination stopped answering
+    /// during the switchover): asks that host again; the guest resumes here or its
+    /// copy here quits.
+    Resolve {
+        id: u64,
+        #[command(flatten)]
+        agent: AgentArgs,
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 /// `ferry agent`: runs until stopped; exit 0 after SIGTERM or leaving, 1 if a lease
@@ -478,6 +488,20 @@ pub async fn run_task(cmd: TaskCommand) -> Result<u8> {
                 .call("POST", &format!("/v1/tasks/{id}/cancel"), None)
                 .await?;
             println!("task {id}: cancel requested");
+            Ok(0)
+        }
+        TaskCommand::Resolve { id, agent, json } => {
+            let v = agent
+                .call("POST", &format!("/v1/tasks/{id}/resolve"), None)
+                .await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&v)?);
+            } else {
+                println!(
+                    "task {id}: {}",
+                    v["result"]["note"].as_str().unwrap_or("settled")
+                );
+            }
             Ok(0)
         }
     }

@@ -164,6 +164,15 @@ pub async fn run(a: RelocateArgs) -> Result<u8> {
             );
             Ok(1)
         }
+        Some("unknown") => {
+            eprintln!(
+                "ferry: {}",
+                end["error"]
+                    .as_str()
+                    .unwrap_or("the relocation's outcome is unknown")
+            );
+            Ok(3)
+        }
         _ => bail!(
             "relocation of VM {} failed: {}",
             a.vm,

@@ -12,7 +12,11 @@
 //! that journal step), setting `renew-delay-ms` (every heartbeat write that much slower
 //! once joined), `unsafe-no-fence` (watchdogs only report); vm-glue
 //! `migrate-after-handoff`, `both-after-commit`, `pivot-before-config`,
-//! `pivot-after-config`, `pivot-after-switch`, `mirror-freeze`.
+//! `pivot-after-config`, `pivot-after-switch`, `mirror-freeze`, `switchover-hold-finish`
+//! (the source holds its finish call until `run_dir/switchover.go` exists),
+//! `finish-reply-lost` (the destination resumes but answers with an error); settings
+//! `finish-window-s`, `settle-window-s` (how long the source waits for the
+//! destination's finish, and keeps asking it after a failed switchover).
 
 use std::sync::OnceLock;
 

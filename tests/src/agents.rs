@@ -220,9 +220,10 @@ impl AgentBed {
                 let mut text = format!(
                     "host = \"{name}\"\nrun_dir = \"{}\"\nmanagement_listen = \"{mgmt}\"\n\
                      nbd_listen = \"{nbd}\"\nsecret = \"{SECRET}\"\nprofile = \"test\"\n\
-                     boot_dirs = [\"{}\"]\n",
+                     boot_dirs = [\"{}\"]\nstate_dir = \"{}\"\n",
                     run_dir.display(),
                     guest_dir_path().display(),
+                    dir.path().join(format!("state{i}")).display(),
                 );
                 for k in 0..images.len() {
                     text += &format!(

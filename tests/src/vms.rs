@@ -68,11 +68,12 @@ pub fn wait_writes(bed: &AgentBed, i: usize, vm: &str, n: usize) {
         }
         assert!(
             !c.contains("FERR"),
-            "the workload found an error:\n{}",
+            "the workload found an error:\n{}\nagent log:\n{}",
             c.lines()
                 .filter(|l| l.contains("FERR"))
                 .collect::<Vec<_>>()
-                .join("\n")
+                .join("\n"),
+            bed.log(i)
         );
         assert!(
             t0.elapsed() < Duration::from_secs(120),

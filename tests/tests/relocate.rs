@@ -12,7 +12,7 @@ use diskfmt::{BlockDev, WriteFlags};
 use ferry_guest::{check, check_live, parse_logs, Acked, Phase};
 use ferry_tests::agents::{block_on, read_export, AgentBed};
 use ferry_tests::cluster::{ferry_bin, SERIAL};
-use ferry_tests::vms::{console, create_vm, wait_task, wait_writes};
+use ferry_tests::vms::{console, create_vm, relocate, wait_task, wait_writes};
 use serde_json::{json, Value};
 
 /// The guest's clock now, as far as the host can tell: the wall time of the newest
@@ -287,6 +287,27 @@ fn an_agent_killed_at_each_pivot_step_restarts_the_vm_on_the_right_disk() {
         );
         wait_writes(&bed, 0, "vm2", writes_so_far(&bed, 0, "vm2") + 20);
     }
+    // A commit whose write landed but reported failure: undone, the definition must
+    // not name the deleted new files (it did: the VM then pointed at nothing).
+    bed.signal(0, nix::sys::signal::Signal::SIGTERM);
+    bed.env[0] = vec![("FERRY_FAILPOINTS".into(), "commit-lands-then-fails".into())];
+    bed.start(0);
+    let id = relocate(&bed, 0, "vm2", json!({"datastore": "ds1"}));
+    let t = wait_task(&bed, 0, id, Duration::from_secs(120));
+    assert_eq!(t["state"], "failed", "{t}");
+    let vm = bed.call_ok(0, "GET", "/v1/vms/vm2", None);
+    assert_eq!(vm["pid"], pid, "{vm}");
+    assert_eq!(vm["disks"][0]["datastore"], "ds0", "{vm}");
+    assert_eq!(stat(&bed, 0, "ds1", "/vm2/disk0").0, 404, "a leftover disk");
+    wait_writes(&bed, 0, "vm2", writes_so_far(&bed, 0, "vm2") + 20);
+    bed.signal(0, nix::sys::signal::Signal::SIGTERM);
+    bed.env[0].clear();
+    bed.start(0);
+    assert_eq!(
+        bed.call_ok(0, "GET", "/v1/vms/vm2", None)["disks"][0]["datastore"],
+        "ds0"
+    );
+
     bed.call_ok(0, "POST", "/v1/vms/vm2/stop", Some(json!({"force": true})));
     let vm = bed.call_ok(0, "GET", "/v1/vms/vm2", None);
     let path = vm["disks"][0]["path"].as_str().unwrap().to_string();

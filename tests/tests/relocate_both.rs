@@ -116,7 +116,8 @@ fn wait_stage(bed: &AgentBed, i: usize, id: u64, stage: &str) {
 
 /// What destination host `i` still has of `vm`'s move to `ds`, if anything.
 fn leftovers(bed: &AgentBed, i: usize, vm: &str, ds: &str) -> Option<String> {
-    let v = vm_on(bed, i, vm);
+    // (404: the host sees no definition of it.)
+    let (_, v) = bed.call(i, "GET", &format!("/v1/vms/{vm}"), None);
     if v["state"] == "running" || v["state"] == "incoming" {
         return Some(format!("host {i} runs {vm}: {v}"));
     }
@@ -456,5 +457,125 @@ fn a_failed_host_and_storage_move_leaves_the_vm_on_its_source_and_nothing_behind
         Some(json!({"force": true})),
     );
     let r = verify(&bed, 1, "both3", &at, &[]);
+    assert!(r.ok(), "{:?}", r.errors);
+}
+
+/// No QEMU of `vm` left in host `i`'s cgroup.
+fn no_qemu(bed: &AgentBed, i: usize, vm: &str) -> bool {
+    let cg = bed.hosts[i].cgroup().join(format!("vm-{vm}"));
+    std::fs::read_to_string(cg.join("cgroup.procs"))
+        .unwrap_or_default()
+        .trim()
+        .is_empty()
+}
+
+/// The switchover's outcome in doubt, after the source's QEMU completed. First the
+/// destination resumes the guest but its answer is lost: the source must not resume
+/// (it did before), its QEMU quits and the old files go, since the committed
+/// definition names the new ones. Then, moving back, the link is cut right after the
+/// source's QEMU completed and before the destination hears `finish`: the task ends
+/// `unknown` with the guest paused on the source; once the link is back, `task
+/// resolve` asks again, the destination (which never resumed it) acknowledges, and the
+/// guest resumes on the source. Each time it runs on exactly one host, and every
+/// acknowledged write is on the disk it runs from.
+#[test]
+fn a_switchover_in_doubt_never_runs_the_guest_twice() {
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let mut bed = AgentBed::networked(2, &["ds0", "ds1"], 256);
+    bed.hide(0, "ds1");
+    bed.env[1] = vec![("FERRY_FAILPOINTS".into(), "finish-reply-lost".into())];
+    bed.start(0);
+    bed.start(1);
+    create_vm(&bed, 0, "doubt", 64, json!([]));
+    bed.call_ok(0, "POST", "/v1/vms/doubt/start", None);
+    wait_writes(&bed, 0, "doubt", 30);
+    let (h0, h1) = (bed.hosts[0].name.clone(), bed.hosts[1].name.clone());
+
+    // The destination resumed; its answer is lost.
+    let id = relocate(&bed, 0, "doubt", json!({"host": h1, "datastore": "ds1"}));
+    let t = wait_task(&bed, 0, id, Duration::from_secs(180));
+    assert_eq!(t["state"], "done", "{t}\n{}", bed.log(0));
+    assert!(
+        t["result"]["note"]
+            .as_str()
+            .unwrap_or("")
+            .contains("answer was lost"),
+        "{t}"
+    );
+    assert_eq!(vm_on(&bed, 1, "doubt")["state"], "running");
+    let t0 = Instant::now();
+    while !no_qemu(&bed, 0, "doubt") || stat(&bed, 0, "ds0", "/doubt/disk0") != 404 {
+        assert!(
+            t0.elapsed() < Duration::from_secs(60),
+            "the source still runs QEMU or keeps its old disk:\n{}",
+            bed.log(0)
+        );
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    more_writes(&bed, "doubt", 10);
+    let d = &vm_on(&bed, 1, "doubt")["disks"][0];
+    let at = format!(
+        "{}:{}",
+        d["datastore"].as_str().unwrap(),
+        d["path"].as_str().unwrap()
+    );
+    assert!(at.starts_with("ds1:"), "{at}");
+
+    // Back to host 0, with the link cut right after the source's QEMU completed.
+    bed.signal(1, nix::sys::signal::Signal::SIGTERM); // (the VM keeps running)
+    bed.env[1] = vec![(
+        "FERRY_FAILPOINTS".into(),
+        "switchover-hold-finish,finish-window-s=5,settle-window-s=3".into(),
+    )];
+    bed.start(1);
+    let id = relocate(&bed, 1, "doubt", json!({"host": h0, "datastore": "ds0"}));
+    let t0 = Instant::now();
+    while !bed.log(1).contains("failpoint switchover-hold-finish") {
+        assert!(t0.elapsed() < Duration::from_secs(180), "{}", bed.log(1));
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // Let the source's QEMU complete (it only waits for the device state to be sent).
+    std::thread::sleep(Duration::from_secs(3));
+    bed.link(1, false);
+    std::fs::write(bed.hosts[1].run_dir.join("switchover.go"), "").unwrap();
+    let t = wait_task(&bed, 1, id, Duration::from_secs(120));
+    assert_eq!(t["state"], "unknown", "{t}\n{}", bed.log(1));
+    assert!(
+        t["error"].as_str().unwrap_or("").contains("task resolve"),
+        "{t}"
+    );
+    // Paused on the source, not resumed on the destination: no write acknowledged.
+    let n = acked(&bed, "doubt").len();
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(
+        acked(&bed, "doubt").len(),
+        n,
+        "the guest ran while in doubt"
+    );
+    let (_, v) = bed.call(0, "GET", "/v1/vms/doubt", None);
+    assert_ne!(v["state"], "running", "{v}");
+    // A resolve while the destination cannot be asked changes nothing.
+    let (s, v) = bed.call(1, "POST", &format!("/v1/tasks/{id}/resolve"), None);
+    assert_eq!(s, 409, "{v}");
+    assert_eq!(
+        acked(&bed, "doubt").len(),
+        n,
+        "the guest ran while in doubt"
+    );
+    bed.link(1, true);
+    let v = bed.call_ok(1, "POST", &format!("/v1/tasks/{id}/resolve"), None);
+    assert_eq!(v["state"], "done", "{v}");
+    assert_eq!(v["result"]["moved"], false, "{v}");
+    more_writes(&bed, "doubt", 10);
+    assert_eq!(vm_on(&bed, 1, "doubt")["state"], "running");
+    eventually_no_leftovers(&bed, 0, "doubt", "ds0");
+    assert!(no_qemu(&bed, 0, "doubt"));
+    bed.call_ok(
+        1,
+        "POST",
+        "/v1/vms/doubt/stop",
+        Some(json!({"force": true})),
+    );
+    let r = verify(&bed, 1, "doubt", &at, &[]);
     assert!(r.ok(), "{:?}", r.errors);
 }

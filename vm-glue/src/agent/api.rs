@@ -272,9 +272,14 @@ async fn route(agent: &Arc<Agent>, req: &Request, tcp: bool) -> ApiResult {
             ok(serde_json::to_value(inc).expect("json"))
         }
         ("POST", ["v1", "vms", name, "incoming", "finish"]) => {
-            ok(crate::vm::migrate::finish(agent, name)
+            let v = crate::vm::migrate::finish(agent, name)
                 .await
-                .map_err(vm_err)?)
+                .map_err(vm_err)?;
+            // Test hook: the guest resumed here, but the source never hears of it.
+            if datastore::failpoint::fires("finish-reply-lost") {
+                return Err(err(503, "failpoint finish-reply-lost: the reply is lost"));
+            }
+            ok(v)
         }
         ("POST", ["v1", "vms", name, "incoming", "abort"]) => {
             #[derive(Deserialize, Default)]
@@ -319,6 +324,18 @@ async fn route(agent: &Arc<Agent>, req: &Request, tcp: bool) -> ApiResult {
                     .get(id)
                     .ok_or_else(|| err(404, format!("no task {id}")))
             })?;
+            ok(t.to_json())
+        }
+        ("POST", ["v1", "tasks", id, "resolve"]) => {
+            let t = task_id(id).and_then(|id| {
+                agent
+                    .tasks
+                    .get(id)
+                    .ok_or_else(|| err(404, format!("no task {id}")))
+            })?;
+            crate::vm::switchover::resolve(agent, &t)
+                .await
+                .map_err(|e| err(409, format!("{e:#}")))?;
             ok(t.to_json())
         }
         ("POST", ["v1", "tasks", id, "cancel"]) => {

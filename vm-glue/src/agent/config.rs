@@ -33,6 +33,7 @@ struct Raw {
     #[serde(default)]
     datastore: Vec<DatastoreConfig>,
     run_dir: PathBuf,
+    state_dir: Option<PathBuf>,
     control_socket: Option<PathBuf>,
     management_listen: Option<String>,
     nbd_listen: Option<String>,
@@ -57,6 +58,8 @@ pub struct Config {
     pub host: String,
     pub datastores: Vec<DatastoreConfig>,
     pub run_dir: PathBuf,
+    /// Journals and the export table: kept across a host crash.
+    pub state_dir: PathBuf,
     pub control_socket: PathBuf,
     pub management_listen: Option<SocketAddr>,
     pub nbd_listen: Option<SocketAddr>,
@@ -112,6 +115,12 @@ impl Config {
         }
         if !raw.run_dir.is_absolute() {
             return Err(field_err(file, "run_dir", "must be an absolute path"));
+        }
+        let state_dir = raw
+            .state_dir
+            .unwrap_or_else(|| PathBuf::from("/var/lib/ferry"));
+        if !state_dir.is_absolute() {
+            return Err(field_err(file, "state_dir", "must be an absolute path"));
         }
         let addr = |field: &str, v: &Option<String>| -> anyhow::Result<Option<SocketAddr>> {
             v.as_ref()
@@ -211,6 +220,7 @@ impl Config {
             host: raw.host,
             datastores: raw.datastore,
             run_dir: raw.run_dir,
+            state_dir,
             management_listen,
             nbd_listen,
             secret,

@@ -15,7 +15,7 @@
 //! Every export is on the agent's unix socket under its name; with a cluster secret it
 //! is also on TCP under `NAME.TOKEN`, where the token is derived from the secret and
 //! the name, and LIST is refused there: only a holder of the secret can attach. The
-//! export table is kept in `run_dir/exports.json`, so a restarted agent serves the
+//! export table is kept in `state_dir/exports.json`, so a restarted agent serves the
 //! same names on the same sockets.
 
 use std::path::{Path, PathBuf};
@@ -680,10 +680,7 @@ pub fn load(path: &Path) -> Result<Vec<ExportSpec>> {
 
 /// Writes the export table (atomically).
 pub fn save(path: &Path, specs: &[ExportSpec]) -> Result<()> {
-    let tmp = path.with_extension("json.tmp");
-    std::fs::write(&tmp, serde_json::to_vec_pretty(specs)?)
-        .with_context(|| format!("{}: cannot write", tmp.display()))?;
-    std::fs::rename(&tmp, path).with_context(|| format!("{}: cannot write", path.display()))
+    crate::agent::state::write_durably(path, &specs)
 }
 
 #[cfg(test)]

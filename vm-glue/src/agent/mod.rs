@@ -20,6 +20,7 @@ pub mod api;
 pub mod config;
 pub mod exports;
 pub mod membership;
+pub mod state;
 pub mod tasks;
 
 use std::collections::BTreeMap;
@@ -81,10 +82,11 @@ pub struct Agent {
 }
 
 /// Takes the run directory's lock file: held for the life of this process.
-fn lock_run_dir(run_dir: &Path) -> Result<File> {
-    std::fs::create_dir_all(run_dir)
-        .with_context(|| format!("{}: cannot create the run directory", run_dir.display()))?;
-    let p = run_dir.join("agent.lock");
+/// Takes `dir/agent.lock` (an exclusive `flock`): one agent per run or state directory.
+fn lock_dir(dir: &Path, what: &str) -> Result<File> {
+    std::fs::create_dir_all(dir)
+        .with_context(|| format!("{}: cannot create the {what}", dir.display()))?;
+    let p = dir.join("agent.lock");
     let mut f = std::fs::OpenOptions::new()
         .read(true)
         .write(true)
@@ -96,9 +98,9 @@ fn lock_run_dir(run_dir: &Path) -> Result<File> {
         let mut pid = String::new();
         let _ = f.read_to_string(&mut pid);
         bail!(
-            "another ferry agent (pid {}) is running with run directory {}",
+            "another ferry agent (pid {}) is running with {what} {}",
             pid.trim(),
-            run_dir.display()
+            dir.display()
         );
     }
     f.set_len(0)?;
@@ -200,8 +202,9 @@ fn start_members(
 }
 
 impl Agent {
-    fn exports_path(&self) -> PathBuf {
-        self.cfg.run_dir.join("exports.json")
+    /// The export table (`state_dir/exports.json`).
+    pub(crate) fn exports_path(&self) -> PathBuf {
+        self.cfg.state_dir.join("exports.json")
     }
 
     /// Records the export table.
@@ -356,7 +359,9 @@ fn spawn_nbd_thread(
 
 /// Runs the agent until it is stopped, leaves, or loses a lease.
 pub async fn run(cfg: Config, exe: PathBuf) -> Result<Stop> {
-    let lockfile = lock_run_dir(&cfg.run_dir)?;
+    let lockfile = lock_dir(&cfg.run_dir, "run directory")?;
+    // One agent per state directory too (its journals are this host's).
+    let _state_lock = lock_dir(&cfg.state_dir, "state directory")?;
     // Listen first, so the heartbeat slot publishes the address actually bound.
     let tcp = |addr: std::net::SocketAddr, what: &str| -> Result<std::net::TcpListener> {
         let l = std::net::TcpListener::bind(addr)
@@ -428,6 +433,7 @@ pub async fn run(cfg: Config, exe: PathBuf) -> Result<Stop> {
     crate::vm::targets::recover(&agent).await?;
     agent.restore_exports().await?;
     crate::vm::reattach(&agent).await;
+    crate::vm::switchover::recover(&agent);
     crate::vm::migrate::recover_leaving(&agent);
 
     let nbd_sock = bind_unix(&cfg.nbd_socket())?;

@@ -15,6 +15,9 @@ pub enum TaskState {
     Done,
     Failed(String),
     Cancelled,
+    /// The work ended without knowing its outcome (a relocation whose destination
+    /// cannot be asked); `resolve` settles it.
+    Unknown(String),
 }
 
 /// One task.
@@ -69,6 +72,17 @@ impl Task {
         *self.finished.lock().expect("task") = Some(Instant::now());
     }
 
+    /// Ends the task (for now) with its outcome unknown; [`Task::finish`] settles it.
+    pub fn unknown(&self, why: String) {
+        *self.state.lock().expect("task") = TaskState::Unknown(why);
+        *self.finished.lock().expect("task") = Some(Instant::now());
+    }
+
+    /// Whether the task ended with its outcome unknown.
+    pub fn is_unknown(&self) -> bool {
+        matches!(self.state(), TaskState::Unknown(_))
+    }
+
     pub fn to_json(&self) -> Value {
         let done = self.done.load(Ordering::Relaxed);
         let total = self.total.load(Ordering::Relaxed);
@@ -89,6 +103,7 @@ impl Task {
             TaskState::Done => ("done", None),
             TaskState::Failed(e) => ("failed", Some(e)),
             TaskState::Cancelled => ("cancelled", None),
+            TaskState::Unknown(e) => ("unknown", Some(e)),
         };
         json!({
             "id": self.id,
@@ -134,7 +149,7 @@ impl Tasks {
         while all.len() > 100 {
             let oldest_done = all
                 .iter()
-                .find(|(_, t)| t.state() != TaskState::Running)
+                .find(|(_, t)| !matches!(t.state(), TaskState::Running | TaskState::Unknown(_)))
                 .map(|(id, _)| *id);
             match oldest_done {
                 Some(id) => {

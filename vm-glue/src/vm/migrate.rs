@@ -290,6 +290,11 @@ pub async fn incoming(agent: &Arc<Agent>, name: &str, r: IncomingReq) -> Result<
             return Ok((0, None, cg, "", String::new(), exports));
         }
         let (pid, qmp, cgroup, accel) = super::launch(agent, &spec, &exports, true).await?;
+        // Until this host resumes the guest: an agent restart kills this QEMU.
+        let _ = std::fs::write(
+            incoming_marker(agent, name),
+            r.attempt.as_deref().unwrap_or(""),
+        );
         let started = async {
             let multifd = r.multifd_channels.unwrap_or(1) > 1;
             qmp.execute(
@@ -413,7 +418,7 @@ pub async fn incoming(agent: &Arc<Agent>, name: &str, r: IncomingReq) -> Result<
 /// definition, wait for the migration to complete, resume, announce. Returns the
 /// RESUME time (µs since the epoch).
 pub async fn finish(agent: &Arc<Agent>, name: &str) -> Result<Value> {
-    let (qmp, exports, spec, home, storage) = {
+    let (qmp, exports, spec, home, storage, pid) = {
         let vms = agent.vms.lock().await;
         let vm = vms
             .get(name)
@@ -425,6 +430,7 @@ pub async fn finish(agent: &Arc<Agent>, name: &str) -> Result<Value> {
             vm.spec.clone(),
             vm.datastore.clone(),
             vm.storage.clone(),
+            vm.pid,
         )
     };
     let Some(qmp) = qmp else {
@@ -461,11 +467,17 @@ pub async fn finish(agent: &Arc<Agent>, name: &str) -> Result<Value> {
             }
             _ => {}
         }
-        if t0.elapsed() > Duration::from_secs(60) {
-            bail!("the incoming migration did not complete within 60 s");
+        if t0.elapsed() > COMPLETION_WAIT {
+            bail!(
+                "the incoming migration did not complete within {} s",
+                COMPLETION_WAIT.as_secs()
+            );
         }
         tokio::time::sleep(Duration::from_millis(2)).await;
     }
+    // The point of no return here: from now on the guest may run on this host, so the
+    // source must never resume it; aborts of this attempt are refused.
+    claim_resume(agent, name, pid).await?;
     // A host + storage move commits here: the definition naming the new files is
     // written (the source can no longer resume: its side of the migration completed).
     let mut cfg = None;
@@ -489,7 +501,17 @@ pub async fn finish(agent: &Arc<Agent>, name: &str) -> Result<Value> {
                     .context("taking the definition's lock")?
             }
         };
-        let f = commit_into(agent, name, f, &spec, st).await?;
+        let f = match commit_into(agent, name, f, &spec, st).await {
+            Ok(f) => f,
+            Err(e) => {
+                // Resumed here it would run on files its definition may not name; the
+                // source was told nothing yet but may have been refused an abort: the
+                // guest stays paused (on neither host) for an operator.
+                let _ = std::fs::remove_file(super::vm_dir(agent, name).join("resuming"));
+                tracing::error!("VM {name}: {e:#}; the guest stays paused here");
+                return Err(e);
+            }
+        };
         // The new files are the disks now (the guest's writes commit write by write).
         for e in &exports {
             if let Some((gate, _)) = agent.export_gate(e).await {
@@ -498,7 +520,6 @@ pub async fn finish(agent: &Arc<Agent>, name: &str) -> Result<Value> {
         }
         let mut vms = agent.vms.lock().await;
         if let Some(vm) = vms.get_mut(name) {
-            vm.incoming = false;
             vm.storage = None;
         }
         cfg = Some(f);
@@ -510,6 +531,7 @@ pub async fn finish(agent: &Arc<Agent>, name: &str) -> Result<Value> {
         .await
         .map(|e| e.timestamp_us)
         .unwrap_or(0);
+    let _ = std::fs::remove_file(super::vm_dir(agent, name).join("resuming"));
     // The definition's lock was handed to us before the migration began.
     let cfg = match (cfg, agent.member(&home)) {
         (Some(f), _) => Some(f),
@@ -536,13 +558,56 @@ pub async fn finish(agent: &Arc<Agent>, name: &str) -> Result<Value> {
     {
         let mut vms = agent.vms.lock().await;
         if let Some(vm) = vms.get_mut(name) {
-            vm.incoming = false;
             vm.config = cfg;
             vm.spec = spec;
         }
     }
     tracing::info!("VM {name}: resumed here after its migration");
     Ok(json!({"resumed_us": resumed}))
+}
+
+/// How long the destination waits for its side of the migration to complete once the
+/// source asked it to finish.
+const COMPLETION_WAIT: Duration = Duration::from_secs(30);
+
+/// This host's QEMU of an incoming move that has not resumed the guest yet.
+fn incoming_marker(agent: &Agent, name: &str) -> std::path::PathBuf {
+    super::vm_dir(agent, name).join("incoming")
+}
+
+/// The attempts this host resumed (one file each, written before the guest can run).
+fn resumed_path(agent: &Agent, attempt: &str) -> std::path::PathBuf {
+    agent
+        .cfg
+        .state_dir
+        .join("resumed")
+        .join(format!("{attempt}.json"))
+}
+
+/// Whether this host resumed (or was about to resume) the guest of `attempt`.
+fn resumed_here(agent: &Agent, attempt: Option<&str>) -> bool {
+    attempt.is_some_and(|a| resumed_path(agent, a).exists())
+}
+
+/// Under the VM table's lock, with QEMU `pid` still this move's: records durably that
+/// this host resumes attempt's guest and ends the incoming state, so that an abort —
+/// which takes the same lock — either came first (and killed QEMU: this fails) or is
+/// refused from now on, even after an agent restart.
+async fn claim_resume(agent: &Agent, name: &str, pid: u32) -> Result<()> {
+    let mut vms = agent.vms.lock().await;
+    let vm = vms
+        .get_mut(name)
+        .filter(|v| v.incoming && v.pid == pid)
+        .ok_or_else(|| anyhow!("VM {name}: its incoming move was aborted"))?;
+    if let Some(a) = &vm.attempt {
+        super::relocate::write_durably(&resumed_path(agent, a), &json!({"vm": name}))?;
+    }
+    // An agent restarted before `cont` went through resumes the guest.
+    let dir = super::vm_dir(agent, name);
+    std::fs::write(dir.join("resuming"), "")?;
+    let _ = std::fs::remove_file(dir.join("incoming"));
+    vm.incoming = false;
+    Ok(())
 }
 
 /// The commit point of a host + storage move on this side: the definition naming the
@@ -606,6 +671,11 @@ pub async fn abort(
 ) -> Result<()> {
     let vm = {
         let mut vms = agent.vms.lock().await;
+        if resumed_here(agent, attempt) {
+            bail!(
+                "VM {name} already runs here (this host resumed that move); it cannot be aborted"
+            );
+        }
         match vms.get(name) {
             // A late abort of an earlier attempt: this one is not its business.
             Some(v) if v.incoming && attempt.is_some() && v.attempt.as_deref() != attempt => {
@@ -640,6 +710,7 @@ pub async fn abort(
     // QEMU first: nothing may write once the locks go back.
     super::kill_cgroup(&vm.cgroup);
     let _ = std::fs::remove_file(super::vm_dir(agent, name).join("pid"));
+    let _ = std::fs::remove_file(incoming_marker(agent, name));
     for e in &vm.exports {
         let entry = agent.exports.lock().await.remove(e);
         let Some(entry) = entry else { continue };
@@ -747,7 +818,7 @@ impl Peer {
 }
 
 /// Finds host `name`'s agent from the heartbeat regions.
-fn peer(agent: &Agent, name: &str) -> Result<Peer> {
+pub(super) fn peer(agent: &Agent, name: &str) -> Result<Peer> {
     let secret =
         agent.cfg.secret.clone().ok_or_else(|| {
             anyhow!("host relocation needs the cluster secret in the agent config")
@@ -977,6 +1048,8 @@ pub async fn start(
         let out = run(&a, &t, spec, label, p, params, new_storage, storage.speed).await;
         match out {
             Ok(v) => t.finish(Ok(v)),
+            // Left for `resolve` (or the next agent start) to settle.
+            Err(_) if t.is_unknown() => {}
             Err(e) => {
                 tracing::error!("host relocation of {}: {e:#}", t.object);
                 t.finish(Err(format!("{e:#}")))
@@ -1075,6 +1148,7 @@ async fn run(
         committed: false,
     });
     let mut clients = Vec::new();
+    let switching = std::sync::atomic::AtomicBool::new(false);
     let out = async {
         let mut mirror_s = 0.0;
         if !moving.is_empty() {
@@ -1107,6 +1181,7 @@ async fn run(
             hand_config,
             leaving.as_ref(),
             &mut handed,
+            (&attempt, &my_owners, &switching),
         )
         .await?;
         if !moving.is_empty() {
@@ -1129,6 +1204,7 @@ async fn run(
             let _ = qmp
                 .execute_within("quit", None, Duration::from_secs(5))
                 .await;
+            super::switchover::forget(agent, &name);
             if let Some(st) = &storage {
                 let mut copied = 0;
                 let mut disks = Vec::new();
@@ -1165,6 +1241,35 @@ async fn run(
                 }
             }
             Ok(v)
+        }
+        Err(e) if switching.load(std::sync::atomic::Ordering::SeqCst) => {
+            // The destination may have completed and resumed: never resume here unless
+            // it acknowledges that it did not.
+            let sw = switchover_record(&name, &peer, &attempt, &home, &my_owners, &handed);
+            tracing::warn!(
+                "VM {name}: the switchover to host {} failed ({e:#}); asking it where the guest runs",
+                peer.name
+            );
+            let o =
+                super::switchover::ask_within(agent, &sw, super::switchover::ask_window()).await;
+            if let super::switchover::Outcome::Unknown(why) = &o {
+                let msg = format!(
+                    "outcome unknown: VM {name} may run on host {} ({e:#}; it does not answer: \
+                     {why}); the guest stays paused here; settle it with `ferry task resolve {}` \
+                     once that host answers",
+                    peer.name, task.id
+                );
+                tracing::error!("{msg}");
+                task.unknown(msg.clone());
+                bail!(msg);
+            }
+            let said = super::switchover::apply(agent, &sw, &o).await?;
+            match o {
+                super::switchover::Outcome::MovedThere => Ok(json!({"vm": name, "host": peer.name,
+                    "running": true, "duration_s": t0.elapsed().as_secs_f64(),
+                    "note": format!("{said} (its answer was lost: {e:#})")})),
+                _ => Err(e.context(format!("VM {name} stays on host {}", agent.cfg.host))),
+            }
         }
         Err(e) => {
             tracing::warn!("VM {name}: host relocation failed, staying here: {e:#}");
@@ -1207,6 +1312,7 @@ async fn migrate(
     hand_config: bool,
     leaving: Option<&Leaving>,
     handed: &mut Handed,
+    (attempt, my_owners, switching): (&str, &BTreeMap<Uuid, Owner>, &std::sync::atomic::AtomicBool),
 ) -> Result<Value> {
     // Every setting is given each time: QEMU keeps them from an earlier (failed) attempt.
     let multifd = params.multifd_channels.unwrap_or(1) > 1;
@@ -1368,10 +1474,32 @@ async fn migrate(
     if let Some(l) = leaving {
         save_leaving(agent, l)?;
     }
+    // From here the destination may complete and resume the guest without this host
+    // hearing of it: the outcome is settled by asking it ([`super::switchover`]).
+    super::switchover::save(
+        agent,
+        &switchover_record(name, peer, attempt, home, my_owners, handed),
+    )?;
+    switching.store(true, std::sync::atomic::Ordering::SeqCst);
     // The destination takes the disks (its locks now) while QEMU sends the device state;
     // it resumes the guest as soon as its side of the migration has completed.
     let finish_path = format!("/v1/vms/{name}/incoming/finish");
-    let finish = peer.call("POST", &finish_path, None, Duration::from_secs(60));
+    let finish = async {
+        if datastore::failpoint::fires("switchover-hold-finish") {
+            let go = agent.cfg.run_dir.join("switchover.go");
+            tracing::warn!(
+                "failpoint switchover-hold-finish: holding the finish call until {} exists",
+                go.display()
+            );
+            while !go.exists() {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+        let within = datastore::failpoint::setting("finish-window-s")
+            .map(Duration::from_secs)
+            .unwrap_or_else(|| finish_window(agent));
+        peer.call("POST", &finish_path, None, within).await
+    };
     let complete = async {
         qmp.execute("migrate-continue", Some(json!({"state": "pre-switchover"})))
             .await?;
@@ -1408,6 +1536,40 @@ async fn migrate(
         "ram_transferred_bytes": final_state["ram"]["transferred"],
         "ram_total_bytes": final_state["ram"]["total"],
     }))
+}
+
+/// How long the source waits for the destination's `finish`: the longest legitimate
+/// lock wait there (a datastore's host_dead plus four I/O timeouts) and the completion.
+fn finish_window(agent: &Agent) -> Duration {
+    let locks = agent
+        .members
+        .iter()
+        .map(|m| {
+            let sb = m.ds.superblock();
+            sb.host_dead() + 4 * sb.io_timeout()
+        })
+        .max()
+        .unwrap_or_default();
+    locks + COMPLETION_WAIT + Duration::from_secs(10)
+}
+
+fn switchover_record(
+    name: &str,
+    peer: &Peer,
+    attempt: &str,
+    home: &str,
+    my_owners: &BTreeMap<Uuid, Owner>,
+    handed: &Handed,
+) -> super::switchover::Switchover {
+    super::switchover::Switchover {
+        vm: name.to_string(),
+        host: peer.name.clone(),
+        attempt: attempt.to_string(),
+        home: home.to_string(),
+        handback: my_owners.clone(),
+        exports: handed.exports.clone(),
+        config: handed.config,
+    }
 }
 
 /// Mirrors each moving disk into the destination's export of its new file (NBD over
@@ -1509,7 +1671,7 @@ pub(super) async fn wait_in_sync(
 }
 
 /// What a host + storage move leaves on this host, to delete once the destination
-/// runs the VM (`run_dir/leaving/VM.json`, written before the destination commits).
+/// runs the VM (`state_dir/leaving/VM.json`, written before the destination commits).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Leaving {
     vm: String,
@@ -1522,7 +1684,15 @@ pub struct Leaving {
 }
 
 fn leaving_path(agent: &Agent, vm: &str) -> std::path::PathBuf {
-    agent.cfg.run_dir.join("leaving").join(format!("{vm}.json"))
+    agent
+        .cfg
+        .state_dir
+        .join("leaving")
+        .join(format!("{vm}.json"))
+}
+
+pub(super) fn forget_leaving(agent: &Agent, vm: &str) {
+    super::relocate::remove_durably(&leaving_path(agent, vm));
 }
 
 fn save_leaving(agent: &Agent, l: &Leaving) -> Result<()> {
@@ -1575,12 +1745,75 @@ async fn remove_moved(agent: &Agent, l: &Leaving) {
     let _ = std::fs::remove_file(leaving_path(agent, name));
 }
 
+/// Whether VM `vm`'s newest committed definition no longer names the disk files it
+/// left here, read here and else through the destination (the new definition may be on
+/// a datastore only it sees): `None` if neither can tell (then nothing is decided).
+async fn moved_by_definition(agent: &Agent, l: &Leaving) -> Option<bool> {
+    let cfg = config_path(&l.vm);
+    let names_old = |disks: &[super::spec::Disk]| {
+        disks.iter().any(|d| {
+            l.files
+                .iter()
+                .any(|(ds, p)| *p != cfg && d.datastore == *ds && d.path == *p)
+        })
+    };
+    if let Some((_, st)) = locate(agent, &l.vm).await {
+        if !names_old(&st.spec.disks) {
+            return Some(true);
+        }
+    }
+    let v = peer(agent, &l.host)
+        .ok()?
+        .call(
+            "GET",
+            &format!("/v1/vms/{}", l.vm),
+            None,
+            Duration::from_secs(10),
+        )
+        .await
+        .ok()?;
+    let disks: Vec<super::spec::Disk> = serde_json::from_value(v["disks"].clone()).ok()?;
+    Some(!names_old(&disks))
+}
+
+/// After the guest moved (or may have): deletes the old files of a host + storage move
+/// only if the committed definition names the new ones; keeps them, forgetting the
+/// journal, if it names the old ones; decides nothing (keeps the journal) if it cannot
+/// be read.
+pub(super) async fn settle_leaving(agent: &Agent, vm: &str) {
+    let Some(l) = std::fs::read(leaving_path(agent, vm))
+        .ok()
+        .and_then(|b| serde_json::from_slice::<Leaving>(&b).ok())
+    else {
+        return;
+    };
+    if l.committed {
+        remove_moved(agent, &l).await;
+        return;
+    }
+    match moved_by_definition(agent, &l).await {
+        Some(true) => {
+            tracing::warn!(
+                "VM {vm}: its definition names its new files; deleting the old ones here"
+            );
+            remove_moved(agent, &l).await;
+        }
+        Some(false) => {
+            tracing::warn!("VM {vm}: its definition still names the files here; they stay");
+            super::relocate::remove_durably(&leaving_path(agent, vm));
+        }
+        None => tracing::warn!(
+            "VM {vm}: its definition cannot be read; its old files stay until it can"
+        ),
+    }
+}
+
 /// Settles host + storage moves an earlier agent process left (after the exports were
-/// restored): a confirmed commit deletes the old files at once; otherwise the
-/// destination is asked, until it answers, whether it runs the VM (then they go) or not
-/// (then the move was rolled back and they stay the VM's disks).
+/// restored): a confirmed commit deletes the old files at once; otherwise the committed
+/// definition decides ([`settle_leaving`]), read again until it can be. A move whose
+/// switchover is still in doubt is left to [`super::switchover`].
 pub fn recover_leaving(agent: &Arc<Agent>) {
-    let Ok(rd) = std::fs::read_dir(agent.cfg.run_dir.join("leaving")) else {
+    let Ok(rd) = std::fs::read_dir(agent.cfg.state_dir.join("leaving")) else {
         return;
     };
     for e in rd.flatten() {
@@ -1594,44 +1827,14 @@ pub fn recover_leaving(agent: &Arc<Agent>) {
         let a = Arc::clone(agent);
         tokio::spawn(async move {
             for _ in 0..360 {
-                let moved = if l.committed {
-                    Some(true)
-                } else {
-                    match peer(&a, &l.host) {
-                        Ok(p) => p
-                            .call(
-                                "GET",
-                                &format!("/v1/vms/{}", l.vm),
-                                None,
-                                Duration::from_secs(10),
-                            )
-                            .await
-                            .ok()
-                            .and_then(|v| match v["state"].as_str() {
-                                Some("running") if v["host"] == l.host.as_str() => Some(true),
-                                Some("incoming") => None,
-                                _ => Some(false),
-                            }),
-                        Err(_) => None,
-                    }
-                };
-                match moved {
-                    Some(true) => {
-                        tracing::warn!("VM {}: it moved to host {} before this agent restarted; deleting its old files", l.vm, l.host);
-                        remove_moved(&a, &l).await;
-                        return;
-                    }
-                    Some(false) => {
-                        tracing::warn!(
-                            "VM {}: its move to host {} did not happen; its files stay",
-                            l.vm,
-                            l.host
-                        );
-                        let _ = std::fs::remove_file(leaving_path(&a, &l.vm));
-                        return;
-                    }
-                    None => tokio::time::sleep(Duration::from_secs(5)).await,
+                if super::switchover::in_doubt(&a, &l.vm) {
+                    return;
                 }
+                settle_leaving(&a, &l.vm).await;
+                if !leaving_path(&a, &l.vm).exists() {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_secs(5)).await;
             }
         });
     }
@@ -1691,70 +1894,10 @@ async fn rollback(
             retry_abort(peer, name, body);
         }
     }
-    // Our exports take their locks back (handed back, or broken once the destination
-    // is dead if it vanished with them).
-    for e in &handed.exports {
-        let Some((gate, ds)) = agent.export_gate(e).await else {
-            continue;
-        };
-        let Some(m) = agent.member_by_uuid(&ds) else {
-            continue;
-        };
-        let until = Instant::now() + m.ds.superblock().host_dead() * 2;
-        loop {
-            match gate.activate(&m.session).await {
-                Ok(()) => break,
-                Err(err) if Instant::now() < until => {
-                    tracing::warn!(
-                        "VM {name}: export {e}: taking its lock back: {err:#}; retrying"
-                    );
-                    tokio::time::sleep(Duration::from_millis(500)).await;
-                }
-                Err(err) => {
-                    tracing::error!("VM {name}: export {e}: cannot take its lock back: {err:#}");
-                    break;
-                }
-            }
-        }
-        let mut t = agent.exports.lock().await;
-        if let Some(x) = t.get_mut(e) {
-            x.spec.active = gate.is_active();
-        }
-        let _ = agent.save_exports(&t).await;
-    }
-    if handed.config {
-        if let Some(m) = agent.member(home) {
-            let until = Instant::now() + m.ds.superblock().host_dead() * 2;
-            loop {
-                match m
-                    .session
-                    .open(&config_path(name), LockMode::Exclusive)
-                    .await
-                {
-                    Ok(f) => {
-                        if let Some(vm) = agent.vms.lock().await.get_mut(name) {
-                            vm.config = Some(f);
-                        }
-                        break;
-                    }
-                    Err(err) if Instant::now() < until => {
-                        tracing::warn!("VM {name}: taking vm.toml back: {err}; retrying");
-                        tokio::time::sleep(Duration::from_millis(500)).await;
-                    }
-                    Err(err) => {
-                        tracing::error!("VM {name}: cannot take vm.toml back: {err}");
-                        break;
-                    }
-                }
-            }
-        }
-    }
-    // QEMU resumes the source by itself when a migration fails; make sure it runs.
-    if let Ok(st) = qmp.execute("query-status", None).await {
-        if st["running"] != true {
-            let _ = qmp.execute("cont", None).await;
-        }
-    }
+    // Our locks come back (handed back, or broken once the destination is dead if it
+    // vanished with them), and the guest runs on here.
+    super::switchover::take_back(agent, Some(qmp), name, home, &handed.exports, handed.config)
+        .await;
     false
 }
 

@@ -14,6 +14,7 @@ pub mod migrate;
 pub mod qemu;
 pub mod relocate;
 pub mod spec;
+pub mod switchover;
 pub mod targets;
 
 use std::collections::BTreeMap;
@@ -483,8 +484,15 @@ pub(crate) fn kill_cgroup(cg: &Path) {
 /// Watches QEMU's pid; when it is gone, releases the VM's exports and locks.
 pub(crate) fn watch(agent: Arc<Agent>, name: String, pid: u32) {
     tokio::spawn(async move {
+        let mut ticks = 0u32;
         while alive(pid) {
             tokio::time::sleep(Duration::from_millis(200)).await;
+            ticks += 1;
+            if ticks % 50 == 0 {
+                let log = vm_dir(&agent, &name).join("console.log");
+                let _ =
+                    tokio::task::spawn_blocking(move || rotate_console(&log, CONSOLE_MAX)).await;
+            }
         }
         let vm = agent.vms.lock().await.remove(&name);
         if let Some(mut vm) = vm {
@@ -538,8 +546,13 @@ pub async fn reattach(agent: &Arc<Agent>) {
         // died with the previous agent process: it never ran the VM here. Remove it.
         if let Some(q) = &qmp {
             let status = q.execute("query-status", None).await.ok();
-            if status.as_ref().is_some_and(|s| s["status"] == "inmigrate") {
+            // (Also a QEMU whose incoming side completed but that this host never
+            // resumed: paused, it would count as running here.)
+            if status.as_ref().is_some_and(|s| s["status"] == "inmigrate")
+                || e.path().join("incoming").exists()
+            {
                 tracing::warn!("VM {name}: QEMU (pid {pid}) still waits for a migration that ended with the previous agent; removing it");
+                let _ = std::fs::remove_file(e.path().join("incoming"));
                 kill_cgroup(&agent.cgroup.join(format!("vm-{name}")));
                 let _ = std::fs::remove_file(e.path().join("pid"));
                 if let Some(spec) = locate(agent, &name).await.map(|(_, s)| s.spec) {
@@ -552,6 +565,12 @@ pub async fn reattach(agent: &Arc<Agent>) {
                 }
                 continue;
             }
+        }
+        // This host had decided to resume an incoming guest when the agent stopped.
+        if let (Some(q), true) = (&qmp, e.path().join("resuming").exists()) {
+            tracing::warn!("VM {name}: resuming the guest its migration brought here");
+            let _ = q.execute("cont", None).await;
+            let _ = std::fs::remove_file(e.path().join("resuming"));
         }
         let Some((home, stored)) = locate(agent, &name).await else {
             continue;
@@ -699,15 +718,38 @@ pub async fn list(agent: &Agent) -> Result<Vec<Value>> {
 
 /// The last `bytes` of a VM's console log on this host.
 pub fn console(agent: &Agent, name: &str, bytes: usize) -> Result<String> {
+    use std::io::{Read, Seek, SeekFrom};
     let p = vm_dir(agent, name).join("console.log");
-    let data = std::fs::read(&p).with_context(|| {
+    let mut f = std::fs::File::open(&p).with_context(|| {
         format!(
             "VM {name} has no console log on this host ({})",
             p.display()
         )
     })?;
-    let from = data.len().saturating_sub(bytes);
-    Ok(String::from_utf8_lossy(&data[from..]).into_owned())
+    // Only the tail is read, however long the log.
+    let len = f.metadata()?.len();
+    let want = (bytes as u64).min(CONSOLE_MAX);
+    f.seek(SeekFrom::Start(len.saturating_sub(want)))?;
+    let mut data = Vec::with_capacity(want as usize);
+    f.take(want).read_to_end(&mut data)?;
+    Ok(String::from_utf8_lossy(&data).into_owned())
+}
+
+/// A console log is rotated once it is this long (to `console.log.1`, replacing the
+/// previous one): at most twice this per VM on the host.
+pub const CONSOLE_MAX: u64 = 64 << 20;
+
+/// Rotates a console log longer than `max`: copied to `console.log.1`, then truncated
+/// (QEMU appends, so it goes on at the new end).
+fn rotate_console(p: &Path, max: u64) {
+    if std::fs::metadata(p).is_ok_and(|m| m.len() > max) {
+        let old = p.with_extension("log.1");
+        if std::fs::copy(p, &old).is_ok() {
+            if let Ok(f) = std::fs::OpenOptions::new().write(true).open(p) {
+                let _ = f.set_len(0);
+            }
+        }
+    }
 }
 
 /// Deletes a stopped VM: its disks, its definition, its folders.
@@ -737,4 +779,35 @@ pub async fn remove(agent: &Agent, name: &str) -> Result<()> {
     }
     let _ = std::fs::remove_dir_all(vm_dir(agent, name));
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn a_console_log_past_its_limit_is_rotated_and_appends_go_on() {
+        use std::io::Write;
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("console.log");
+        let mut f = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&p)
+            .unwrap();
+        f.write_all(&[b'a'; 1000]).unwrap();
+        super::rotate_console(&p, 2000);
+        assert_eq!(
+            std::fs::metadata(&p).unwrap().len(),
+            1000,
+            "rotated too early"
+        );
+        f.write_all(&[b'b'; 1500]).unwrap();
+        super::rotate_console(&p, 2000);
+        assert_eq!(std::fs::metadata(&p).unwrap().len(), 0);
+        assert_eq!(
+            std::fs::metadata(p.with_extension("log.1")).unwrap().len(),
+            2500
+        );
+        f.write_all(b"next").unwrap();
+        assert_eq!(std::fs::read(&p).unwrap(), b"next");
+    }
 }

@@ -9,7 +9,7 @@
 //! Powered-off VM: the same engine copies with nobody writing, under the definition's
 //! lock so the VM cannot start meanwhile.
 //!
-//! A journal in `run_dir/relocations/<vm>.json` names the old and new files. An agent
+//! A journal in `state_dir/relocations/<vm>.json` names the old and new files. An agent
 //! restarted after a crash settles it before serving any export ([`recover`]): the
 //! newest valid definition decides — if it names the new files, the relocation is
 //! finished (exports point there, old files deleted); otherwise it is undone (new files
@@ -122,7 +122,7 @@ fn crash_at(name: &str) {
 fn journal_path(agent: &Agent, vm: &str) -> PathBuf {
     agent
         .cfg
-        .run_dir
+        .state_dir
         .join("relocations")
         .join(format!("{vm}.json"))
 }
@@ -131,15 +131,7 @@ fn save_journal(agent: &Agent, j: &Journal) -> Result<()> {
     write_durably(&journal_path(agent, &j.vm), j)
 }
 
-/// Writes `v` as JSON to `p` atomically and durably (a journal of this host's run_dir).
-pub(super) fn write_durably(p: &std::path::Path, v: &impl Serialize) -> Result<()> {
-    std::fs::create_dir_all(p.parent().expect("has a parent"))?;
-    let tmp = p.with_extension("json.tmp");
-    let f = std::fs::File::create(&tmp)?;
-    serde_json::to_writer_pretty(&f, v)?;
-    f.sync_all()?;
-    std::fs::rename(&tmp, p).with_context(|| format!("{}: cannot write", p.display()))
-}
+pub(super) use crate::agent::state::{remove_durably, write_durably};
 
 fn member(agent: &Agent, u: &Uuid) -> Result<Arc<Member>> {
     agent
@@ -503,7 +495,12 @@ async fn run(
             for mv in &moving {
                 mv.mirror.freeze_copier(true);
             }
-            let go = journal_path(agent, &name).with_extension("go");
+            let go = agent
+                .cfg
+                .run_dir
+                .join("relocations")
+                .join(format!("{name}.go"));
+            let _ = std::fs::create_dir_all(go.parent().expect("a parent"));
             tracing::warn!(
                 "failpoint mirror-freeze: copiers frozen; waiting for {}",
                 go.display()
@@ -575,6 +572,18 @@ async fn run(
     match committed {
         Ok(()) => {}
         Err(e) => {
+            if let Err(e2) =
+                uncommit_config(agent, &name, &stored, cold_cfg.as_ref(), new_cfg.as_ref()).await
+            {
+                // Whether the new definition landed is unknown: the journal stays, and
+                // the next agent start decides from what the definition names.
+                drop(pivots);
+                return Err(e.context(format!(
+                    "committing the new definition failed and clearing it failed too \
+                     ({e2:#}); nothing is undone: the relocation journal is settled when \
+                     the agent next starts"
+                )));
+            }
             drop(pivots);
             if let Some(f) = new_cfg.take() {
                 let _ = f.close().await;
@@ -720,6 +729,7 @@ async fn commit_config(
 ) -> Result<()> {
     if let Some(f) = new_cfg {
         config::write_at(f, spec, j.generation, 0).await?;
+        landed_then_failed()?;
         return Ok(());
     }
     let vms = agent.vms.lock().await;
@@ -728,7 +738,37 @@ async fn commit_config(
         _ => bail!("VM {name}: its definition is not open here"),
     };
     config::write_at(f, spec, j.generation, 1 - stored.slot).await?;
+    landed_then_failed()
+}
+
+/// Test hook `commit-lands-then-fails`: the definition is written but reported failed
+/// (as a write that landed before its flush failed).
+fn landed_then_failed() -> Result<()> {
+    if datastore::failpoint::fires("commit-lands-then-fails") {
+        bail!("failpoint commit-lands-then-fails: the write landed, then failed");
+    }
     Ok(())
+}
+
+/// After a failed commit: clears the slot [`commit_config`] wrote, which may hold the
+/// new definition after all (a failed write can land), so the undo never deletes files
+/// the newest valid definition names.
+async fn uncommit_config(
+    agent: &Agent,
+    name: &str,
+    stored: &Stored,
+    cold_cfg: Option<&DsFile>,
+    new_cfg: Option<&DsFile>,
+) -> Result<()> {
+    if let Some(f) = new_cfg {
+        return config::invalidate(f, 0).await;
+    }
+    let vms = agent.vms.lock().await;
+    let f = match (vms.get(name).and_then(|v| v.config.as_ref()), cold_cfg) {
+        (Some(f), _) | (None, Some(f)) => f,
+        _ => bail!("VM {name}: its definition is not open here"),
+    };
+    config::invalidate(f, 1 - stored.slot).await
 }
 
 /// Undoes a relocation that did not commit: mirrors stopped, new files deleted.
@@ -796,11 +836,11 @@ pub(super) async fn remove_empty_folders(agent: &Agent, name: &str) {
 /// Settles relocations an earlier agent process left unfinished (see the module docs).
 /// Runs before the exports are restored, and fixes their table.
 pub async fn recover(agent: &Agent) -> Result<()> {
-    let dir = agent.cfg.run_dir.join("relocations");
+    let dir = agent.cfg.state_dir.join("relocations");
     let Ok(rd) = std::fs::read_dir(&dir) else {
         return Ok(());
     };
-    let exports_path = agent.cfg.run_dir.join("exports.json");
+    let exports_path = agent.exports_path();
     for e in rd.flatten() {
         let p = e.path();
         if p.extension().is_none_or(|x| x != "json") {

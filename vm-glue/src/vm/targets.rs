@@ -69,7 +69,7 @@ struct Journal {
 fn journal_path(agent: &Agent, vm: &str) -> PathBuf {
     agent
         .cfg
-        .run_dir
+        .state_dir
         .join("incoming")
         .join(format!("{vm}.json"))
 }
