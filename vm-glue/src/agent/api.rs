@@ -317,22 +317,9 @@ async fn route(agent: &Arc<Agent>, req: &Request, tcp: bool) -> ApiResult {
         ("GET", ["v1", "tasks"]) => ok(Value::Array(
             agent.tasks.list().iter().map(|t| t.to_json()).collect(),
         )),
-        ("GET", ["v1", "tasks", id]) => {
-            let t = task_id(id).and_then(|id| {
-                agent
-                    .tasks
-                    .get(id)
-                    .ok_or_else(|| err(404, format!("no task {id}")))
-            })?;
-            ok(t.to_json())
-        }
+        ("GET", ["v1", "tasks", id]) => ok(task(agent, id)?.to_json()),
         ("POST", ["v1", "tasks", id, "resolve"]) => {
-            let t = task_id(id).and_then(|id| {
-                agent
-                    .tasks
-                    .get(id)
-                    .ok_or_else(|| err(404, format!("no task {id}")))
-            })?;
+            let t = task(agent, id)?;
             crate::vm::switchover::resolve(agent, &t)
                 .await
                 .map_err(|e| err(409, format!("{e:#}")))?;
@@ -352,6 +339,14 @@ async fn route(agent: &Arc<Agent>, req: &Request, tcp: bool) -> ApiResult {
             format!("unknown path {} (the API lives under /v1)", req.path),
         )),
     }
+}
+
+fn task(agent: &Agent, id: &str) -> Result<Arc<crate::agent::tasks::Task>, ApiError> {
+    let id = task_id(id)?;
+    agent
+        .tasks
+        .get(id)
+        .ok_or_else(|| err(404, format!("no task {id}")))
 }
 
 fn task_id(s: &str) -> Result<u64, ApiError> {

@@ -488,7 +488,7 @@ pub(crate) fn watch(agent: Arc<Agent>, name: String, pid: u32) {
         while alive(pid) {
             tokio::time::sleep(Duration::from_millis(200)).await;
             ticks += 1;
-            if ticks % 50 == 0 {
+            if ticks.is_multiple_of(50) {
                 let log = vm_dir(&agent, &name).join("console.log");
                 let _ =
                     tokio::task::spawn_blocking(move || rotate_console(&log, CONSOLE_MAX)).await;

@@ -729,16 +729,24 @@ async fn commit_config(
 ) -> Result<()> {
     if let Some(f) = new_cfg {
         config::write_at(f, spec, j.generation, 0).await?;
-        landed_then_failed()?;
-        return Ok(());
+        return landed_then_failed();
     }
     let vms = agent.vms.lock().await;
-    let f = match (vms.get(name).and_then(|v| v.config.as_ref()), cold_cfg) {
-        (Some(f), _) | (None, Some(f)) => f,
-        _ => bail!("VM {name}: its definition is not open here"),
-    };
+    let f = open_config(&vms, name, cold_cfg)?;
     config::write_at(f, spec, j.generation, 1 - stored.slot).await?;
     landed_then_failed()
+}
+
+/// The VM's open `vm.toml`: the running VM's, else the one a powered-off move opened.
+fn open_config<'a>(
+    vms: &'a BTreeMap<String, super::RunningVm>,
+    name: &str,
+    cold_cfg: Option<&'a DsFile>,
+) -> Result<&'a DsFile> {
+    match (vms.get(name).and_then(|v| v.config.as_ref()), cold_cfg) {
+        (Some(f), _) | (None, Some(f)) => Ok(f),
+        _ => bail!("VM {name}: its definition is not open here"),
+    }
 }
 
 /// Test hook `commit-lands-then-fails`: the definition is written but reported failed
@@ -764,11 +772,7 @@ async fn uncommit_config(
         return config::invalidate(f, 0).await;
     }
     let vms = agent.vms.lock().await;
-    let f = match (vms.get(name).and_then(|v| v.config.as_ref()), cold_cfg) {
-        (Some(f), _) | (None, Some(f)) => f,
-        _ => bail!("VM {name}: its definition is not open here"),
-    };
-    config::invalidate(f, 1 - stored.slot).await
+    config::invalidate(open_config(&vms, name, cold_cfg)?, 1 - stored.slot).await
 }
 
 /// Undoes a relocation that did not commit: mirrors stopped, new files deleted.

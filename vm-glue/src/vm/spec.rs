@@ -65,13 +65,16 @@ fn bad(field: &str, detail: impl std::fmt::Display) -> String {
     format!("vm.toml: `{field}`: {detail}")
 }
 
-fn check_name(field: &str, s: &str) -> Result<(), String> {
-    if s.is_empty()
-        || s.len() > 48
-        || !s
-            .chars()
+/// Whether `s` is 1 to `max` letters, digits, '-', '_' or '.'.
+fn plain(s: &str, max: usize) -> bool {
+    !s.is_empty()
+        && s.len() <= max
+        && s.chars()
             .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
-    {
+}
+
+fn check_name(field: &str, s: &str) -> Result<(), String> {
+    if !plain(s, 48) {
         return Err(bad(
             field,
             format!("{s:?} must be 1 to 48 letters, digits, '-', '_' or '.'"),
@@ -83,12 +86,7 @@ fn check_name(field: &str, s: &str) -> Result<(), String> {
 /// A value QEMU reads inside an option list (`-machine TYPE,…`, `-cpu MODEL,…`): only
 /// letters, digits, '-', '_' and '.', so it cannot add options of its own.
 fn check_word(field: &str, s: &str) -> Result<(), String> {
-    if s.is_empty()
-        || s.len() > 64
-        || !s
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
-    {
+    if !plain(s, 64) {
         return Err(bad(
             field,
             format!("{s:?} must be 1 to 64 letters, digits, '-', '_' or '.' (no options)"),
@@ -189,12 +187,7 @@ impl VmSpec {
                 ));
             }
             if let Some(b) = &n.bridge {
-                if b.is_empty()
-                    || b.len() > 15
-                    || !b
-                        .chars()
-                        .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
-                {
+                if !plain(b, 15) {
                     return Err(bad(
                         &format!("nics[{i}].bridge"),
                         format!(

@@ -6,7 +6,7 @@
 //! commit. While they are only a copy, writes to them are committed by flushes rather
 //! than one by one ([`Gate::from_file`]).
 //!
-//! A journal in `run_dir/incoming/<vm>.json` names the files before the first one is
+//! A journal in `state_dir/incoming/<vm>.json` names the files before the first one is
 //! made. The commit point is this host writing the definition that names them, once the
 //! incoming migration has completed and before `cont` ([`commit`]). An agent restarted
 //! with a journal left settles it before serving any export ([`recover`]): if the newest
@@ -236,25 +236,41 @@ fn read_journal(agent: &Agent, vm: &str) -> Result<Journal> {
 
 /// Deletes what an incoming move that did not commit made (its exports must be gone);
 /// keeps it (and only forgets the journal) if the newest definition names the files.
+/// Keeps everything (and the journal) while some definition of the VM cannot be read:
+/// the new files may hold the only copy.
 pub async fn discard(agent: &Agent, vm: &str) {
     let Ok(j) = read_journal(agent, vm) else {
         return;
     };
-    if committed(agent, &j).await {
-        let _ = std::fs::remove_file(journal_path(agent, vm));
-        return;
+    match committed(agent, &j).await {
+        Some(true) => {
+            let _ = std::fs::remove_file(journal_path(agent, vm));
+        }
+        Some(false) => drop_files(agent, &j).await,
+        None => tracing::error!(
+            "VM {vm}: a definition of it cannot be read; the files of its incoming move \
+             stay until it can (journal {})",
+            journal_path(agent, vm).display()
+        ),
     }
-    drop_files(agent, &j).await;
 }
 
-/// Whether the newest definition of the VM names the journal's files.
-async fn committed(agent: &Agent, j: &Journal) -> bool {
-    locate(agent, &j.vm).await.is_some_and(|(_, st)| {
+/// Whether the newest definition of the VM names the journal's files; `None` if a
+/// datastore holds a definition of it that cannot be read.
+async fn committed(agent: &Agent, j: &Journal) -> Option<bool> {
+    for m in &agent.members {
+        if datastore::files::stat(&m.ds, &super::config_path(&j.vm)).is_ok()
+            && super::read_stored(m, &j.vm).await.is_err()
+        {
+            return None;
+        }
+    }
+    Some(locate(agent, &j.vm).await.is_some_and(|(_, st)| {
         st.generation >= j.generation
             && j.files
                 .iter()
                 .all(|(_, path)| st.spec.disks.iter().any(|d| &d.path == path))
-    })
+    }))
 }
 
 async fn drop_files(agent: &Agent, j: &Journal) {
@@ -279,7 +295,7 @@ async fn drop_files(agent: &Agent, j: &Journal) {
 /// Settles incoming moves an earlier agent process left (see the module docs). Runs
 /// before the exports are restored, and drops the exports of files it deletes.
 pub async fn recover(agent: &Agent) -> Result<()> {
-    let Ok(rd) = std::fs::read_dir(agent.cfg.run_dir.join("incoming")) else {
+    let Ok(rd) = std::fs::read_dir(agent.cfg.state_dir.join("incoming")) else {
         return Ok(());
     };
     for e in rd.flatten() {
@@ -291,16 +307,28 @@ pub async fn recover(agent: &Agent) -> Result<()> {
             let _ = std::fs::remove_file(&p);
             continue;
         };
-        if committed(agent, &j).await {
-            tracing::info!("VM {}: its incoming move had committed", j.vm);
-            let _ = std::fs::remove_file(&p);
-            continue;
+        match committed(agent, &j).await {
+            Some(true) => {
+                tracing::info!("VM {}: its incoming move had committed", j.vm);
+                let _ = std::fs::remove_file(&p);
+                continue;
+            }
+            Some(false) => {}
+            None => {
+                tracing::error!(
+                    "VM {}: a definition of it cannot be read; the files of its incoming \
+                     move stay until it can ({})",
+                    j.vm,
+                    p.display()
+                );
+                continue;
+            }
         }
         tracing::warn!(
             "VM {}: an incoming move did not commit; removing its new files",
             j.vm
         );
-        let exports_path = agent.cfg.run_dir.join("exports.json");
+        let exports_path = agent.exports_path();
         let mut specs = crate::agent::exports::load(&exports_path)?;
         specs.retain(|s| {
             !j.files
