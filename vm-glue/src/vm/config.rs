@@ -63,6 +63,14 @@ fn decode(buf: &[u8], slot: u64) -> Option<(u64, String)> {
 
 /// Reads the newest valid definition in an open (or lock-free) `vm.toml`.
 pub async fn read(f: &DsFile, label: &str) -> Result<Stored> {
+    read_opt(f, label)
+        .await?
+        .ok_or_else(|| anyhow!("{label}: holds no valid VM definition"))
+}
+
+/// [`read`], with `Ok(None)` when the file was read but holds no valid definition (a
+/// new `vm.toml` never committed); errors are failures to read it.
+pub async fn read_opt(f: &DsFile, label: &str) -> Result<Option<Stored>> {
     let mut buf = vec![0u8; (2 * SLOT) as usize];
     f.read(0, &mut buf).await?;
     let mut best: Option<(u64, u64, String)> = None;
@@ -74,14 +82,15 @@ pub async fn read(f: &DsFile, label: &str) -> Result<Stored> {
             }
         }
     }
-    let (generation, slot, text) =
-        best.ok_or_else(|| anyhow!("{label}: holds no valid VM definition"))?;
+    let Some((generation, slot, text)) = best else {
+        return Ok(None);
+    };
     let spec = VmSpec::parse(&text).map_err(|e| anyhow!("{label}: {e}"))?;
-    Ok(Stored {
+    Ok(Some(Stored {
         spec,
         generation,
         slot,
-    })
+    }))
 }
 
 /// Writes `spec` as the next generation after `prev` (into the other slot) and flushes.

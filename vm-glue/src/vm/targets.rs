@@ -259,9 +259,27 @@ pub async fn discard(agent: &Agent, vm: &str) {
 /// datastore holds a definition of it that cannot be read.
 async fn committed(agent: &Agent, j: &Journal) -> Option<bool> {
     for m in &agent.members {
-        if datastore::files::stat(&m.ds, &super::config_path(&j.vm)).is_ok()
-            && super::read_stored(m, &j.vm).await.is_err()
+        let path = super::config_path(&j.vm);
+        if datastore::files::stat(&m.ds, &path).is_err() {
+            continue;
+        }
+        // (A vm.toml read whole but holding no valid definition is an answer: a new
+        // one never committed.)
+        let dev = m.ds.path().to_path_buf();
+        let p = path.clone();
+        let read = match tokio::task::spawn_blocking(move || {
+            datastore::files::DsFile::open_readonly(&dev, &p)
+        })
+        .await
+        .expect("open task")
         {
+            Ok(f) => super::config::read_opt(&f, &format!("{}:{path}", m.label()))
+                .await
+                .map(|_| ()),
+            Err(e) => Err(e.into()),
+        };
+        if let Err(e) = read {
+            tracing::warn!("VM {}: {e:#}", j.vm);
             return None;
         }
     }
