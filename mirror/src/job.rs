@@ -230,7 +230,13 @@ impl Shared {
             st.consecutive_errors,
             self.opts.max_retries
         );
-        if st.consecutive_errors > self.opts.max_retries && st.phase.mirroring() {
+        // While a pivot holds guest I/O (Completing) only its holder changes the phase: a
+        // failure then (say, a guest flush sent just before the hold) must not reroute
+        // guest writes to the source behind the pivot's back.
+        if st.consecutive_errors > self.opts.max_retries
+            && st.phase.mirroring()
+            && st.phase != Phase::Completing
+        {
             let msg = format!(
                 "the target {} failed {} times in a row, last: {e}; the source stays in use",
                 self.target.name().display(),
@@ -667,14 +673,25 @@ pub struct Pivot {
 
 impl Pivot {
     /// From now on all I/O goes to the target. Call once whatever names the target as
-    /// the device is durable.
-    pub fn commit(mut self) {
+    /// the device is durable. Refused (routing unchanged) unless the job is still
+    /// completing: a cancelled job never switches to its target.
+    pub fn commit(mut self) -> Result<()> {
         let sh = &self.mirror.sh;
         {
             let mut st = sh.st.lock().expect("mirror state");
+            if st.phase != Phase::Completing {
+                return Err(Error::Invalid {
+                    object: sh.name.clone(),
+                    detail: format!(
+                        "cannot switch to the target of a {} mirror",
+                        st.phase.as_str()
+                    ),
+                });
+            }
             sh.set_phase(&mut st, Phase::Done);
         }
         self._claim = None;
+        Ok(())
     }
 }
 

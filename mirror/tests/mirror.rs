@@ -32,6 +32,9 @@ struct Flaky {
     freeze_on_fail: std::sync::OnceLock<Arc<Mirror>>,
     /// Injected failures that have ended (their part landed, their error returned).
     failed: AtomicU32,
+    /// The next flush waits for `release_flush`, then fails.
+    hold_one_flush: AtomicBool,
+    release_flush: AtomicBool,
     written_bytes: AtomicU64,
 }
 
@@ -47,6 +50,8 @@ impl Flaky {
             fail_after_ms: AtomicU64::new(0),
             freeze_on_fail: std::sync::OnceLock::new(),
             failed: AtomicU32::new(0),
+            hold_one_flush: AtomicBool::new(false),
+            release_flush: AtomicBool::new(false),
             written_bytes: AtomicU64::new(0),
         })
     }
@@ -130,7 +135,20 @@ impl BlockDev for Flaky {
         })
     }
     fn flush(&self) -> IoFuture<'_, ()> {
-        self.inner.flush()
+        Box::pin(async move {
+            if self.hold_one_flush.swap(false, Ordering::SeqCst) {
+                while !self.release_flush.load(Ordering::SeqCst) {
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+                return Err(diskfmt::Error::Io {
+                    object: "flaky".into(),
+                    op: "flush",
+                    offset: 0,
+                    err: std::io::Error::other("injected flush failure"),
+                });
+            }
+            self.inner.flush().await
+        })
     }
     fn write_zeroes(&self, offset: u64, length: u64, may_unmap: bool) -> IoFuture<'_, ()> {
         Box::pin(async move {
@@ -321,7 +339,7 @@ proptest! {
             flaky.fail_every.store(0, Ordering::SeqCst);
             tokio::time::timeout(Duration::from_secs(60), m.wait_ready()).await.unwrap().unwrap();
             let p = m.prepare_pivot(Duration::from_secs(10)).await.unwrap();
-            p.commit();
+            p.commit().unwrap();
             assert_eq!(m.phase(), Phase::Done);
             let s = read_all(&*src).await;
             let t = read_all(&*tgt).await;
@@ -387,7 +405,8 @@ async fn convert(from: Provisioning, to: Provisioning, data: u64) -> (u64, u64) 
     m.prepare_pivot(Duration::from_secs(5))
         .await
         .unwrap()
-        .commit();
+        .commit()
+        .unwrap();
     assert_eq!(read_all(&*src).await, read_all(&*tgt).await);
     (
         src.allocated_bytes().unwrap(),
@@ -494,7 +513,8 @@ fn a_copy_that_fails_half_written_never_leaves_stale_data_on_the_target() {
             m.prepare_pivot(Duration::from_secs(5))
                 .await
                 .unwrap()
-                .commit();
+                .commit()
+                .unwrap();
             let (s, t) = (read_all(&*src).await, read_all(&*tgt).await);
             assert!(s.iter().all(|b| *b == 0));
             assert!(
@@ -504,6 +524,68 @@ fn a_copy_that_fails_half_written_never_leaves_stale_data_on_the_target() {
             );
         });
     }
+}
+
+/// A guest flush sent just before the pivot's hold fails during it, with the job at its
+/// error limit: the job must stay completing, so a guest write arriving meanwhile waits
+/// for the pivot and lands on the new disk. (It went to the source only and was
+/// acknowledged; the commit then switched to a target without it.)
+#[test]
+fn a_failure_while_the_pivot_holds_io_never_reroutes_an_acknowledged_write() {
+    runtime().block_on(async {
+        let dir = tempfile::tempdir().unwrap();
+        let src = raw(dir.path(), "src", SIZE, Provisioning::Thin).await;
+        let tgt = raw(dir.path(), "tgt", SIZE, Provisioning::Thin).await;
+        let flaky = Flaky::new(tgt.clone());
+        let mut o = small_opts();
+        o.max_retries = 0;
+        let m = Mirror::start(src.clone(), flaky.clone(), o).unwrap();
+        m.wait_ready().await.unwrap();
+        flaky.hold_one_flush.store(true, Ordering::SeqCst);
+        let m2 = Arc::clone(&m);
+        let guest_flush = tokio::spawn(async move { m2.flush().await });
+        while flaky.hold_one_flush.load(Ordering::SeqCst) {
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        let p = m.prepare_pivot(Duration::from_secs(5)).await.unwrap();
+        flaky.release_flush.store(true, Ordering::SeqCst);
+        let _ = guest_flush.await.unwrap();
+        assert_eq!(
+            m.phase(),
+            Phase::Completing,
+            "the failure changed the routing"
+        );
+        let data = fill(3, 8192, 4096);
+        let m3 = Arc::clone(&m);
+        let d2 = data.clone();
+        let write = tokio::spawn(async move { m3.write(8192, &d2, WriteFlags::NONE).await });
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let _ = p.commit();
+        write.await.unwrap().unwrap();
+        assert_eq!(m.phase(), Phase::Done);
+        let mut back = vec![0u8; data.len()];
+        tgt.read(8192, &mut back).await.unwrap();
+        assert!(back == data, "an acknowledged write is not on the new disk");
+    });
+}
+
+/// A cancelled job's pivot is refused: routing stays on the source.
+#[test]
+fn a_pivot_of_a_cancelled_mirror_is_refused() {
+    runtime().block_on(async {
+        let dir = tempfile::tempdir().unwrap();
+        let src = raw(dir.path(), "src", SIZE, Provisioning::Thin).await;
+        let tgt = raw(dir.path(), "tgt", SIZE, Provisioning::Thin).await;
+        let m = Mirror::start(src.clone(), tgt.clone(), small_opts()).unwrap();
+        m.wait_ready().await.unwrap();
+        let p = m.prepare_pivot(Duration::from_secs(5)).await.unwrap();
+        let m2 = Arc::clone(&m);
+        let cancel = tokio::spawn(async move { m2.cancel().await });
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(p.commit().is_err());
+        cancel.await.unwrap();
+        assert_eq!(m.phase(), Phase::Cancelled);
+    });
 }
 
 #[test]
@@ -540,7 +622,8 @@ fn a_hung_target_write_times_out_without_failing_the_guest_and_is_resent_after_i
         m.prepare_pivot(Duration::from_secs(5))
             .await
             .unwrap()
-            .commit();
+            .commit()
+            .unwrap();
         assert_eq!(read_all(&*src).await, read_all(&*tgt).await);
         assert!(m.progress().target_errors >= 1);
     });

@@ -152,7 +152,8 @@ async fn mirror_run(src: &Arc<RawImage>, dir: &Path, load: bool) -> (Run, f64) {
     m.prepare_pivot(Duration::from_secs(30))
         .await
         .unwrap()
-        .commit();
+        .commit()
+        .unwrap();
     let pivot_ms = p0.elapsed().as_secs_f64() * 1000.0;
     m.finish().await;
     // (Guest writes under load allocate on both sides alike.)

@@ -599,7 +599,10 @@ async fn run(
     };
     crash_at("pivot-after-config");
     for p in pivots {
-        p.commit();
+        // (Cannot fail: nothing cancels these mirrors while their pivots hold I/O.)
+        if let Err(e) = p.commit() {
+            tracing::error!("VM {name}: {e}");
+        }
     }
     let pause = pause0.elapsed();
     tracing::info!("VM {name}: pivoted to its new disks (guest I/O held {pause:?})");
