@@ -319,6 +319,8 @@ impl Shared {
             Ok(()) => {
                 let mut st = self.st.lock().expect("mirror state");
                 st.mirrored_bytes += len;
+                // Failures count only in a row: a target that answers is not failing.
+                st.consecutive_errors = 0;
                 if src.is_err() {
                     // The target may now hold what the source does not: copy it again.
                     self.redirty(&mut st, g0, g1);
@@ -345,8 +347,9 @@ impl Shared {
             tokio::time::timeout(t, self.target.flush())
         );
         let tgt = tgt.unwrap_or_else(|_| Err(timed_out(self.target.name(), "flush", 0, t)));
-        if let Err(e) = tgt {
-            self.target_failed(0, 0, &e);
+        match tgt {
+            Ok(()) => self.st.lock().expect("mirror state").consecutive_errors = 0,
+            Err(e) => self.target_failed(0, 0, &e),
         }
         src
     }

@@ -588,6 +588,35 @@ fn a_pivot_of_a_cancelled_mirror_is_refused() {
     });
 }
 
+/// Target failures fail the job only in a row: flush failures far apart, with target
+/// requests answered between them, never fail an in-sync mirror (they added up for
+/// the job's whole life).
+#[test]
+fn target_failures_far_apart_never_fail_a_mirror() {
+    runtime().block_on(async {
+        let dir = tempfile::tempdir().unwrap();
+        let src = raw(dir.path(), "src", SIZE, Provisioning::Thin).await;
+        let tgt = raw(dir.path(), "tgt", SIZE, Provisioning::Thin).await;
+        let flaky = Flaky::new(tgt.clone());
+        flaky.release_flush.store(true, Ordering::SeqCst);
+        let mut o = small_opts();
+        o.max_retries = 1;
+        let m = Mirror::start(src.clone(), flaky.clone(), o).unwrap();
+        m.wait_ready().await.unwrap();
+        for i in 0..4u64 {
+            flaky.hold_one_flush.store(true, Ordering::SeqCst);
+            m.flush().await.unwrap();
+            m.write(i * 65536, &fill(4, i * 65536, 4096), WriteFlags::NONE)
+                .await
+                .unwrap();
+            m.flush().await.unwrap();
+        }
+        assert_eq!(m.phase(), Phase::Ready, "{:?}", m.progress());
+        assert_eq!(m.progress().target_errors, 4);
+        m.cancel().await;
+    });
+}
+
 #[test]
 fn a_hung_target_write_times_out_without_failing_the_guest_and_is_resent_after_it_ends() {
     runtime().block_on(async {
