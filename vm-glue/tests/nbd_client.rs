@@ -271,3 +271,52 @@ fn a_reconnecting_client_rides_out_a_server_restart_within_its_bound_and_fails_a
     assert!(e.contains("no reconnection within"), "{e}");
     assert!(t0.elapsed() < Duration::from_secs(5), "{:?}", t0.elapsed());
 }
+
+/// A request whose caller gives up while its bytes are being written (its future
+/// dropped) leaves part of it on the wire: the next request must not follow it there
+/// (the server would read it as the rest of the payload, and guest data as requests).
+/// The client drops that connection and sends its next request on a new one.
+#[test]
+fn a_request_abandoned_mid_write_never_corrupts_the_next_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let image = thin(dir.path());
+    let sock = dir.path().join("f.sock");
+    let rt = rt();
+    let server = Server::new();
+    let dev: Arc<dyn BlockDev> =
+        Arc::new(RawImage::open(&image, true, Engine::global().unwrap()).unwrap());
+    server.add(Export {
+        name: "disk".into(),
+        description: String::new(),
+        dev,
+        read_only: false,
+    });
+    let l = rt.block_on(async { tokio::net::UnixListener::bind(&sock).unwrap() });
+    rt.spawn(Arc::clone(&server).serve_unix(l));
+    rt.block_on(async {
+        let c = NbdClient::connect_unix(&sock, "disk")
+            .await
+            .unwrap()
+            .reconnect_for(Duration::from_secs(5));
+        let big = vec![0x5au8; 24 * MIB as usize];
+        let abandoned = tokio::time::timeout(
+            Duration::from_micros(300),
+            c.write(0, &big, WriteFlags::NONE),
+        )
+        .await;
+        assert!(abandoned.is_err(), "the big write was not cut short");
+        let small = vec![0xa5u8; 4096];
+        tokio::time::timeout(
+            Duration::from_secs(10),
+            c.write(30 * MIB, &small, WriteFlags::NONE),
+        )
+        .await
+        .expect("the next request hung behind the torn one")
+        .expect("the next request failed");
+        c.flush().await.unwrap();
+        let fresh = NbdClient::connect_unix(&sock, "disk").await.unwrap();
+        let mut back = vec![0u8; 4096];
+        fresh.read(30 * MIB, &mut back).await.unwrap();
+        assert!(back == small, "the next request's data did not land");
+    });
+}

@@ -50,6 +50,9 @@ struct Conn {
     pending: Arc<Mutex<Option<HashMap<u64, Pending>>>>,
     /// The socket (alive as long as `writer` is), to shut down under a stuck write.
     fd: std::os::fd::RawFd,
+    /// A request's bytes are being written; still set when the next writer comes, the
+    /// writing future was dropped part-way and the stream is torn.
+    mid_write: std::sync::atomic::AtomicBool,
 }
 
 /// What the handshake learnt.
@@ -363,6 +366,7 @@ impl NbdClient {
                 writer: tokio::sync::Mutex::new(w),
                 pending,
                 fd,
+                mid_write: std::sync::atomic::AtomicBool::new(false),
             },
             Info {
                 size,
@@ -451,6 +455,18 @@ impl NbdClient {
         .encode();
         {
             let mut w = conn.writer.lock().await;
+            // A request dropped part-way (its caller gave up) left part of it on the wire:
+            // whatever came next would be read as the rest of it, guest data as requests.
+            // That connection is dead; its requests are sent again on a new one.
+            if conn.mid_write.swap(true, Ordering::SeqCst) {
+                let _ = nix::sys::socket::shutdown(conn.fd, nix::sys::socket::Shutdown::Both);
+                if let Some(m) = conn.pending.lock().expect("pending").as_mut() {
+                    m.remove(&cookie);
+                }
+                return Err(Failure::Connection(bad(
+                    "an earlier request was abandoned part-way through its write",
+                )));
+            }
             let sent = async {
                 w.write_all(&hdr).await?;
                 if !payload.is_empty() {
@@ -459,6 +475,9 @@ impl NbdClient {
                 w.flush().await
             }
             .await;
+            if sent.is_ok() {
+                conn.mid_write.store(false, Ordering::SeqCst);
+            }
             if let Err(e) = sent {
                 if let Some(m) = conn.pending.lock().expect("pending").as_mut() {
                     m.remove(&cookie);
