@@ -150,6 +150,17 @@ async fn read_body<R: AsyncRead + Unpin>(
 
 /// Reads one request.
 pub async fn read_request<R: AsyncRead + Unpin>(rd: R) -> std::io::Result<Request> {
+    Ok(read_request_admitted(rd, |_| true)
+        .await?
+        .expect("admitted"))
+}
+
+/// Reads one request; `admit` sees it (without its body) before a byte of the body is
+/// read, and may refuse it: `Ok(None)`, the body left unread.
+pub async fn read_request_admitted<R: AsyncRead + Unpin>(
+    rd: R,
+    admit: impl FnOnce(&Request) -> bool,
+) -> std::io::Result<Option<Request>> {
     let mut rd = BufReader::new(rd);
     let head = read_head(&mut rd).await?;
     let first = head.first().ok_or_else(|| bad("empty request"))?;
@@ -169,14 +180,18 @@ pub async fn read_request<R: AsyncRead + Unpin>(rd: R) -> std::io::Result<Reques
         query.push((percent_decode(k, true)?, percent_decode(v, true)?));
     }
     let headers = parse_headers(&head[1..])?;
-    let body = read_body(&mut rd, &headers).await?;
-    Ok(Request {
+    let mut req = Request {
         method: method.to_string(),
         path: percent_decode(path, false)?,
         query,
         headers,
-        body,
-    })
+        body: Vec::new(),
+    };
+    if !admit(&req) {
+        return Ok(None);
+    }
+    req.body = read_body(&mut rd, &req.headers).await?;
+    Ok(Some(req))
 }
 
 fn reason(status: u16) -> &'static str {
@@ -324,5 +339,22 @@ mod tests {
         }
         let huge = format!("GET / HTTP/1.1\r\nX: {}\r\n\r\n", "a".repeat(MAX_HEAD));
         assert!(read_request(huge.as_bytes()).await.is_err());
+    }
+
+    #[tokio::test]
+    async fn a_refused_request_is_answered_before_its_body_is_read() {
+        // The head promises a body that never comes: admitted, reading it would wait.
+        let (mut client, server) = tokio::io::duplex(1 << 16);
+        client
+            .write_all(b"POST /v1/x HTTP/1.1\r\nContent-Length: 1000000\r\n\r\n")
+            .await
+            .unwrap();
+        let r = tokio::time::timeout(
+            std::time::Duration::from_secs(2),
+            read_request_admitted(server, |req| req.path != "/v1/x"),
+        )
+        .await
+        .expect("the refusal waited for the body");
+        assert!(r.unwrap().is_none());
     }
 }

@@ -320,3 +320,43 @@ fn a_request_abandoned_mid_write_never_corrupts_the_next_one() {
         assert!(back == small, "the next request's data did not land");
     });
 }
+
+/// Connections beyond the server's limit are closed at once, and a client that never
+/// finishes its handshake is disconnected after the handshake timeout.
+#[test]
+fn connections_are_limited_and_a_silent_handshake_times_out() {
+    use tokio::io::AsyncReadExt;
+    use vm_glue::nbd::server::{HANDSHAKE_TIMEOUT, MAX_CONNECTIONS};
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("f.sock");
+    let rt = rt();
+    let server = Server::new();
+    let l = rt.block_on(async { tokio::net::UnixListener::bind(&sock).unwrap() });
+    rt.spawn(Arc::clone(&server).serve_unix(l));
+    rt.block_on(async {
+        let t0 = std::time::Instant::now();
+        let mut held = Vec::new();
+        for _ in 0..MAX_CONNECTIONS {
+            let mut s = tokio::net::UnixStream::connect(&sock).await.unwrap();
+            let mut hello = [0u8; 18];
+            s.read_exact(&mut hello).await.unwrap();
+            held.push(s);
+        }
+        // One more: closed without a greeting.
+        let mut extra = tokio::net::UnixStream::connect(&sock).await.unwrap();
+        let mut b = [0u8; 18];
+        let n = tokio::time::timeout(Duration::from_secs(5), extra.read(&mut b))
+            .await
+            .expect("the connection over the limit was kept waiting")
+            .unwrap_or(0);
+        assert_eq!(n, 0, "the connection over the limit was served");
+        // The silent ones are dropped after the handshake timeout, not before.
+        let mut first = held.swap_remove(0);
+        let n = tokio::time::timeout(HANDSHAKE_TIMEOUT * 2, first.read(&mut b))
+            .await
+            .expect("a silent client was never disconnected")
+            .unwrap_or(0);
+        assert_eq!(n, 0);
+        assert!(t0.elapsed() >= HANDSHAKE_TIMEOUT - Duration::from_millis(500));
+    });
+}

@@ -78,8 +78,22 @@ where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
     let (rd, wr) = tokio::io::split(stream);
-    let req = match tokio::time::timeout(http::REQUEST_TIMEOUT, http::read_request(rd)).await {
-        Ok(Ok(r)) => r,
+    // Over TCP the secret is checked on the head: an unauthenticated client never gets
+    // its body read (or buffered).
+    let read = http::read_request_admitted(rd, |r| !tcp || authorized(&agent, r));
+    let req = match tokio::time::timeout(http::REQUEST_TIMEOUT, read).await {
+        Ok(Ok(Some(r))) => r,
+        Ok(Ok(None)) => {
+            let _ = http::write_response(
+                wr,
+                &Response {
+                    status: 401,
+                    body: json!({"error": UNAUTHORIZED}),
+                },
+            )
+            .await;
+            return;
+        }
         Ok(Err(e)) => {
             let _ = http::write_response(
                 wr,
@@ -106,30 +120,49 @@ where
     let _ = http::write_response(wr, &resp).await;
 }
 
+/// Control connections served at once per listener; more are closed at once.
+pub const MAX_CONNECTIONS: usize = 64;
+
 /// Serves the control API on the unix socket.
 pub async fn serve_unix(agent: Arc<Agent>, l: tokio::net::UnixListener) {
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     loop {
         let accepted = l.accept().await.map(|(s, _)| s);
-        accept(&agent, accepted, false, "control socket").await;
+        accept(&agent, accepted, false, "control socket", &slots).await;
     }
 }
 
 /// Serves the control API on TCP (cluster secret required).
 pub async fn serve_tcp(agent: Arc<Agent>, l: tokio::net::TcpListener) {
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     loop {
         let accepted = l.accept().await.map(|(s, _)| s);
-        accept(&agent, accepted, true, "management listener").await;
+        accept(&agent, accepted, true, "management listener", &slots).await;
     }
 }
 
-/// Serves one accepted connection on its own task; backs off a little after an error.
-async fn accept<S>(agent: &Arc<Agent>, accepted: std::io::Result<S>, tcp: bool, what: &str)
-where
+/// Serves one accepted connection on its own task (if a slot is free; else it is
+/// closed); backs off a little after an error.
+async fn accept<S>(
+    agent: &Arc<Agent>,
+    accepted: std::io::Result<S>,
+    tcp: bool,
+    what: &str,
+    slots: &Arc<tokio::sync::Semaphore>,
+) where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
     match accepted {
         Ok(s) => {
-            tokio::spawn(serve_one(Arc::clone(agent), s, tcp));
+            let Ok(slot) = Arc::clone(slots).try_acquire_owned() else {
+                tracing::warn!("{what}: {MAX_CONNECTIONS} connections already; closing a new one");
+                return;
+            };
+            let agent = Arc::clone(agent);
+            tokio::spawn(async move {
+                serve_one(agent, s, tcp).await;
+                drop(slot);
+            });
         }
         Err(e) => {
             tracing::error!("{what}: {e}");
@@ -147,19 +180,22 @@ fn body<T: for<'de> Deserialize<'de>>(req: &Request) -> Result<T, ApiError> {
     serde_json::from_slice(b).map_err(|e| err(400, format!("request body: {e}")))
 }
 
+const UNAUTHORIZED: &str =
+    "TCP control calls need the cluster secret (Authorization: Bearer SECRET)";
+
+/// Whether a TCP request carries the cluster secret.
+fn authorized(agent: &Agent, req: &Request) -> bool {
+    let secret = agent.cfg.secret.as_deref().unwrap_or_default();
+    let given = req
+        .header("authorization")
+        .and_then(|h| h.strip_prefix("Bearer "))
+        .unwrap_or_default();
+    !secret.is_empty() && constant_time_eq(given.as_bytes(), secret.as_bytes())
+}
+
 async fn route(agent: &Arc<Agent>, req: &Request, tcp: bool) -> ApiResult {
-    if tcp {
-        let secret = agent.cfg.secret.as_deref().unwrap_or_default();
-        let given = req
-            .header("authorization")
-            .and_then(|h| h.strip_prefix("Bearer "))
-            .unwrap_or_default();
-        if secret.is_empty() || !constant_time_eq(given.as_bytes(), secret.as_bytes()) {
-            return Err(err(
-                401,
-                "TCP control calls need the cluster secret (Authorization: Bearer SECRET)",
-            ));
-        }
+    if tcp && !authorized(agent, req) {
+        return Err(err(401, UNAUTHORIZED));
     }
     let parts: Vec<&str> = req
         .path

@@ -28,12 +28,29 @@ pub struct Export {
 }
 
 /// Exports by name; connections look their export up at handshake time.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Server {
     exports: RwLock<HashMap<String, Arc<Export>>>,
     /// LIST is refused (a TCP server whose export names carry a secret).
     private: bool,
+    /// One permit per connection being served ([`MAX_CONNECTIONS`]).
+    connections: Arc<Semaphore>,
 }
+
+impl Default for Server {
+    fn default() -> Server {
+        Server {
+            exports: RwLock::default(),
+            private: false,
+            connections: Arc::new(Semaphore::new(MAX_CONNECTIONS)),
+        }
+    }
+}
+
+/// Connections served at once per listener kind; more are closed at once.
+pub const MAX_CONNECTIONS: usize = 256;
+/// A client must finish the handshake within this, or it is disconnected.
+pub const HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// Bytes of payload a connection may have in flight (reads and writes together).
 const BUDGET: u32 = 256 << 20;
@@ -58,6 +75,7 @@ impl Server {
     /// which for the agent's TCP exports carries the cluster secret.
     pub fn new_private() -> Arc<Server> {
         Arc::new(Server {
+            connections: Arc::new(Semaphore::new(MAX_CONNECTIONS)),
             exports: RwLock::default(),
             private: true,
         })
@@ -100,20 +118,38 @@ impl Server {
     pub async fn serve_unix(self: Arc<Self>, l: tokio::net::UnixListener) -> std::io::Result<()> {
         loop {
             let (s, _) = l.accept().await?;
+            let Some(slot) = self.admit("unix socket") else {
+                continue;
+            };
             let me = Arc::clone(&self);
             tokio::spawn(async move {
                 let (rd, wr) = s.into_split();
                 if let Err(e) = me.handle_split(rd, wr).await {
                     tracing::debug!("nbd connection ended: {e}");
                 }
+                drop(slot);
             });
         }
+    }
+
+    /// A connection slot, or None (the connection is dropped) when all are taken.
+    fn admit(&self, what: &str) -> Option<tokio::sync::OwnedSemaphorePermit> {
+        let slot = Arc::clone(&self.connections).try_acquire_owned().ok();
+        if slot.is_none() {
+            tracing::warn!(
+                "nbd: {MAX_CONNECTIONS} connections on the {what} already; closing a new one"
+            );
+        }
+        slot
     }
 
     /// Accepts connections on TCP until the listener fails.
     pub async fn serve_tcp(self: Arc<Self>, l: tokio::net::TcpListener) -> std::io::Result<()> {
         loop {
             let (s, peer) = l.accept().await?;
+            let Some(slot) = self.admit("TCP listener") else {
+                continue;
+            };
             let _ = s.set_nodelay(true);
             let me = Arc::clone(&self);
             tokio::spawn(async move {
@@ -121,6 +157,7 @@ impl Server {
                 if let Err(e) = me.handle_split(rd, wr).await {
                     tracing::debug!("nbd connection from {peer} ended: {e}");
                 }
+                drop(slot);
             });
         }
     }
@@ -141,7 +178,10 @@ impl Server {
         W: AsyncWrite + Unpin + Send + 'static,
     {
         let mut rd = tokio::io::BufReader::with_capacity(256 << 10, rd);
-        let Some(neg) = self.negotiate(&mut rd, &mut wr).await? else {
+        let negotiated = tokio::time::timeout(HANDSHAKE_TIMEOUT, self.negotiate(&mut rd, &mut wr))
+            .await
+            .map_err(|_| invalid("the client did not finish the handshake in time"))?;
+        let Some(neg) = negotiated? else {
             return Ok(());
         };
         transmit(neg, rd, wr).await
@@ -380,20 +420,27 @@ impl Bufs {
     }
 }
 
+/// A reply queued for the writer, with the share of the connection's byte budget its
+/// request took: released only once the reply is written, so a client that sends
+/// requests but never reads replies stops being read instead of growing the queue.
+type Queued = (Vec<u8>, tokio::sync::OwnedSemaphorePermit);
+
 /// The connection's writer: sends the replies request tasks queue, batching whatever is
 /// queued into as few system calls as it can, and hands large buffers back for reuse.
 async fn writer<W: AsyncWrite + Unpin>(
-    mut rx: tokio::sync::mpsc::UnboundedReceiver<Vec<u8>>,
+    mut rx: tokio::sync::mpsc::UnboundedReceiver<Queued>,
     wr: W,
     bufs: Arc<Bufs>,
 ) -> std::io::Result<W> {
     let mut w = tokio::io::BufWriter::with_capacity(256 << 10, wr);
-    while let Some(first) = rx.recv().await {
+    while let Some((first, permit)) = rx.recv().await {
         w.write_all(&first).await?;
         bufs.give(first);
-        while let Ok(more) = rx.try_recv() {
+        drop(permit);
+        while let Ok((more, permit)) = rx.try_recv() {
             w.write_all(&more).await?;
             bufs.give(more);
+            drop(permit);
         }
         w.flush().await?;
     }
@@ -433,20 +480,16 @@ where
             break Ok(());
         }
         let payload_len = if req.kind == CMD_WRITE { req.length } else { 0 };
-        if req.length > MAX_REQUEST && matches!(req.kind, CMD_READ | CMD_WRITE) {
-            if req.kind == CMD_WRITE {
-                // The payload cannot be skipped safely: end the connection.
-                break Err(invalid("write larger than the advertised maximum"));
-            }
-            let _ = tx.send(error_reply(
-                &neg,
-                req.cookie,
-                EOVERFLOW,
-                "request too large",
-            ));
-            continue;
+        let too_large = req.length > MAX_REQUEST && matches!(req.kind, CMD_READ | CMD_WRITE);
+        if too_large && req.kind == CMD_WRITE {
+            // The payload cannot be skipped safely: end the connection.
+            break Err(invalid("write larger than the advertised maximum"));
         }
-        let units = (req.length.div_ceil(UNIT)).max(1);
+        let units = if too_large {
+            1
+        } else {
+            (req.length.div_ceil(UNIT)).max(1)
+        };
         let permit = match Arc::clone(&budget)
             .acquire_many_owned(units.min(BUDGET / UNIT))
             .await
@@ -454,6 +497,11 @@ where
             Ok(p) => p,
             Err(_) => break Ok(()),
         };
+        if too_large {
+            let reply = error_reply(&neg, req.cookie, EOVERFLOW, "request too large");
+            let _ = tx.send((reply, permit));
+            continue;
+        }
         let mut payload = bufs.take(payload_len as usize);
         if let Err(e) = rd.read_exact(&mut payload).await {
             break Err(e);
@@ -461,8 +509,7 @@ where
         let (neg, tx, bufs) = (Arc::clone(&neg), tx.clone(), Arc::clone(&bufs));
         tasks.spawn(async move {
             let reply = run(&neg, req, payload, &bufs).await;
-            let _ = tx.send(reply);
-            drop(permit);
+            let _ = tx.send((reply, permit));
         });
     };
     // Finish what was asked before the client went away, then make it durable.
