@@ -579,3 +579,38 @@ fn a_switchover_in_doubt_never_runs_the_guest_twice() {
     let r = verify(&bed, 1, "doubt", &at, &[]);
     assert!(r.ok(), "{:?}", r.errors);
 }
+
+/// A powered-off VM's move whose definition moves too, with the destination's answer
+/// to `finish` lost after it committed: the source asks where the committed definition
+/// is, and the move stands — the old files and definition go (before, the source kept
+/// its old definition valid and the VM could be started from both). The definition
+/// left behind before the commit is a tombstone that refuses to start the VM.
+#[test]
+fn a_cold_move_whose_answer_is_lost_after_the_commit_leaves_one_definition() {
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let mut bed = AgentBed::networked(2, &["ds0", "ds1"], 256);
+    bed.hide(0, "ds1");
+    bed.env[1] = vec![("FERRY_FAILPOINTS".into(), "finish-reply-lost".into())];
+    bed.start(0);
+    bed.start(1);
+    create_vm(&bed, 0, "cold1", 32, json!([]));
+    let h1 = bed.hosts[1].name.clone();
+    let id = relocate(&bed, 0, "cold1", json!({"host": h1, "datastore": "ds1"}));
+    let t = wait_task(&bed, 0, id, Duration::from_secs(120));
+    assert_eq!(t["state"], "done", "{t}\n{}", bed.log(0));
+    assert_eq!(
+        stat(&bed, 0, "ds0", "/cold1/vm.toml"),
+        404,
+        "the old definition stayed"
+    );
+    assert_eq!(
+        stat(&bed, 0, "ds0", "/cold1/disk0"),
+        404,
+        "the old disk stayed"
+    );
+    let v = vm_on(&bed, 1, "cold1");
+    assert_eq!(v["datastore"], "ds1", "{v}");
+    assert_eq!(v["disks"][0]["datastore"], "ds1", "{v}");
+    let (s, v) = bed.call(0, "POST", "/v1/vms/cold1/start", None);
+    assert!(s >= 400, "the source started the moved VM: {v}");
+}

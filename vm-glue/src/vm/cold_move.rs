@@ -168,16 +168,22 @@ pub(super) async fn run(
     task.stage("switching over");
     let new_spec = inc.spec.clone().unwrap_or_else(|| stored.spec.clone());
     let moves_home = st.home != home.label();
-    if !moves_home {
-        if let Err(e) =
-            config::write_at(&cfg, &new_spec, stored.generation + 1, 1 - stored.slot).await
-        {
-            let _ = config::invalidate(&cfg, 1 - stored.slot).await;
-            drop(pivots);
-            abort(&peer, &name, &attempt).await;
-            close_all(sources, cfg).await;
-            return Err(e.context(format!("VM {name} stays where it was")));
-        }
+    // Written here: the definition naming the new files, or — when the definition moves
+    // too — a tombstone naming where it goes, before the destination commits, so the
+    // definition here can never start the VM again whatever happens next.
+    let here = if moves_home {
+        let mut tomb = stored.spec.clone();
+        tomb.moved_to = Some(st.home.clone());
+        tomb
+    } else {
+        new_spec.clone()
+    };
+    if let Err(e) = config::write_at(&cfg, &here, stored.generation + 1, 1 - stored.slot).await {
+        let _ = config::invalidate(&cfg, 1 - stored.slot).await;
+        drop(pivots);
+        abort(&peer, &name, &attempt).await;
+        close_all(sources, cfg).await;
+        return Err(e.context(format!("VM {name} stays where it was")));
     }
     let finished = peer
         .call(
@@ -189,14 +195,42 @@ pub(super) async fn run(
         .await;
     if let Err(e) = finished {
         if moves_home {
-            drop(pivots);
-            abort(&peer, &name, &attempt).await;
-            close_all(sources, cfg).await;
-            return Err(e.context(format!("VM {name} stays where it was")));
+            // Whether the destination committed decides, not whether its answer came.
+            let old: Vec<(String, String)> = sources
+                .iter()
+                .map(|(d, _)| (d.datastore.clone(), d.path.clone()))
+                .collect();
+            match committed_there(&peer, &name, &st.home, &old).await {
+                Some(true) => {
+                    tracing::warn!(
+                        "VM {name}: the destination's answer was lost ({e:#}), but its new \
+                         definition is committed: the move stands"
+                    );
+                }
+                Some(false) => {
+                    let _ = config::invalidate(&cfg, 1 - stored.slot).await;
+                    drop(pivots);
+                    abort(&peer, &name, &attempt).await;
+                    close_all(sources, cfg).await;
+                    return Err(e.context(format!("VM {name} stays where it was")));
+                }
+                None => {
+                    drop(pivots);
+                    close_all(sources, cfg).await;
+                    return Err(e.context(format!(
+                        "outcome unknown: host {} does not say whether VM {name}'s new \
+                         definition on {} is committed; the definition here is marked moved \
+                         (it cannot start from it) and its files stay until it answers",
+                        peer.name, st.home
+                    )));
+                }
+            }
+        } else {
+            // Committed here already: the destination keeps the files (its journal sees
+            // the definition naming them); only its exports linger until it is told
+            // again.
+            tracing::error!("VM {name}: the destination did not confirm the move: {e:#}");
         }
-        // Committed here already: the destination keeps the files (its journal sees
-        // the definition naming them); only its exports linger until it is told again.
-        tracing::error!("VM {name}: the destination did not confirm the move: {e:#}");
     }
     drop(pivots);
     let mut disks = Vec::new();
@@ -246,6 +280,37 @@ pub(super) async fn run(
             peer.name, peer.name
         ),
     }))
+}
+
+/// Whether the destination's committed definition of `name` is on `home` and names
+/// none of the `old` disk files: `None` if it cannot be asked.
+async fn committed_there(
+    peer: &Peer,
+    name: &str,
+    home: &str,
+    old: &[(String, String)],
+) -> Option<bool> {
+    match peer
+        .call(
+            "GET",
+            &format!("/v1/vms/{name}"),
+            None,
+            Duration::from_secs(10),
+        )
+        .await
+    {
+        Ok(v) => {
+            let disks: Vec<super::spec::Disk> = serde_json::from_value(v["disks"].clone()).ok()?;
+            Some(
+                v["datastore"] == home
+                    && !disks
+                        .iter()
+                        .any(|d| old.iter().any(|(ds, p)| d.datastore == *ds && d.path == *p)),
+            )
+        }
+        Err(e) if format!("{e:#}").contains("no VM named") => Some(false),
+        Err(_) => None,
+    }
 }
 
 /// Asks the destination to delete what it made (retried in the background).

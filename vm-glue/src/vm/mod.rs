@@ -91,10 +91,15 @@ pub async fn locate(agent: &Agent, name: &str) -> Option<(Arc<Member>, Stored)> 
         }
         match read_stored(m, name).await {
             Ok(st) => {
-                if best
-                    .as_ref()
-                    .is_none_or(|(_, b)| st.generation > b.generation)
-                {
+                // (At equal generations the moved definition wins over the tombstone
+                // left where it was.)
+                let newer = |b: &Stored| {
+                    st.generation > b.generation
+                        || (st.generation == b.generation
+                            && b.spec.moved_to.is_some()
+                            && st.spec.moved_to.is_none())
+                };
+                if best.as_ref().is_none_or(|(_, b)| newer(b)) {
                     best = Some((Arc::clone(m), st));
                 }
             }
@@ -203,6 +208,7 @@ pub async fn create(agent: &Agent, r: CreateReq) -> Result<VmSpec> {
                 bridge: n.bridge,
             })
             .collect(),
+        moved_to: None,
     };
     spec.validate().map_err(|e| anyhow!(e))?;
     for d in &spec.disks {
@@ -276,6 +282,13 @@ pub async fn start(agent: &Arc<Agent>, name: &str) -> Result<Value> {
         .await
         .ok_or_else(|| anyhow!("no VM named {name:?} on this host's datastores"))?;
     let spec = stored.spec;
+    if let Some(to) = &spec.moved_to {
+        bail!(
+            "VM {name} moved to datastore {to}: start it on a host that sees {to} \
+             (the definition here on {} is only a record of the move)",
+            home.label()
+        );
+    }
     // The definition's lock: a second host starting the VM stops here, told who runs it.
     let config = home
         .session

@@ -59,6 +59,10 @@ pub struct VmSpec {
     pub disks: Vec<Disk>,
     #[serde(default)]
     pub nics: Vec<Nic>,
+    /// A tombstone: the VM moved to this datastore (written where it was, before a
+    /// move's commit, so the old definition can never start it again).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub moved_to: Option<String>,
 }
 
 fn bad(field: &str, detail: impl std::fmt::Display) -> String {
@@ -255,6 +259,7 @@ pub(crate) mod tests {
                 mac: "52:54:00:12:34:56".into(),
                 bridge: None,
             }],
+            moved_to: None,
         }
     }
 
