@@ -14,7 +14,9 @@
 //! `migrate-after-handoff`, `both-after-commit`, `pivot-before-config`,
 //! `pivot-after-config`, `pivot-after-switch`, `mirror-freeze`, `switchover-hold-finish`
 //! (the source holds its finish call until `run_dir/switchover.go` exists),
-//! `finish-reply-lost` (the destination resumes but answers with an error); settings
+//! `finish-reply-lost` (the destination resumes but answers with an error),
+//! `incoming-prepare-hold` (the destination holds before making a move's files until
+//! `run_dir/prepare.go` exists), `commit-lands-then-fails`; settings
 //! `finish-window-s`, `settle-window-s` (how long the source waits for the
 //! destination's finish, and keeps asking it after a failed switchover).
 

@@ -590,12 +590,34 @@ fn a_cold_move_whose_answer_is_lost_after_the_commit_leaves_one_definition() {
     let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let mut bed = AgentBed::networked(2, &["ds0", "ds1"], 256);
     bed.hide(0, "ds1");
-    bed.env[1] = vec![("FERRY_FAILPOINTS".into(), "finish-reply-lost".into())];
+    bed.env[1] = vec![(
+        "FERRY_FAILPOINTS".into(),
+        "finish-reply-lost,incoming-prepare-hold".into(),
+    )];
     bed.start(0);
     bed.start(1);
     create_vm(&bed, 0, "cold1", 32, json!([]));
     let h1 = bed.hosts[1].name.clone();
     let id = relocate(&bed, 0, "cold1", json!({"host": h1, "datastore": "ds1"}));
+    // While the destination sets the move up (held before making its files), its VM
+    // table still serves other calls (it was held for the whole setup).
+    let t0 = Instant::now();
+    while !bed.log(1).contains("failpoint incoming-prepare-hold") {
+        assert!(t0.elapsed() < Duration::from_secs(60), "{}", bed.log(1));
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let sock = bed.hosts[1].control_socket();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let r = ferry_tests::agents::call_unix(&sock, "GET", "/v1/vms", None);
+        let _ = tx.send(r.0);
+    });
+    let answered = rx.recv_timeout(Duration::from_secs(3));
+    std::fs::write(bed.hosts[1].run_dir.join("prepare.go"), "").unwrap();
+    assert_eq!(
+        answered.expect("GET /v1/vms waited for the incoming move's setup"),
+        200
+    );
     let t = wait_task(&bed, 0, id, Duration::from_secs(120));
     assert_eq!(t["state"], "done", "{t}\n{}", bed.log(0));
     assert_eq!(

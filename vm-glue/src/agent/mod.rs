@@ -77,8 +77,28 @@ pub struct Agent {
     pub leaving: std::sync::atomic::AtomicBool,
     /// The host cgroup (the agent, and its VMs in child cgroups).
     pub cgroup: PathBuf,
-    /// VMs running on this host.
+    /// VMs running on this host. Held only for short table changes: a VM being set
+    /// up (its files, exports, QEMU) is reserved in `setting_up` instead.
     pub vms: tokio::sync::Mutex<BTreeMap<String, crate::vm::RunningVm>>,
+    /// VMs being started or received here, not yet in `vms`.
+    pub(crate) setting_up: std::sync::Mutex<std::collections::BTreeSet<String>>,
+}
+
+/// A VM name reserved while it is set up on this host ([`Agent::reserve_vm`]).
+#[derive(Debug)]
+pub(crate) struct VmSlot<'a> {
+    agent: &'a Agent,
+    name: String,
+}
+
+impl Drop for VmSlot<'_> {
+    fn drop(&mut self) {
+        self.agent
+            .setting_up
+            .lock()
+            .expect("setting_up")
+            .remove(&self.name);
+    }
 }
 
 /// Takes the run directory's lock file: held for the life of this process.
@@ -202,6 +222,26 @@ fn start_members(
 }
 
 impl Agent {
+    /// Reserves VM `name` for setting it up here (the VM table is not held meanwhile);
+    /// refused if it runs here or is being set up already.
+    pub(crate) async fn reserve_vm(&self, name: &str) -> Result<VmSlot<'_>> {
+        let vms = self.vms.lock().await;
+        let mut busy = self.setting_up.lock().expect("setting_up");
+        if vms.contains_key(name) {
+            bail!("VM {name} already runs on host {}", self.cfg.host);
+        }
+        if !busy.insert(name.to_string()) {
+            bail!(
+                "VM {name} is being started on host {} already",
+                self.cfg.host
+            );
+        }
+        Ok(VmSlot {
+            agent: self,
+            name: name.to_string(),
+        })
+    }
+
     /// The export table (`state_dir/exports.json`).
     pub(crate) fn exports_path(&self) -> PathBuf {
         self.cfg.state_dir.join("exports.json")
@@ -398,6 +438,7 @@ pub async fn run(cfg: Config, exe: PathBuf) -> Result<Stop> {
         leaving: std::sync::atomic::AtomicBool::new(false),
         cgroup: cg.path().to_path_buf(),
         vms: tokio::sync::Mutex::new(BTreeMap::new()),
+        setting_up: std::sync::Mutex::new(Default::default()),
     });
     // Heartbeat watchers: liveness of every slot, and our own lease.
     for m in &agent.members {

@@ -222,10 +222,9 @@ pub async fn incoming(agent: &Arc<Agent>, name: &str, r: IncomingReq) -> Result<
         bail!("the definition is of VM {:?}, not {name:?}", r.spec.name);
     }
     r.spec.validate().map_err(|e| anyhow!(e))?;
-    let mut vms = agent.vms.lock().await;
-    if vms.contains_key(name) {
-        bail!("VM {name} already runs on host {}", agent.cfg.host);
-    }
+    // Reserved, not locked: making the files (eager-thick zeroing included) and starting
+    // QEMU take long, and the VM table serves every other call meanwhile.
+    let _slot = agent.reserve_vm(name).await?;
     // What this host will run: with storage, the disks' new datastores.
     let mut wanted = r.spec.clone();
     let mut home = r.home.clone();
@@ -344,6 +343,7 @@ pub async fn incoming(agent: &Arc<Agent>, name: &str, r: IncomingReq) -> Result<
                 .iter()
                 .map(|m| (*m.ds.uuid(), m.session.owner()))
                 .collect();
+            let mut vms = agent.vms.lock().await;
             vms.insert(
                 name.to_string(),
                 RunningVm {
@@ -403,7 +403,6 @@ pub async fn incoming(agent: &Arc<Agent>, name: &str, r: IncomingReq) -> Result<
             })
         }
         Err(e) => {
-            drop(vms);
             super::release_exports(agent, &exports).await;
             if let Some(c) = new_config.take() {
                 let _ = c.close().await;
@@ -671,6 +670,10 @@ pub async fn abort(
 ) -> Result<()> {
     let vm = {
         let mut vms = agent.vms.lock().await;
+        // (Reserved names are checked under the VM table's lock, as reservations are.)
+        if agent.setting_up.lock().expect("setting_up").contains(name) {
+            bail!("VM {name} is still being set up on this host; abort it again in a moment");
+        }
         if resumed_here(agent, attempt) {
             bail!(
                 "VM {name} already runs here (this host resumed that move); it cannot be aborted"

@@ -274,10 +274,7 @@ pub(crate) fn export_name(vm: &str, disk: &str) -> String {
 
 /// Starts VM `name` on this host.
 pub async fn start(agent: &Arc<Agent>, name: &str) -> Result<Value> {
-    let mut vms = agent.vms.lock().await;
-    if vms.contains_key(name) {
-        bail!("VM {name} already runs on this host");
-    }
+    let _slot = agent.reserve_vm(name).await?;
     let (home, stored) = locate(agent, name)
         .await
         .ok_or_else(|| anyhow!("no VM named {name:?} on this host's datastores"))?;
@@ -324,6 +321,7 @@ pub async fn start(agent: &Arc<Agent>, name: &str) -> Result<Value> {
     match started {
         Ok((pid, qmp, cgroup, accel)) => {
             let info = json!({"name": name, "pid": pid, "accel": accel, "host": agent.cfg.host});
+            let mut vms = agent.vms.lock().await;
             vms.insert(
                 name.to_string(),
                 RunningVm {

@@ -92,6 +92,17 @@ pub struct Prepared {
 /// Checks room, then creates, locks and exports the new files for `spec` (the
 /// definition as the source runs it). Leaves nothing behind if it fails.
 pub async fn prepare(agent: &Arc<Agent>, spec: &VmSpec, st: &NewStorage) -> Result<Prepared> {
+    // Test hook: hold here (files about to be made) until run_dir/prepare.go exists.
+    if datastore::failpoint::fires("incoming-prepare-hold") {
+        let go = agent.cfg.run_dir.join("prepare.go");
+        tracing::warn!(
+            "failpoint incoming-prepare-hold: waiting for {}",
+            go.display()
+        );
+        while !go.exists() {
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+    }
     let name = spec.name.clone();
     let ds = |label: &str| {
         agent.member(label).ok_or_else(|| {
