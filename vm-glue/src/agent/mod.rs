@@ -250,7 +250,11 @@ impl Agent {
     /// Records the export table.
     pub async fn save_exports(&self, table: &BTreeMap<String, ExportEntry>) -> Result<()> {
         let specs: Vec<ExportSpec> = table.values().map(|e| e.spec.clone()).collect();
-        exports::save(&self.exports_path(), &specs)
+        // (Synced to disk: off the runtime's workers.)
+        let path = self.exports_path();
+        tokio::task::spawn_blocking(move || exports::save(&path, &specs))
+            .await
+            .expect("save task")
     }
 
     /// Serves `gate` as export `spec.name` (published, recorded in the table).

@@ -3,7 +3,7 @@
 //! host crash does not take them. Every write is atomic and durable: the file synced,
 //! renamed into place, and its directory synced so the new name survives too.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
 use serde::Serialize;
@@ -20,6 +20,14 @@ pub fn write_durably(p: &Path, v: &impl Serialize) -> Result<()> {
         .with_context(|| format!("{}: cannot sync", tmp.display()))?;
     std::fs::rename(&tmp, p).with_context(|| format!("{}: cannot write", p.display()))?;
     sync_dir(dir)
+}
+
+/// [`write_durably`] on a blocking thread, for async callers (the runtime's workers never
+/// wait for a sync).
+pub async fn write_durably_async<T: Serialize + Send + 'static>(p: PathBuf, v: T) -> Result<()> {
+    tokio::task::spawn_blocking(move || write_durably(&p, &v))
+        .await
+        .expect("write task")
 }
 
 /// Removes a file written by [`write_durably`], the removal synced to its directory.

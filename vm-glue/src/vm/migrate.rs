@@ -599,7 +599,8 @@ async fn claim_resume(agent: &Agent, name: &str, pid: u32) -> Result<()> {
         .filter(|v| v.incoming && v.pid == pid)
         .ok_or_else(|| anyhow!("VM {name}: its incoming move was aborted"))?;
     if let Some(a) = &vm.attempt {
-        super::relocate::write_durably(&resumed_path(agent, a), &json!({"vm": name}))?;
+        crate::agent::state::write_durably_async(resumed_path(agent, a), json!({"vm": name}))
+            .await?;
     }
     // An agent restarted before `cont` went through resumes the guest.
     let dir = super::vm_dir(agent, name);
@@ -1481,8 +1482,9 @@ async fn migrate(
     // hearing of it: the outcome is settled by asking it ([`super::switchover`]).
     super::switchover::save(
         agent,
-        &switchover_record(name, peer, attempt, home, my_owners, handed),
-    )?;
+        switchover_record(name, peer, attempt, home, my_owners, handed),
+    )
+    .await?;
     switching.store(true, std::sync::atomic::Ordering::SeqCst);
     // The destination takes the disks (its locks now) while QEMU sends the device state;
     // it resumes the guest as soon as its side of the migration has completed.

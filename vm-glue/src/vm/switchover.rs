@@ -66,8 +66,8 @@ fn path(agent: &Agent, vm: &str) -> PathBuf {
         .join(format!("{vm}.json"))
 }
 
-pub(super) fn save(agent: &Agent, s: &Switchover) -> Result<()> {
-    super::relocate::write_durably(&path(agent, &s.vm), s)
+pub(super) async fn save(agent: &Agent, s: Switchover) -> Result<()> {
+    crate::agent::state::write_durably_async(path(agent, &s.vm), s).await
 }
 
 pub(super) fn forget(agent: &Agent, vm: &str) {
