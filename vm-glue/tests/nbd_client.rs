@@ -30,6 +30,32 @@ fn thin(dir: &Path) -> std::path::PathBuf {
     p
 }
 
+/// Our own server on a unix socket in `dir`, exporting a fresh 32 MiB thin image as
+/// `disk`; returns the runtime serving it, the image and the socket.
+fn own_server(
+    dir: &Path,
+) -> (
+    tokio::runtime::Runtime,
+    std::path::PathBuf,
+    std::path::PathBuf,
+) {
+    let image = thin(dir);
+    let sock = dir.join("f.sock");
+    let rt = rt();
+    let server = Server::new();
+    let dev: Arc<dyn BlockDev> =
+        Arc::new(RawImage::open(&image, true, Engine::global().unwrap()).unwrap());
+    server.add(Export {
+        name: "disk".into(),
+        description: String::new(),
+        dev,
+        read_only: false,
+    });
+    let l = rt.block_on(async { tokio::net::UnixListener::bind(&sock).unwrap() });
+    rt.spawn(Arc::clone(&server).serve_unix(l));
+    (rt, image, sock)
+}
+
 struct Kill(Child);
 impl Drop for Kill {
     fn drop(&mut self) {
@@ -158,20 +184,7 @@ fn against_qemu_nbd() {
 #[test]
 fn against_our_own_server_and_converting_from_it() {
     let dir = tempfile::tempdir().unwrap();
-    let image = thin(dir.path());
-    let sock = dir.path().join("f.sock");
-    let rt = rt();
-    let server = Server::new();
-    let dev: Arc<dyn BlockDev> =
-        Arc::new(RawImage::open(&image, true, Engine::global().unwrap()).unwrap());
-    server.add(Export {
-        name: "disk".into(),
-        description: String::new(),
-        dev,
-        read_only: false,
-    });
-    let l = rt.block_on(async { tokio::net::UnixListener::bind(&sock).unwrap() });
-    rt.spawn(Arc::clone(&server).serve_unix(l));
+    let (rt, image, sock) = own_server(dir.path());
     rt.block_on(async {
         let c = NbdClient::connect_unix(&sock, "disk").await.unwrap();
         exercise(&c, &image).await;
@@ -279,20 +292,7 @@ fn a_reconnecting_client_rides_out_a_server_restart_within_its_bound_and_fails_a
 #[test]
 fn a_request_abandoned_mid_write_never_corrupts_the_next_one() {
     let dir = tempfile::tempdir().unwrap();
-    let image = thin(dir.path());
-    let sock = dir.path().join("f.sock");
-    let rt = rt();
-    let server = Server::new();
-    let dev: Arc<dyn BlockDev> =
-        Arc::new(RawImage::open(&image, true, Engine::global().unwrap()).unwrap());
-    server.add(Export {
-        name: "disk".into(),
-        description: String::new(),
-        dev,
-        read_only: false,
-    });
-    let l = rt.block_on(async { tokio::net::UnixListener::bind(&sock).unwrap() });
-    rt.spawn(Arc::clone(&server).serve_unix(l));
+    let (rt, _image, sock) = own_server(dir.path());
     rt.block_on(async {
         let c = NbdClient::connect_unix(&sock, "disk")
             .await
