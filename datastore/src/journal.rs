@@ -12,6 +12,11 @@
 //! by any host about to break the locks or claim the clusters of a dead host, so no
 //! record of the transaction is changed by anyone else before it is finished.
 //!
+//! A commit that fails is never taken as "nothing happened" unless the journal says so:
+//! a failed journal write is read back ([`Outcome`]); a committed transaction that cannot
+//! be applied is finished before this host writes anything else, and before the volume
+//! lease or any lock it was computed under changes hands.
+//!
 //! Crash tests kill the process at each step through the failpoints `journal-written`,
 //! `apply-partial` and `applied` ([`crate::failpoint`]).
 
@@ -21,10 +26,14 @@ use crate::store::Datastore;
 use crate::store::{Liveness, Observer};
 use crate::{Error, Result};
 
+/// The crc32c of a transaction's images, over each image without its own trailing
+/// checksum: a sealed record ends with the crc32c of what precedes it, and a CRC run over
+/// data followed by its own CRC ends in a constant — over whole records, any set of valid
+/// records (the previous transaction's images, left by a torn journal write) would match.
 pub(crate) fn images_crc(images: &[Box<Block>]) -> u32 {
-    images
-        .iter()
-        .fold(0u32, |crc, b| crc32c::crc32c_append(crc, &b.0))
+    images.iter().fold(0u32, |crc, b| {
+        crc32c::crc32c_append(crc, &b.0[..crate::format::RECORD - 4])
+    })
 }
 
 /// The sequence number of `host_id`'s last journal transaction (0 if none).
@@ -73,30 +82,79 @@ impl Drop for Turn {
     }
 }
 
+/// How a failed [`commit_txn`] left its transaction.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// Nothing of it is on disk, nor ever will be: the caller may act as if it was never
+    /// tried.
+    NotCommitted,
+    /// It committed (its journal write is durable) but is not applied in place yet. It is
+    /// finished before this host changes any record again, and before any lock or lease
+    /// it was computed under changes hands: the caller must treat it as done.
+    Committed,
+    /// Unknown (the journal write failed and could not be read back): the caller can
+    /// trust neither outcome and must stop using what it derived from it.
+    InDoubt,
+}
+
+/// A failed commit: what the transaction became, and why.
+#[derive(Debug)]
+pub struct Failed {
+    pub outcome: Outcome,
+    pub error: Error,
+}
+
+impl From<Failed> for Error {
+    fn from(f: Failed) -> Error {
+        f.error
+    }
+}
+
+/// How often finishing a committed transaction is tried before giving up for now.
+const APPLY_TRIES: usize = 3;
+
 /// Writes `writes` (record index, image) atomically through `host_id`'s journal, with
 /// sequence number `seq` (greater than the last one).
+pub fn commit(ds: &Datastore, me: Owner, seq: u64, writes: &[(u64, Box<Block>)]) -> Result<()> {
+    commit_txn(ds, me, seq, writes).map_err(Error::from)
+}
+
+/// [`commit`], telling how a failure left the transaction.
 ///
 /// A transaction of ours that was committed but not applied (an earlier commit failed
 /// while applying) is finished first: the journal holds one transaction, and one that
-/// committed must never be dropped half-applied.
-pub fn commit(ds: &Datastore, me: Owner, seq: u64, writes: &[(u64, Box<Block>)]) -> Result<()> {
+/// committed must never be dropped half-applied. A journal write that fails is read
+/// back: a durable, intact header and images mean it committed after all; anything else
+/// means it never will. Applying is retried; a transaction that still cannot be applied
+/// stays committed and is finished by the next change this host makes (or by the host
+/// that recovers it once this one is gone) — never skipped.
+pub fn commit_txn(
+    ds: &Datastore,
+    me: Owner,
+    seq: u64,
+    writes: &[(u64, Box<Block>)],
+) -> std::result::Result<(), Failed> {
+    let not = |error| Failed {
+        outcome: Outcome::NotCommitted,
+        error,
+    };
     if writes.is_empty() {
         return Ok(());
     }
     let _turn = Turn::take(ds, me.host_id);
-    replay_if(ds, me.host_id, |w| w == me)?;
+    replay_if(ds, me.host_id, |w| w == me).map_err(not)?;
     if writes.len() > MAX_TXN_RECORDS {
-        return Err(Error::Invalid {
+        return Err(not(Error::Invalid {
             object: ds.path().to_path_buf(),
             detail: format!(
                 "metadata transaction of {} records exceeds the journal ({MAX_TXN_RECORDS})",
                 writes.len()
             ),
-        });
+        }));
     }
     let jrec = ds.superblock().journal_rec(me.host_id);
     let images: Vec<Box<Block>> = writes.iter().map(|(_, b)| b.clone()).collect();
-    let mut header = JournalHeader {
+    let header = JournalHeader {
         seq,
         writer: me,
         state: TxnState::Committed,
@@ -106,11 +164,69 @@ pub fn commit(ds: &Datastore, me: Owner, seq: u64, writes: &[(u64, Box<Block>)])
     let mut all = Vec::with_capacity(images.len() + 1);
     all.push(header.encode(ds.uuid()));
     all.extend(images);
-    ds.write_many(jrec, &all)?;
+    if let Err(e) = ds.write_many(jrec, &all) {
+        if matches!(e, Error::LeaseLost { .. }) {
+            return Err(not(e)); // refused before anything was submitted
+        }
+        match committed(ds, &header, &all) {
+            Ok(false) => return Err(not(e)),
+            Ok(true) => {}
+            Err(_) => {
+                return Err(Failed {
+                    outcome: Outcome::InDoubt,
+                    error: e,
+                })
+            }
+        }
+    }
     crate::failpoint::crash_at("journal-written");
-    apply(ds, writes)?;
-    header.state = TxnState::Applied;
-    ds.write(jrec, &header.encode(ds.uuid()))
+    let mut applied = header.clone();
+    applied.state = TxnState::Applied;
+    let first = apply(ds, writes).and_then(|_| ds.write(jrec, &applied.encode(ds.uuid())));
+    let mut last = match first {
+        Ok(()) => return Ok(()),
+        Err(e) => Some(e),
+    };
+    for _ in 1..APPLY_TRIES {
+        match replay_if(ds, me.host_id, |w| w == me) {
+            Ok(_) => return Ok(()),
+            Err(e) => last = Some(e),
+        }
+    }
+    let e = last.expect("tried at least once");
+    tracing::error!(
+        "{}: journal transaction {seq} of host {} committed but could not be applied ({e}); \
+         it is finished before this host changes anything else",
+        ds.path().display(),
+        me.host_id
+    );
+    Err(Failed {
+        outcome: Outcome::Committed,
+        error: e,
+    })
+}
+
+/// Whether the journal now holds `header` committed with intact images (a failed journal
+/// write read back).
+fn committed(ds: &Datastore, header: &JournalHeader, written: &[Box<Block>]) -> Result<bool> {
+    let jrec = ds.superblock().journal_rec(header.writer.host_id);
+    let back = ds.read_many(jrec, written.len() as u64)?;
+    Ok(match JournalHeader::decode(&back[0], ds.uuid()) {
+        Decoded::Valid(h) => {
+            h.seq == header.seq
+                && h.writer == header.writer
+                && h.state == TxnState::Committed
+                && images_crc(&back[1..]) == h.images_crc
+        }
+        _ => false,
+    })
+}
+
+/// Finishes this host's own committed-but-unapplied transaction, if any (before a lock
+/// or lease it was computed under is given up).
+pub fn finish_own(ds: &Datastore, me: Owner) -> Result<()> {
+    let _turn = Turn::take(ds, me.host_id);
+    replay_if(ds, me.host_id, |w| w == me).map(|_| ())
 }
 
 fn apply(ds: &Datastore, writes: &[(u64, Box<Block>)]) -> Result<()> {

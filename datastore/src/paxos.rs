@@ -228,8 +228,14 @@ impl VolumeLease {
 
     /// Releases the lease (if it is still ours): our ballot says so first (it cannot be
     /// overwritten by anyone else), then the leader record, if it still names us.
+    ///
+    /// A transaction of ours that committed under the lease but is not applied yet is
+    /// finished first; if it cannot be, the lease stays ours (on disk) until it is, or
+    /// until this host is gone and another finishes it: the records it writes were
+    /// computed under this lease, and nobody may change them in between.
     pub fn release(self) -> Result<()> {
         let sb = self.ds.superblock();
+        crate::journal::finish_own(&self.ds, self.owner)?;
         mark_released(&self.ds, self.owner, self.lver)?;
         if let Some(l) = read_leader(&self.ds)? {
             if l.lver == self.lver && l.owner == self.owner {

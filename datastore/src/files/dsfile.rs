@@ -170,6 +170,15 @@ fn to_block(e: Error, name: &Path, offset: u64) -> diskfmt::Error {
                 err: std::io::Error::from_raw_os_error(libc::EIO),
             }
         }
+        Error::Io { object, detail } => {
+            tracing::error!("{}: {detail}", object.display());
+            diskfmt::Error::Io {
+                object: name.to_path_buf(),
+                op: "write",
+                offset,
+                err: std::io::Error::from_raw_os_error(libc::EIO),
+            }
+        }
         other => diskfmt::Error::Invalid {
             object: name.to_path_buf(),
             detail: other.to_string(),
@@ -267,7 +276,11 @@ impl DsFile {
 
     fn session(&self, offset: u64) -> diskfmt::Result<&Arc<Session>> {
         match (&self.sess, self.sh.mode) {
-            (Some(s), Some(LockMode::Exclusive | LockMode::MultiWriter)) => Ok(s),
+            (Some(s), Some(LockMode::Exclusive | LockMode::MultiWriter)) => {
+                s.running()
+                    .map_err(|e| to_block(e, &self.sh.name, offset))?;
+                Ok(s)
+            }
             _ => Err(diskfmt::Error::Invalid {
                 object: self.sh.name.clone(),
                 detail: format!("is open read-only (request at offset {offset})"),
@@ -367,6 +380,7 @@ impl DsFile {
                 detail: "growing a file needs an exclusive open".into(),
             });
         }
+        self.session(new_size).map_err(Error::Block)?;
         let _g = self.sh.io.write().await;
         let (old_blocks, prov) = {
             let st = lock(&self.sh.st);

@@ -378,6 +378,11 @@ pub struct Session {
     pub(crate) data: Arc<diskfmt::file::DirectFile>,
     /// A plain descriptor of the device, for `fdatasync` before a commit.
     pub(crate) sync: std::fs::File,
+    /// Why the session stopped changing the datastore, once it has: a metadata commit
+    /// whose outcome is partly or wholly unknown leaves memory that can no longer be
+    /// trusted. Every lock stays held until the host restarts (or is gone), when the
+    /// journal settles the outcome.
+    pub(crate) stopped: Mutex<Option<String>>,
 }
 
 impl Session {
@@ -412,7 +417,31 @@ impl Session {
             handles: Mutex::new(std::collections::HashMap::new()),
             data: Arc::new(data),
             sync,
+            stopped: Mutex::new(None),
         }))
+    }
+
+    /// Refuses every change once the session has stopped (see [`Session::stop`]).
+    pub(crate) fn running(&self) -> Result<()> {
+        match &*lock(&self.stopped) {
+            None => Ok(()),
+            Some(why) => Err(Error::Io {
+                object: self.ds.path().to_path_buf(),
+                detail: format!(
+                    "this host stopped changing the datastore ({why}); its locks stay held: \
+                     restart ferry on this host once the device works (the journal settles \
+                     the commit then)"
+                ),
+            }),
+        }
+    }
+
+    /// Stops the session after `what` failed with an outcome memory cannot follow.
+    pub(crate) fn stop(&self, what: &str, e: Error) -> Error {
+        let why = format!("{what} failed with an unknown outcome: {e}");
+        tracing::error!("{}: {why}", self.ds.path().display());
+        lock(&self.stopped).get_or_insert(why);
+        self.running().expect_err("just stopped")
     }
 
     pub fn datastore(&self) -> &Arc<Datastore> {
@@ -476,6 +505,7 @@ impl Session {
     /// Hands this host's exclusive lock on a file to host `to` if it is still at
     /// `expected` (None: whatever version it has now, as long as we alone hold it).
     pub fn handoff(&self, uuid: &Uuid, to: Owner, expected: Option<u64>) -> Result<u64> {
+        self.running()?;
         let expected = match expected {
             Some(v) => v,
             None => self.lock_version(uuid)?.ok_or_else(|| Error::Invalid {
@@ -503,6 +533,7 @@ impl Session {
 
     /// Runs `f` under the volume lease with a fresh descriptor table.
     fn with_lease<T>(&self, f: impl FnOnce(&Table) -> Result<T>) -> Result<T> {
+        self.running()?;
         let mut obs = lock(&self.obs);
         let lease = VolumeLease::acquire(&self.ds, self.me, &mut obs, self.lease_wait())?;
         drop(obs);
@@ -632,6 +663,7 @@ impl Session {
     }
 
     fn open_blocking(self: &Arc<Self>, path: &str, mode: LockMode) -> Result<DsFile> {
+        self.running()?;
         let p = self.parse(path)?;
         let shown = display(&self.ds, &p);
         let t = Table::read(&self.ds)?;
@@ -725,6 +757,8 @@ impl Session {
 
     /// Closes one handle of this host on a file; the last one releases the lock.
     pub(crate) fn unlock(&self, uuid: &Uuid) -> Result<()> {
+        // A stopped session keeps its locks: what it last committed may not be applied.
+        self.running()?;
         {
             let mut h = lock(&self.handles);
             match h.get_mut(uuid) {

@@ -21,9 +21,10 @@ use std::sync::Arc;
 
 use crate::filerec::{ClusterRec, MAX_TXN_RECORDS};
 use crate::format::{Block, Decoded};
+use crate::journal::{self, Outcome};
 use crate::paxos::VolumeLease;
 use crate::store::Datastore;
-use crate::{journal, Error, Result};
+use crate::{Error, Result};
 
 use super::{lock, Session};
 
@@ -139,6 +140,17 @@ impl Space {
     }
 }
 
+/// What a failed commit leaves memory to do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum After {
+    /// Nothing that must be kept committed: mark everything dirty again.
+    RollBack,
+    /// Everything committed (some of it not applied yet): keep the new state.
+    Done,
+    /// Part of it, or an unknown part, committed: stop the session.
+    Stop,
+}
+
 /// A commit's snapshot.
 struct Snapshot {
     files: Vec<(u64, Box<Block>)>,
@@ -162,6 +174,7 @@ impl Session {
     /// claims a cluster with free blocks. `NoSpace` if neither finds any.
     pub(crate) fn claim(&self) -> Result<()> {
         let mut seq = lock(&self.commit_lock);
+        self.running()?;
         // Concurrent writers all run short at once: the first claim may have served the
         // others already.
         if lock(&self.space).has_free(&self.ds) {
@@ -238,7 +251,16 @@ impl Session {
                 took.push((c, i.clone(), ug + 1, Some(d)));
             }
             *seq += 1;
-            journal::commit(&self.ds, self.me, *seq, &writes)?;
+            // A claim that committed but is not applied yet is ours all the same (the
+            // volume lease stays held until it is applied); one in doubt stops the session.
+            let failed = match journal::commit_txn(&self.ds, self.me, *seq, &writes) {
+                Ok(()) => None,
+                Err(f) if f.outcome == Outcome::NotCommitted => return Err(f.error),
+                Err(f) if f.outcome == Outcome::InDoubt => {
+                    return Err(self.stop("claiming space", f.error));
+                }
+                Err(f) => Some(f.error),
+            };
             let _cut = self.cut.read().expect("cut");
             let mut sp = lock(&self.space);
             for (c, inbox, generation, claimed) in took {
@@ -263,7 +285,7 @@ impl Session {
                     }
                 }
             }
-            Ok(())
+            failed.map_or(Ok(()), Err)
         })();
         let released = lease.release();
         out?;
@@ -273,6 +295,7 @@ impl Session {
     /// Makes every completed write and metadata change of this session durable.
     pub fn commit(&self) -> Result<()> {
         let mut seq = lock(&self.commit_lock);
+        self.running()?;
         let needs_lease = {
             let sp = lock(&self.space);
             !sp.foreign.is_empty()
@@ -297,10 +320,19 @@ impl Session {
         };
         let out = self
             .sync_data()
+            .map_err(|e| (After::RollBack, e))
             .and_then(|_| self.write_snapshot(&mut seq, &snap));
         let released = lease.map(|l| l.release()).unwrap_or(Ok(()));
-        match out {
-            Ok(()) => {
+        let (after, out) = match out {
+            Ok(()) => (After::Done, Ok(())),
+            Err((after, e)) => (after, Err(e)),
+        };
+        match after {
+            After::Stop => {
+                let e = out.expect_err("a stop comes with its error");
+                return Err(self.stop("committing metadata", e));
+            }
+            After::Done => {
                 let _cut = self.cut.read().expect("cut");
                 let mut sp = lock(&self.space);
                 for (c, bits, generation) in &snap.final_bits {
@@ -316,7 +348,7 @@ impl Session {
                     }
                 }
             }
-            Err(ref _e) => {
+            After::RollBack => {
                 for (f, desc, ptrs) in &snap.restore {
                     f.mark_dirty(*desc, ptrs);
                 }
@@ -423,11 +455,25 @@ impl Session {
         snap
     }
 
-    fn write_snapshot(&self, seq: &mut u64, snap: &Snapshot) -> Result<()> {
-        let mut txn = |writes: &[(u64, Box<Block>)]| -> Result<()> {
-            for chunk in writes.chunks(MAX_TXN_RECORDS) {
+    /// Writes the snapshot through the journal. On failure, says what memory must do:
+    /// the cluster records with allocations and the file records may be written again
+    /// whatever became of them (roll back and retry later); the last transaction, with
+    /// frees, clusters given back and other hosts' inboxes, must be taken as done once it
+    /// committed, and a partial or unknown outcome of it stops the session.
+    fn write_snapshot(&self, seq: &mut u64, snap: &Snapshot) -> Result<(), (After, Error)> {
+        let mut txn = |writes: &[(u64, Box<Block>)], last: bool| -> Result<(), (After, Error)> {
+            for (i, chunk) in writes.chunks(MAX_TXN_RECORDS).enumerate() {
                 *seq += 1;
-                journal::commit(&self.ds, self.me, *seq, chunk)?;
+                if let Err(f) = journal::commit_txn(&self.ds, self.me, *seq, chunk) {
+                    let single = writes.len() <= MAX_TXN_RECORDS;
+                    let after = match f.outcome {
+                        _ if !last => After::RollBack,
+                        Outcome::NotCommitted if i == 0 => After::RollBack,
+                        Outcome::Committed if single => After::Done,
+                        _ => After::Stop,
+                    };
+                    return Err((after, f.error));
+                }
             }
             Ok(())
         };
@@ -441,34 +487,34 @@ impl Session {
         }
         for (c, idx) in by_cluster {
             let rec = cluster_rec(&self.ds, c, true);
-            let (mut inbox, g) =
-                match ClusterRec::decode(&*self.ds.read(rec)?, self.ds.uuid(), true, c) {
-                    Decoded::Valid(x) => x,
-                    _ => (ClusterRec::empty(c), 0),
-                };
+            let disk = self.ds.read(rec).map_err(|e| (After::RollBack, e))?;
+            let (mut inbox, g) = match ClusterRec::decode(&disk, self.ds.uuid(), true, c) {
+                Decoded::Valid(x) => x,
+                _ => (ClusterRec::empty(c), 0),
+            };
             for i in idx {
                 inbox.set(i, true);
             }
             shared.push((rec, inbox.encode(self.ds.uuid(), true, g + 1)));
         }
         for (rec, mine) in &snap.merge {
-            let merged =
-                match crate::filerec::PointerRec::decode(&*self.ds.read(*rec)?, self.ds.uuid()) {
-                    Decoded::Valid((disk, g))
-                        if disk.file == mine.file
-                            && disk.seq == mine.seq
-                            && disk.index == mine.index =>
-                    {
-                        let mut m = disk.clone();
-                        for (e, mine_e) in m.entries.iter_mut().zip(&mine.entries) {
-                            for w in 0..4 {
-                                e.written[w] |= mine_e.written[w];
-                            }
+            let disk = self.ds.read(*rec).map_err(|e| (After::RollBack, e))?;
+            let merged = match crate::filerec::PointerRec::decode(&disk, self.ds.uuid()) {
+                Decoded::Valid((disk, g))
+                    if disk.file == mine.file
+                        && disk.seq == mine.seq
+                        && disk.index == mine.index =>
+                {
+                    let mut m = disk.clone();
+                    for (e, mine_e) in m.entries.iter_mut().zip(&mine.entries) {
+                        for w in 0..4 {
+                            e.written[w] |= mine_e.written[w];
                         }
-                        m.encode(self.ds.uuid(), g + 1)
                     }
-                    _ => mine.encode(self.ds.uuid(), 1),
-                };
+                    m.encode(self.ds.uuid(), g + 1)
+                }
+                _ => mine.encode(self.ds.uuid(), 1),
+            };
             shared.push((*rec, merged));
         }
         let total = snap.files.len() + snap.clusters_final.len() + shared.len();
@@ -477,12 +523,12 @@ impl Session {
             all.extend(snap.clusters_final.iter().cloned());
             all.extend(snap.files.iter().cloned());
             all.extend(shared);
-            return txn(&all);
+            return txn(&all, true);
         }
-        txn(&snap.clusters_keep)?;
-        txn(&snap.files)?;
+        txn(&snap.clusters_keep, false)?;
+        txn(&snap.files, false)?;
         let mut last = snap.clusters_final.clone();
         last.extend(shared);
-        txn(&last)
+        txn(&last, true)
     }
 }
