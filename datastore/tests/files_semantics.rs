@@ -279,6 +279,62 @@ fn running_out_of_space_is_a_clean_no_space_error() {
     assert!(r.free_blocks > free / 2, "{r:#?}");
 }
 
+/// Space freed is space another write can use: a host's own frees not committed yet are
+/// committed when a writer runs short, and the clusters a host frees blocks in are given
+/// back (it keeps one with free blocks), so another live host can use them.
+#[test]
+fn freed_space_is_reachable_by_this_host_and_by_others() {
+    let h = hosts(128 * MIB, &["hu", "hv"]);
+    let (a, b) = (&h.hosts[0].1, &h.hosts[1].1);
+    let bpc = a.datastore().superblock().blocks_per_cluster as u64;
+    let free = a.space().unwrap().free_blocks;
+    rt().block_on(async {
+        let f = a
+            .create("/fill", (free + 8) * MIB, Provisioning::Thin)
+            .await
+            .unwrap();
+        let chunk = vec![0x6bu8; MIB as usize];
+        let mut written = 0u64;
+        while f
+            .write(written * MIB, &chunk, WriteFlags::NONE)
+            .await
+            .is_ok()
+        {
+            written += 1;
+        }
+        f.flush().await.unwrap();
+        // A discard, then a write, with no flush between: the write gets the block.
+        f.discard(0, MIB).await.unwrap();
+        f.write(written * MIB, &chunk, WriteFlags::NONE)
+            .await
+            .expect("a block freed but not committed yet is found by the next writer");
+        // Every other block of four clusters' worth freed: the other host can use all of
+        // it but at most one cluster's worth.
+        let span = (4 * bpc).min(written);
+        for i in (1..span).step_by(2) {
+            f.discard(i * MIB, MIB).await.unwrap();
+        }
+        f.flush().await.unwrap();
+        let freed = (1..span).step_by(2).count() as u64;
+        let g = b
+            .create("/other", (freed + 8) * MIB, Provisioning::Thin)
+            .await
+            .unwrap();
+        let mut got = 0u64;
+        while g.write(got * MIB, &chunk, WriteFlags::NONE).await.is_ok() {
+            got += 1;
+        }
+        assert!(
+            got + bpc + 1 >= freed,
+            "the other host wrote {got} of {freed} freed blocks (clusters of {bpc})"
+        );
+        g.close().await.unwrap();
+        f.close().await.unwrap();
+    });
+    let r = check::check(a.datastore()).unwrap();
+    assert!(r.clean(), "{r:#?}");
+}
+
 #[test]
 fn check_finds_leaks_and_damage_and_repair_frees_leaks() {
     use datastore::filerec::{ClusterRec, Descriptor};

@@ -365,7 +365,7 @@ impl DsFile {
                 return Ok(fresh);
             }
             let s = Arc::clone(sess);
-            tokio::task::spawn_blocking(move || s.claim())
+            tokio::task::spawn_blocking(move || s.make_room())
                 .await
                 .expect("claim task")?;
         }

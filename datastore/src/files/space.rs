@@ -6,8 +6,15 @@
 //! freed in one of its own clusters becomes reusable only once the free is committed (so
 //! no committed map can still point at it); a block freed in a cluster another host owns
 //! goes to that cluster's inbox under the volume lease, and the owner takes it back when
-//! it next claims space. A cluster left with nothing of its owner's in it is given back
-//! (owner none) by the commit that frees its last block, so other hosts can claim it.
+//! it next claims space.
+//!
+//! Space rules: a host keeps at most one cluster with free blocks in use (the freest),
+//! plus one it has just claimed; a commit gives every other cluster with free blocks back
+//! (owner none, its used blocks still marked), and a cluster left with nothing of its
+//! owner's in it is given back by the commit that frees its last block. So the free space
+//! another host cannot reach is at most one cluster per live host. Blocks freed but not
+//! committed are not reusable yet: a writer that runs short commits them first, and
+//! claims a cluster only if that did not free a block.
 //!
 //! A commit snapshots every dirty record of the session's open files and clusters at one
 //! cut, flushes the data device, then writes the snapshot through the journal. Record
@@ -170,6 +177,18 @@ struct Snapshot {
 }
 
 impl Session {
+    /// Finds room for a writer that ran short: commits the frees not committed yet (they
+    /// become reusable), and claims space only if that freed nothing of ours.
+    pub(crate) fn make_room(&self) -> Result<()> {
+        if !lock(&self.space).pending.is_empty() {
+            self.commit()?;
+            if lock(&self.space).has_free(&self.ds) {
+                return Ok(());
+            }
+        }
+        self.claim()
+    }
+
     /// Under the volume lease: takes back freed blocks from own clusters' inboxes, or
     /// claims a cluster with free blocks. `NoSpace` if neither finds any.
     pub(crate) fn claim(&self) -> Result<()> {
@@ -228,7 +247,8 @@ impl Session {
                 let Some((c, _)) = best else {
                     return Err(Error::NoSpace {
                         object: self.ds.path().to_path_buf(),
-                        detail: "every resource cluster is full or owned by another live host"
+                        detail: "every resource cluster is full or owned by another live host \
+                                 (each live host keeps at most one cluster with free blocks)"
                             .into(),
                     });
                 };
@@ -417,8 +437,40 @@ impl Session {
             .iter()
             .map(|&b| cluster_of(&self.ds, b).0)
             .collect();
+        // What each owned cluster holds once the frees are committed, and the one cluster
+        // with free blocks this host keeps (the freest): every other cluster with free
+        // blocks is given back, so no live host sits on space another host needs.
+        let fins: BTreeMap<u32, ClusterRec> = sp
+            .owned
+            .iter()
+            .map(|(c, oc)| {
+                let mut fin = oc.used.clone();
+                for &b in &snap.frees {
+                    let (bc, i) = cluster_of(&self.ds, b);
+                    if bc == *c {
+                        fin.set(i, false);
+                    }
+                }
+                (*c, fin)
+            })
+            .collect();
+        let free_in =
+            |c: u32, fin: &ClusterRec| self.ds.superblock().cluster_blocks(c) - fin.count();
+        let keep = fins
+            .iter()
+            .filter(|(c, fin)| free_in(**c, fin) > 0 && fin.count() > 0)
+            .max_by_key(|(c, fin)| (free_in(**c, fin), std::cmp::Reverse(**c)))
+            .map(|(c, _)| *c);
         for (c, oc) in sp.owned.iter_mut() {
-            if !oc.dirty && !freed.contains(c) {
+            let mut fin = fins[c].clone();
+            let touched = oc.dirty || freed.contains(c);
+            // (An empty cluster nobody touched was just claimed: it is about to be used.)
+            let give_back = if fin.count() == 0 {
+                touched
+            } else {
+                free_in(*c, &fin) > 0 && Some(*c) != keep
+            };
+            if !touched && !give_back {
                 continue;
             }
             oc.dirty = false;
@@ -427,17 +479,10 @@ impl Session {
                 cluster_rec(&self.ds, *c, false),
                 oc.used.encode(self.ds.uuid(), false, g),
             ));
-            let mut fin = oc.used.clone();
-            for &b in &snap.frees {
-                let (bc, i) = cluster_of(&self.ds, b);
-                if bc == *c {
-                    fin.set(i, false);
-                }
-            }
-            if fin.count() == 0 {
-                // Nothing of ours is left in it: give the cluster back, so any host can
-                // claim it. It leaves `owned` now, under the cut: nothing allocates from it
-                // any more.
+            if give_back {
+                // Given back, so any host can claim it (the blocks still in use stay
+                // marked; their frees go through its inbox from now on). It leaves `owned`
+                // now, under the cut: nothing allocates from it any more.
                 fin.owner = crate::format::Owner::NONE;
                 snap.released.push(*c);
             }
