@@ -69,6 +69,8 @@ pub fn check(ds: &Datastore) -> Result<Report> {
     }
     let mut names: HashSet<(u32, String)> = HashSet::new();
     let mut owners: HashMap<u64, u32> = HashMap::new();
+    // Files whose block map cannot be read: the blocks they use are unknown.
+    let mut damaged_maps = 0usize;
     for (id, e) in table.entries.iter().enumerate().skip(1) {
         let id = id as u32;
         let d = match e {
@@ -114,6 +116,10 @@ pub fn check(ds: &Datastore) -> Result<Report> {
             Ok((m, _)) => m,
             Err(e) => {
                 r.problems.push(e.to_string());
+                damaged_maps += 1;
+                for m in &d.maps {
+                    owners.insert(m.block, id);
+                }
                 continue;
             }
         };
@@ -176,6 +182,18 @@ pub fn check(ds: &Datastore) -> Result<Report> {
                 r.leaked_blocks.len() - leaks_before
             ));
         }
+    }
+    if damaged_maps > 0 && !r.leaked_blocks.is_empty() {
+        // Blocks in use by no readable file may be those of the damaged maps: not leaks
+        // (repair would free blocks a file still uses).
+        r.problems.push(format!(
+            "{} block(s) in use by no readable file: not counted as leaks while {damaged_maps} \
+             file map(s) cannot be read",
+            r.leaked_blocks.len()
+        ));
+        r.used_blocks += r.leaked_blocks.len() as u64;
+        r.leaked_blocks.clear();
+        r.leaks.clear();
     }
     // Lock records.
     let recs = ds.read_many(sb.lock_start, sb.lock_count as u64)?;

@@ -402,6 +402,96 @@ fn check_finds_leaks_and_damage_and_repair_frees_leaks() {
     let _ = g2;
 }
 
+/// A pointer record that cannot be read is damage that needs a person: the blocks it
+/// maps are not holes, not leaks, and repair never frees them.
+#[test]
+fn a_damaged_pointer_record_is_damage_not_holes() {
+    let h = hosts(128 * MIB, &["hp"]);
+    let s = &h.hosts[0].1;
+    rt().block_on(async {
+        let f = s.create("/f", 8 * MIB, Provisioning::Thin).await.unwrap();
+        f.write(0, &vec![0x3cu8; 2 * MIB as usize], WriteFlags::FUA)
+            .await
+            .unwrap();
+        f.close().await.unwrap();
+    });
+    let ds = Datastore::open(&h.image).unwrap();
+    assert!(check::check(&ds).unwrap().clean());
+    let (d, _) = files::Table::read(&ds).unwrap().get(1).unwrap().clone();
+    let rec = ds.superblock().block_record(d.maps[0].block);
+    let mut b = ds.read(rec).unwrap();
+    b.0[100] ^= 0xff; // bit rot: the record's checksum no longer matches
+    ds.write(rec, &b).unwrap();
+    let r = check::check(&ds).unwrap();
+    assert!(r.leaked_blocks.is_empty(), "{r:#?}");
+    assert!(
+        r.problems.iter().any(|p| p.contains("pointer record 0")),
+        "{r:#?}"
+    );
+    assert!(check::repair(s).is_err());
+    assert!(files::stat(&ds, "/f").is_err());
+}
+
+/// An eager-thick file's new blocks join it only once they are zeroed: a commit of
+/// another file during the zeroing, then a crash, must never leave blocks whose unwritten
+/// parts show an earlier file's data.
+#[test]
+fn eager_thick_blocks_join_the_file_only_once_zeroed() {
+    let h = hosts(1024 * MIB, &["he"]);
+    let s = &h.hosts[0].1;
+    rt().block_on(async {
+        // Old data in the free blocks.
+        let junk = s
+            .create("/junk", 640 * MIB, Provisioning::Thin)
+            .await
+            .unwrap();
+        let chunk = vec![0xeeu8; 8 * MIB as usize];
+        for i in 0..80 {
+            junk.write(i * 8 * MIB, &chunk, WriteFlags::NONE)
+                .await
+                .unwrap();
+        }
+        junk.close().await.unwrap();
+        s.remove("/junk").await.unwrap();
+        let other = s.create("/other", MIB, Provisioning::Thin).await.unwrap();
+        let e = std::sync::Arc::new(s.create("/e", MIB, Provisioning::EagerThick).await.unwrap());
+        let e2 = std::sync::Arc::clone(&e);
+        let grow = tokio::spawn(async move { e2.grow(600 * MIB).await });
+        // Commits of another file while the zeroing runs; "crash" (stop the grow) as
+        // soon as the committed size shows the new blocks.
+        loop {
+            other.write(0, &[1u8; 4096], WriteFlags::FUA).await.unwrap();
+            let size = files::stat(s.datastore(), "/e").unwrap().size;
+            if size > MIB {
+                grow.abort();
+                break;
+            }
+            if grow.is_finished() {
+                break;
+            }
+        }
+        let _ = grow.await;
+        drop(e);
+        other.close().await.unwrap();
+        // Whatever size it has now, every block of it reads zeros around a small write.
+        let e = s.open("/e", LockMode::Exclusive).await.unwrap();
+        let size = e.size();
+        let mut back = vec![0u8; 4096];
+        let mut off = MIB;
+        while off < size {
+            e.write(off, &[9u8; 512], WriteFlags::NONE).await.unwrap();
+            e.read(off, &mut back).await.unwrap();
+            assert!(back[..512].iter().all(|&x| x == 9));
+            assert!(
+                back[512..].iter().all(|&x| x == 0),
+                "block at {off} of {size} shows old data after a small write"
+            );
+            off += 7 * MIB;
+        }
+        e.close().await.unwrap();
+    });
+}
+
 #[test]
 fn concurrent_first_writes_claim_only_the_space_they_need() {
     // Nearly all of a small datastore, written by many concurrent first writes: one

@@ -315,54 +315,117 @@ impl DsFile {
             .expect("commit task")
     }
 
-    /// Makes sure blocks `first..last` (and the map blocks that describe them) exist,
-    /// claiming clusters when this host's are full.
-    async fn ensure_blocks(&self, first: usize, last: usize) -> Result<Vec<usize>> {
+    /// Takes `n` blocks from this host's clusters (claiming more when they run short)
+    /// without putting them in any map: a commit in between records them as used, so a
+    /// crash before they are published leaks them (`check --repair` frees leaks), never
+    /// exposes them.
+    async fn alloc_unpublished(&self, n: usize) -> Result<Vec<u64>> {
         let sess = self.sess.as_ref().expect("a writable file has a session");
-        let mut fresh = Vec::new();
+        let mut got = Vec::with_capacity(n);
+        while got.len() < n {
+            {
+                let _cut = sess.cut.read().expect("cut");
+                let mut sp = lock(&sess.space);
+                got.extend(sp.alloc_fast(&self.ds, n - got.len()));
+            }
+            if got.len() < n {
+                let s = Arc::clone(sess);
+                if let Err(e) = tokio::task::spawn_blocking(move || s.make_room())
+                    .await
+                    .expect("claim task")
+                {
+                    self.free_unpublished(&got);
+                    return Err(e);
+                }
+            }
+        }
+        Ok(got)
+    }
+
+    /// Gives back blocks taken by [`Self::alloc_unpublished`] and never published.
+    fn free_unpublished(&self, blocks: &[u64]) {
+        let sess = self.sess.as_ref().expect("a writable file has a session");
+        let _cut = sess.cut.read().expect("cut");
+        let mut sp = lock(&sess.space);
+        for &b in blocks {
+            sp.free(&self.ds, b);
+        }
+    }
+
+    /// Takes `n` blocks and fills them with zeros before anyone can see them.
+    async fn alloc_zeroed(&self, n: usize) -> Result<Vec<u64>> {
+        let blocks = self.alloc_unpublished(n).await?;
+        if let Err(e) = self.zero_blocks(&blocks).await {
+            self.free_unpublished(&blocks);
+            return Err(e);
+        }
+        Ok(blocks)
+    }
+
+    /// Makes sure the file has `need` map blocks. A map block is zeroed before it is
+    /// published, so every record in it is blank or a pointer record this file wrote: an
+    /// unreadable one is damage, never an old block's data.
+    async fn ensure_maps(&self, need: usize) -> Result<()> {
+        let sess = self.sess.as_ref().expect("a writable file has a session");
+        loop {
+            let have = lock(&self.sh.st).desc.maps.len();
+            if have >= need {
+                return Ok(());
+            }
+            let blocks = self.alloc_zeroed(need - have).await?;
+            let _cut = sess.cut.read().expect("cut");
+            let mut st = lock(&self.sh.st);
+            let mut sp = lock(&sess.space);
+            for b in blocks {
+                if st.desc.maps.len() < need {
+                    st.desc.map_seq += 1;
+                    let seq = st.desc.map_seq;
+                    st.desc.maps.push(MapBlock { block: b, seq });
+                    st.desc_dirty = true;
+                } else {
+                    sp.free(&self.ds, b); // a concurrent writer published one first
+                }
+            }
+        }
+    }
+
+    /// The map blocks a file of `blocks` data blocks needs.
+    fn maps_for(blocks: usize) -> usize {
+        blocks
+            .div_ceil(ENTRIES_PER_PTR)
+            .div_ceil(RECORDS_PER_BLOCK as usize)
+    }
+
+    /// Makes sure blocks `first..last` (and the map blocks that describe them) exist,
+    /// claiming clusters when this host's are full. New data blocks are published with
+    /// no sub-block written (they read as zeros without touching the device).
+    async fn ensure_blocks(&self, first: usize, last: usize) -> Result<()> {
+        let sess = self.sess.as_ref().expect("a writable file has a session");
+        self.ensure_maps(Self::maps_for(last)).await?;
         loop {
             let short = {
                 let _cut = sess.cut.read().expect("cut");
                 let mut st = lock(&self.sh.st);
                 let mut sp = lock(&sess.space);
                 let mut short = false;
-                // Map blocks first, so every entry set below has a record to live in.
-                let need_maps = if last > first {
-                    ((last - 1) / ENTRIES_PER_PTR) / RECORDS_PER_BLOCK as usize + 1
-                } else {
-                    0
-                };
-                while st.desc.maps.len() < need_maps {
+                for i in first..last {
+                    if st.map[i].block.is_some() {
+                        continue;
+                    }
                     let Some(b) = sp.alloc_fast(&self.ds, 1).pop() else {
                         short = true;
                         break;
                     };
-                    st.desc.map_seq += 1;
-                    let seq = st.desc.map_seq;
-                    st.desc.maps.push(MapBlock { block: b, seq });
-                    st.desc_dirty = true;
-                }
-                if !short {
-                    for i in first..last {
-                        if st.map[i].block.is_some() {
-                            continue;
-                        }
-                        let Some(b) = sp.alloc_fast(&self.ds, 1).pop() else {
-                            short = true;
-                            break;
-                        };
-                        st.map[i] = Entry {
-                            block: Some(b),
-                            written: [0; 4],
-                        };
-                        st.ptr_dirty.insert((i / ENTRIES_PER_PTR) as u32);
-                        fresh.push(i);
-                    }
+                    st.map[i] = Entry {
+                        block: Some(b),
+                        written: [0; 4],
+                    };
+                    st.ptr_dirty.insert((i / ENTRIES_PER_PTR) as u32);
                 }
                 short
             };
             if !short {
-                return Ok(fresh);
+                return Ok(());
             }
             let s = Arc::clone(sess);
             tokio::task::spawn_blocking(move || s.make_room())
@@ -372,7 +435,9 @@ impl DsFile {
     }
 
     /// Grows the file to `new_size` bytes (a multiple of 512), allocating (lazy-thick)
-    /// or allocating and zeroing (eager-thick) the new blocks, then commits.
+    /// or allocating and zeroing (eager-thick) the new blocks, then commits. Eager-thick
+    /// blocks join the file only once zeroed: their unwritten parts are read from the
+    /// device, and must never show an earlier file's data.
     pub async fn grow(&self, new_size: u64) -> Result<()> {
         if self.sh.mode != Some(LockMode::Exclusive) {
             return Err(Error::Invalid {
@@ -380,7 +445,7 @@ impl DsFile {
                 detail: "growing a file needs an exclusive open".into(),
             });
         }
-        self.session(new_size).map_err(Error::Block)?;
+        let sess = Arc::clone(self.session(new_size).map_err(Error::Block)?);
         let _g = self.sh.io.write().await;
         let (old_blocks, prov) = {
             let st = lock(&self.sh.st);
@@ -400,33 +465,42 @@ impl DsFile {
             });
         }
         let new_blocks = new_size.div_ceil(BLOCK) as usize;
+        if prov != Provisioning::Thin {
+            self.ensure_maps(Self::maps_for(new_blocks)).await?;
+        }
+        let fresh = if prov == Provisioning::EagerThick {
+            self.alloc_zeroed(new_blocks - old_blocks).await?
+        } else {
+            Vec::new()
+        };
         {
+            let _cut = sess.cut.read().expect("cut");
             let mut st = lock(&self.sh.st);
             st.map.resize(new_blocks, Entry::default());
+            for (i, b) in (old_blocks..new_blocks).zip(fresh) {
+                st.map[i] = Entry {
+                    block: Some(b),
+                    written: [0; 4],
+                };
+                st.ptr_dirty.insert((i / ENTRIES_PER_PTR) as u32);
+            }
             st.desc.size = new_size;
             st.desc_dirty = true;
         }
-        if prov != Provisioning::Thin {
-            let fresh = self.ensure_blocks(old_blocks, new_blocks).await?;
-            if prov == Provisioning::EagerThick {
-                self.zero_blocks(&fresh).await?;
-            }
+        if prov == Provisioning::LazyThick {
+            self.ensure_blocks(old_blocks, new_blocks).await?;
         }
         self.commit().await
     }
 
-    /// Writes zeros over the whole data blocks of entries `idx` (eager-thick zeroing).
-    async fn zero_blocks(&self, idx: &[usize]) -> Result<()> {
+    /// Writes zeros over whole data blocks.
+    async fn zero_blocks(&self, blocks: &[u64]) -> Result<()> {
         let mut runs: Vec<(u64, u64)> = Vec::new();
-        {
-            let st = lock(&self.sh.st);
-            for &i in idx {
-                let Some(b) = st.map[i].block else { continue };
-                let off = self.ds.superblock().block_offset(b);
-                match runs.last_mut() {
-                    Some((s, l)) if *s + *l == off => *l += BLOCK,
-                    _ => runs.push((off, BLOCK)),
-                }
+        for &b in blocks {
+            let off = self.ds.superblock().block_offset(b);
+            match runs.last_mut() {
+                Some((s, l)) if *s + *l == off => *l += BLOCK,
+                _ => runs.push((off, BLOCK)),
             }
         }
         for (off, len) in runs {

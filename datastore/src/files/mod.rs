@@ -239,8 +239,21 @@ pub fn load_map(
         let recs = ds.read_many(sb.block_record(mb.block), RECORDS_PER_BLOCK)?;
         for (k, b) in recs.iter().enumerate() {
             let r = (mi as u64 * RECORDS_PER_BLOCK) as u32 + k as u32;
-            let Decoded::Valid((p, g)) = PointerRec::decode(b, ds.uuid()) else {
-                continue;
+            let (p, g) = match PointerRec::decode(b, ds.uuid()) {
+                Decoded::Valid(x) => x,
+                Decoded::Blank => continue,
+                // Map blocks are zeroed before they are published and pointer records are
+                // written through the journal: an unreadable one is damage (or a record
+                // read while its writer rewrote it), never holes.
+                Decoded::Unknown(why) => {
+                    return Err(corrupt(
+                        name,
+                        format!(
+                            "pointer record {r} (map block {}) is unreadable ({why})",
+                            mb.block
+                        ),
+                    ))
+                }
             };
             if p.file != d.uuid || p.seq != mb.seq || p.index != r {
                 continue; // stale: an earlier use of this block
