@@ -9,7 +9,8 @@
 //! by a file (else it is a leak); inbox bits free only used blocks; cluster and lock
 //! records are readable; no gone host has an unapplied journal transaction.
 //!
-//! Run it while hosts are quiet: a host in the middle of a commit is reported as such.
+//! `check` reads without any lock, so on a live datastore a host's commit in progress can
+//! show as leaked blocks for a moment; `--repair` runs only while no other host is live.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 
@@ -229,22 +230,66 @@ pub fn check(ds: &Datastore) -> Result<Report> {
 
 /// Checks, then repairs what is safe to repair, as host `session` (under the volume
 /// lease): unapplied transactions of gone hosts are finished (taking the lease does
-/// that), leaked blocks are freed and stray inbox bits cleared. Returns the report of a
-/// second check, listing what was done.
+/// that), leaked blocks are freed and stray inbox bits cleared, all through this host's
+/// journal. Returns the report of a second check, listing what was done.
+///
+/// Repair needs a consistent cut of the datastore, which a live host committing without
+/// the lease would break (its blocks allocated in between would look leaked): it runs
+/// only while no other host is live. Unless every other slot is free, it first watches
+/// the slots for `host_dead`, so that a host that crashed is seen dead (and its journal
+/// finished), never taken as live — or as gone while it still writes.
 pub fn repair(session: &Session) -> Result<Report> {
     let ds = session.datastore();
     let me = session.owner();
     let mut obs = Observer::new(ds);
     let sb = ds.superblock();
     let wait = sb.host_dead() + 4 * sb.io_timeout();
-    if !check(ds)?.torn_lock_records.is_empty() {
-        // Only a host seen dead (or free) can be ruled out as a holder of a torn record:
-        // watch the slots for host_dead first, as any lock breaker does.
-        let until = ds.clock().now() + sb.host_dead() + sb.io_timeout();
+    obs.observe(ds)?;
+    let others = |obs: &Observer, all: bool| -> Vec<String> {
+        obs.views()
+            .iter()
+            .filter(|v| v.host_id != me.host_id)
+            .filter(|v| match v.liveness {
+                Liveness::Free => false,
+                Liveness::Dead => all,
+                Liveness::Live | Liveness::Unknown => true,
+            })
+            .map(|v| match &v.slot {
+                Some(s) => format!("{} (host {})", s.name, v.host_id),
+                None => format!("host {}", v.host_id),
+            })
+            .collect()
+    };
+    if !others(&obs, true).is_empty() {
+        let start = ds.clock().now();
+        let until = start + sb.host_dead() + sb.io_timeout();
         while ds.clock().now() < until {
-            obs.observe(ds)?;
             ds.clock().sleep(sb.io_timeout() / 2);
+            obs.observe(ds)?;
+            let watched = ds.clock().now() - start;
+            let renewing = |v: &crate::store::SlotView| {
+                v.host_id != me.host_id
+                    && v.liveness == Liveness::Live
+                    && watched >= 3 * sb.io_timeout()
+                    && std::time::Duration::from_millis(v.unchanged_ms) < watched / 2
+            };
+            if obs.views().iter().any(renewing) {
+                break; // a host plainly renews its slot: no need to wait out host_dead
+            }
         }
+    }
+    let live = others(&obs, false);
+    if !live.is_empty() {
+        return Err(Error::Invalid {
+            object: ds.path().to_path_buf(),
+            detail: format!(
+                "repair needs every other host stopped (live now: {}): a live host commits \
+                 without the volume lease, and its new blocks would look leaked; stop those \
+                 hosts' agents, or wait until they are seen dead, then repair again \
+                 (`check` without --repair is safe at any time)",
+                live.join(", ")
+            ),
+        });
     }
     let lease = VolumeLease::acquire(ds, me, &mut obs, wait)?;
     let done = (|| -> Result<Vec<String>> {
@@ -257,6 +302,15 @@ pub fn repair(session: &Session) -> Result<Report> {
                     "{} problem(s) need a person before anything is repaired; first: {}",
                     before.problems.len(),
                     before.problems[0]
+                ),
+            });
+        }
+        if let Some((h, _)) = before.unapplied_journals.first() {
+            return Err(Error::Invalid {
+                object: ds.path().to_path_buf(),
+                detail: format!(
+                    "host {h} has a journal transaction not applied yet: its blocks may look \
+                     leaked; repair again once it is finished"
                 ),
             });
         }
@@ -277,18 +331,18 @@ pub fn repair(session: &Session) -> Result<Report> {
                 .push((b % bpc) as u32);
         }
         let all = files::space_clusters(ds)?;
+        let mut writes = Vec::new();
         for (c, (leaks, strays)) in by_cluster {
             let (Decoded::Valid((mut u, ug)), Decoded::Valid((mut i, ig))) =
                 all[c as usize].clone()
             else {
                 continue;
             };
-            let owner_live = !u.owner.is_none() && u.owner != me && obs.owner_valid(u.owner);
             for s in &strays {
                 i.set(*s, false);
             }
-            if owner_live {
-                // The owner allocates from this cluster without the lease: hand the leaked
+            if u.owner == me {
+                // Our own session allocates from it without the lease: hand the leaked
                 // blocks to it through the inbox instead of touching its bitmap.
                 for l in &leaks {
                     i.set(*l, true);
@@ -297,19 +351,19 @@ pub fn repair(session: &Session) -> Result<Report> {
                 for l in &leaks {
                     u.set(*l, false);
                 }
-                ds.write(
+                writes.push((
                     ds.superblock().cluster_start + 2 * c as u64,
-                    &u.encode(ds.uuid(), false, ug + 1),
-                )?;
+                    u.encode(ds.uuid(), false, ug + 1),
+                ));
             }
-            ds.write(
+            writes.push((
                 ds.superblock().cluster_start + 2 * c as u64 + 1,
-                &ClusterRec {
+                ClusterRec {
                     owner: crate::format::Owner::NONE,
                     ..i
                 }
                 .encode(ds.uuid(), true, ig + 1),
-            )?;
+            ));
             if !leaks.is_empty() {
                 did.push(format!(
                     "cluster {c}: freed {} leaked block(s)",
@@ -322,6 +376,10 @@ pub fn repair(session: &Session) -> Result<Report> {
                     strays.len()
                 ));
             }
+        }
+        for chunk in writes.chunks(crate::filerec::MAX_TXN_RECORDS) {
+            let seq = crate::journal::last_seq(ds, me.host_id)? + 1;
+            crate::journal::commit(ds, me, seq, chunk)?;
         }
         Ok(did)
     })();
@@ -368,7 +426,6 @@ fn clear_torn_lock_records(
             ),
         });
     }
-    let seq = crate::journal::last_seq(ds, me.host_id)? + 1;
     // A vacant record, not a blank one: a blank record would end the probe chains of
     // the objects stored past it.
     let vacant = LockRecord {
@@ -381,6 +438,7 @@ fn clear_torn_lock_records(
     let writes: Vec<(u64, Box<crate::format::Block>)> =
         torn.iter().map(|&i| (i, vacant.clone())).collect();
     for chunk in writes.chunks(crate::filerec::MAX_TXN_RECORDS) {
+        let seq = crate::journal::last_seq(ds, me.host_id)? + 1;
         crate::journal::commit(ds, me, seq, chunk)?;
     }
     Ok(vec![format!(

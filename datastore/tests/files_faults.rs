@@ -28,6 +28,8 @@ struct Flaky {
     /// Once a write failed, reads of the records it picks fail too (a path gone).
     reads_follow: AtomicBool,
     failed_once: AtomicBool,
+    /// A failing write lands its first 512 bytes (a torn write) before it fails.
+    tear: AtomicBool,
 }
 
 impl std::fmt::Debug for Flaky {
@@ -80,6 +82,12 @@ impl RecordIo for Flaky {
 
     fn write(&self, idx: u64, buf: &Block) -> std::io::Result<()> {
         if self.fails(idx) {
+            if self.tear.load(Ordering::SeqCst) {
+                let mut torn = Block::zeroed();
+                self.inner.read(idx, &mut torn)?;
+                torn.0[..512].copy_from_slice(&buf.0[..512]);
+                self.inner.write(idx, &torn)?;
+            }
             return Err(eio());
         }
         self.inner.write(idx, buf)
@@ -144,6 +152,7 @@ fn bed(size: u64) -> Bed {
         pick: Mutex::new(Box::new(|_| false)),
         reads_follow: AtomicBool::new(false),
         failed_once: AtomicBool::new(false),
+        tear: AtomicBool::new(false),
     });
     let join = |ds: Datastore, name: &str| {
         let ds = Arc::new(ds);
@@ -332,4 +341,31 @@ fn a_commit_in_doubt_stops_the_session_and_keeps_its_locks() {
     });
     let r = check::check(b.datastore()).unwrap();
     assert!(r.problems.is_empty(), "{r:#?}");
+}
+
+/// Names change through the journal: a descriptor write torn by a failing device is
+/// finished by the host's next change, never left unreadable (the file would vanish).
+#[test]
+fn a_torn_descriptor_write_is_finished_by_the_journal() {
+    let bed = bed(128 * MIB);
+    let a = &bed.a.1;
+    let sb = a.datastore().superblock().clone();
+    let descs = sb.desc_start + 1..sb.desc_start + sb.desc_count as u64;
+    rt().block_on(async {
+        a.mkdir("/keep").unwrap();
+        bed.flaky.tear.store(true, Ordering::SeqCst);
+        bed.flaky
+            .set(Some(Box::new(move |idx| descs.contains(&idx))));
+        assert!(a.mkdir("/d").is_err());
+        bed.flaky.set(None);
+        a.mkdir("/e").unwrap();
+    });
+    let names: Vec<String> = files::list(a.datastore(), "/")
+        .unwrap()
+        .into_iter()
+        .map(|s| s.path)
+        .collect();
+    assert_eq!(names, ["/d", "/e", "/keep"]);
+    let r = check::check(a.datastore()).unwrap();
+    assert!(r.clean(), "{r:#?}");
 }

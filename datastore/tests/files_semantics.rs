@@ -402,6 +402,54 @@ fn check_finds_leaks_and_damage_and_repair_frees_leaks() {
     let _ = g2;
 }
 
+/// Repair needs a consistent cut: it refuses while another host is live (naming it),
+/// waits out host_dead for a host that stopped renewing (a crashed one is seen dead, not
+/// live), and runs at once when every other slot is free.
+#[test]
+fn repair_refuses_while_another_host_is_live_and_sees_a_crashed_host_dead() {
+    use datastore::hostlease::JoinOptions;
+    let h = hosts(128 * MIB, &["hl", "hm"]);
+    let (a, b) = (&h.hosts[0].1, &h.hosts[1].1);
+    rt().block_on(async {
+        let f = a.create("/f", 8 * MIB, Provisioning::Thin).await.unwrap();
+        f.write(0, &vec![1u8; MIB as usize], WriteFlags::FUA)
+            .await
+            .unwrap();
+        f.close().await.unwrap();
+    });
+    let t = std::time::Instant::now();
+    let e = check::repair(b).unwrap_err();
+    assert!(e.to_string().contains("hl (host "), "{e}");
+    assert!(
+        t.elapsed() < std::time::Duration::from_secs(12),
+        "{:?}",
+        t.elapsed()
+    );
+    // A host that joined and stopped renewing (crashed): seen dead after host_dead.
+    let ds = Arc::new(Datastore::open(&h.image).unwrap());
+    let crashed = HostLease::join_with(
+        Arc::clone(&ds),
+        "hz",
+        "",
+        Box::new(|_| {}),
+        JoinOptions {
+            renewal_thread: false,
+            ..JoinOptions::default()
+        },
+    )
+    .unwrap();
+    std::mem::forget(crashed);
+    let mut h = h;
+    let (la, _) = h.hosts.remove(0);
+    la.leave().unwrap();
+    let b = &h.hosts[0].1;
+    let t = std::time::Instant::now();
+    let r = check::repair(b).unwrap();
+    assert!(r.clean(), "{r:#?}");
+    let host_dead = ds.superblock().host_dead();
+    assert!(t.elapsed() >= host_dead, "waited {:?}", t.elapsed());
+}
+
 /// A pointer record that cannot be read is damage that needs a person: the blocks it
 /// maps are not holes, not leaks, and repair never frees them.
 #[test]

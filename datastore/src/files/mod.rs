@@ -9,7 +9,7 @@
 //! Who writes what: namespace records (descriptors being created, renamed, freed) and
 //! foreign cluster inboxes change under the volume lease; a file's descriptor and pointer
 //! records only by the holder of its lock; a cluster's allocation record only by its
-//! owner. Multi-record changes go through the host's journal.
+//! owner. Every metadata change goes through the host's journal.
 
 mod dsfile;
 mod space;
@@ -22,7 +22,7 @@ use diskfmt::Provisioning;
 use uuid::Uuid;
 
 use crate::filerec::{Descriptor, Entry, Kind, PointerRec, ENTRIES_PER_PTR, MAX_FILE_NAME};
-use crate::format::{Decoded, LockMode, Owner, BLOCK, RECORDS_PER_BLOCK};
+use crate::format::{Block, Decoded, LockMode, Owner, BLOCK, RECORDS_PER_BLOCK};
 use crate::paxos::VolumeLease;
 use crate::store::{Datastore, Observer};
 use crate::{locks, Error, Result};
@@ -544,17 +544,31 @@ impl Session {
         self.ds.superblock().host_dead() + 4 * self.ds.superblock().io_timeout()
     }
 
-    /// Runs `f` under the volume lease with a fresh descriptor table.
-    fn with_lease<T>(&self, f: impl FnOnce(&Table) -> Result<T>) -> Result<T> {
+    /// Under the volume lease, with a fresh descriptor table: writes the records `f`
+    /// returns, through this host's journal (a crash mid-write never leaves a torn
+    /// descriptor).
+    fn with_lease(&self, f: impl FnOnce(&Table) -> Result<Vec<(u64, Box<Block>)>>) -> Result<()> {
         self.running()?;
         let mut obs = lock(&self.obs);
         let lease = VolumeLease::acquire(&self.ds, self.me, &mut obs, self.lease_wait())?;
         drop(obs);
-        let out = Table::read(&self.ds).and_then(|t| f(&t));
+        let out = Table::read(&self.ds)
+            .and_then(|t| f(&t))
+            .and_then(|writes| {
+                // The sequence number only labels the transaction: no need to wait for the
+                // session's commits.
+                let seq = crate::journal::last_seq(&self.ds, self.me.host_id)? + 1;
+                match crate::journal::commit_txn(&self.ds, self.me, seq, &writes) {
+                    Ok(()) => Ok(()),
+                    Err(f) if f.outcome == crate::journal::Outcome::InDoubt => {
+                        Err(self.stop("changing a descriptor", f.error))
+                    }
+                    Err(f) => Err(f.error),
+                }
+            });
         let released = lease.release();
-        let out = out?;
-        released?;
-        Ok(out)
+        out?;
+        released
     }
 
     fn parse(&self, path: &str) -> Result<DsPath> {
@@ -581,8 +595,10 @@ impl Session {
                 name: name.clone(),
                 ..Descriptor::root()
             };
-            self.ds
-                .write(desc_rec(&self.ds, id), &d.encode(self.ds.uuid(), g + 1))
+            Ok(vec![(
+                desc_rec(&self.ds, id),
+                d.encode(self.ds.uuid(), g + 1),
+            )])
         })
     }
 
@@ -647,8 +663,10 @@ impl Session {
                     name: name.clone(),
                     ..Descriptor::root()
                 };
-                this.ds
-                    .write(desc_rec(&this.ds, id), &d.encode(this.ds.uuid(), g + 1))
+                Ok(vec![(
+                    desc_rec(&this.ds, id),
+                    d.encode(this.ds.uuid(), g + 1),
+                )])
             })
         })
         .await
@@ -845,10 +863,10 @@ impl Session {
                             detail: "the folder is not empty".into(),
                         });
                     }
-                    this.ds.write(
+                    Ok(vec![(
                         desc_rec(&this.ds, id),
-                        &Descriptor::free().encode(this.ds.uuid(), g + 1),
-                    )
+                        Descriptor::free().encode(this.ds.uuid(), g + 1),
+                    )])
                 })
             })
             .await
@@ -864,11 +882,11 @@ impl Session {
         let this = Arc::clone(self);
         tokio::task::spawn_blocking(move || {
             let freed = this.with_lease(|t| match t.entries.get(id as usize) {
-                Some(Decoded::Valid((d, g))) if d.uuid == uuid => this.ds.write(
+                Some(Decoded::Valid((d, g))) if d.uuid == uuid => Ok(vec![(
                     desc_rec(&this.ds, id),
-                    &Descriptor::free().encode(this.ds.uuid(), g + 1),
-                ),
-                _ => Ok(()),
+                    Descriptor::free().encode(this.ds.uuid(), g + 1),
+                )]),
+                _ => Ok(Vec::new()),
             });
             let unlocked = this.unlock(&uuid);
             freed?;
@@ -931,8 +949,10 @@ impl Session {
             let (mut d, g) = t.get(id).ok_or_else(|| not_found(&self.ds, src))?.clone();
             d.parent = pid;
             d.name = dname.to_string();
-            self.ds
-                .write(desc_rec(&self.ds, id), &d.encode(self.ds.uuid(), g + 1))
+            Ok(vec![(
+                desc_rec(&self.ds, id),
+                d.encode(self.ds.uuid(), g + 1),
+            )])
         });
         if let Some(obj) = &file_lock {
             let _ = locks::release(&self.ds, self.me, &mut lock(&self.obs), obj);
