@@ -99,8 +99,77 @@ fn scratch(w: &World, ds: &Datastore, tag: &str) -> Result<(), Error> {
     r
 }
 
-/// One host's workload: join, then `ops` critical sections (the volume lease, or an
-/// exclusive lock on one of two objects), then leave. Rejoins after losing its lease.
+/// Where object `n`'s value lives: a record its exclusive holder changes only through
+/// its journal.
+const VALUE: u64 = 60_100;
+
+fn encode_value(v: u64) -> Box<Block> {
+    let mut b = Block::zeroed();
+    b.0[..8].copy_from_slice(b"FERRYVAL");
+    b.0[8..16].copy_from_slice(&v.to_le_bytes());
+    let crc = crc32c::crc32c(&b.0[..16]);
+    b.0[16..20].copy_from_slice(&crc.to_le_bytes());
+    b
+}
+
+/// Object `n`'s value as read (0: never written; None: unreadable).
+fn read_value(ds: &Datastore, n: u64) -> Option<Result<u64, Error>> {
+    let b = match ds.read(VALUE + n) {
+        Ok(b) => b,
+        Err(e) => return Some(Err(e)),
+    };
+    if b.0.iter().all(|&x| x == 0) {
+        return Some(Ok(0));
+    }
+    let crc = u32::from_le_bytes(b.0[16..20].try_into().unwrap());
+    (&b.0[..8] == b"FERRYVAL" && crc == crc32c::crc32c(&b.0[..16]))
+        .then(|| Ok(u64::from_le_bytes(b.0[8..16].try_into().unwrap())))
+}
+
+/// A lock holder's view of object `n`'s value: whole (every transaction of an earlier
+/// holder finished, none torn) and never behind one acknowledged to an earlier holder
+/// (no transaction replayed after the lock changed hands).
+fn check_value(w: &World, ds: &Datastore, obj: &str, n: u64) -> Option<u64> {
+    match read_value(ds, n) {
+        None => {
+            w.violation(&format!(
+                "{obj}: its value record is torn under a new holder"
+            ));
+            None
+        }
+        Some(Err(_)) => None, // this host crashed mid-read
+        Some(Ok(v)) => {
+            let acked = w.acked(obj);
+            if v < acked {
+                w.violation(&format!(
+                    "{obj}: value {v} under a new holder, but {acked} was acknowledged"
+                ));
+            }
+            Some(v)
+        }
+    }
+}
+
+/// The exclusive holder of `obj` adds one to its value through the journal.
+fn step_value(w: &World, ds: &Datastore, me: datastore::Owner, obj: &str, n: u64) {
+    let Some(v) = check_value(w, ds, obj, n) else {
+        return;
+    };
+    let Ok(seq) = datastore::journal::last_seq(ds, me.host_id) else {
+        return;
+    };
+    match datastore::journal::commit(ds, me, seq + 1, &[(VALUE + n, encode_value(v + 1))]) {
+        Ok(()) => {
+            w.ack(obj, v + 1);
+            w.count("value committed");
+        }
+        Err(e) => w.note(&format!("{obj}: value commit failed: {e}")),
+    }
+}
+
+/// One host's workload: join, then `ops` critical sections (the volume lease, or a lock
+/// on one of two objects: exclusive, adding one to the object's value through the
+/// journal, or shared, reading it), then leave. Rejoins after losing its lease.
 fn workload(w: World, h: usize, ops: u32) {
     let ds = open(&w, h);
     let name = format!("host{h}");
@@ -135,12 +204,25 @@ fn workload(w: World, h: usize, ops: u32) {
                     }
                 }
             } else {
-                let obj = format!("obj{}", w.random(2));
-                match locks::try_acquire(&ds, me, &mut obs, &obj, LockMode::Exclusive) {
+                let n = w.random(2);
+                let obj = format!("obj{n}");
+                let mode = if w.random(3) == 0 {
+                    LockMode::Shared
+                } else {
+                    LockMode::Exclusive
+                };
+                match locks::try_acquire(&ds, me, &mut obs, &obj, mode) {
                     Ok(_) => {
-                        w.enter(&obj);
-                        let _ = scratch(&w, &ds, &name);
-                        ds.clock().sleep(hold);
+                        if mode == LockMode::Shared {
+                            w.enter_shared(&obj);
+                            check_value(&w, &ds, &obj, n);
+                            ds.clock().sleep(hold);
+                        } else {
+                            w.enter(&obj);
+                            let _ = scratch(&w, &ds, &name);
+                            step_value(&w, &ds, me, &obj, n);
+                            ds.clock().sleep(hold);
+                        }
                         w.leave(&obj);
                         match locks::release(&ds, me, &mut obs, &obj) {
                             Ok(()) => w.count("lock held"),
@@ -270,6 +352,44 @@ fn negative_control_the_checker_catches_a_write_past_the_deadline() {
         r.violations
             .iter()
             .any(|v| v.contains("after its host's deadline")),
+        "{r:?}"
+    );
+}
+
+#[test]
+fn negative_control_the_checker_catches_a_value_rolled_back_under_a_lock() {
+    let w = World::new(2, 2, Faults::none(), Duration::from_secs(60));
+    format(&w, 2);
+    let w0 = w.clone();
+    w.spawn(0, "h0", move || {
+        let ds = open(&w0, 0);
+        let (lease, r) = join(&w0, 0, &ds, "h0").unwrap();
+        let mut obs = Observer::new(&ds);
+        locks::try_acquire(&ds, lease.owner(), &mut obs, "obj0", LockMode::Exclusive).unwrap();
+        w0.enter("obj0");
+        step_value(&w0, &ds, lease.owner(), "obj0", 0);
+        w0.leave("obj0");
+        locks::release(&ds, lease.owner(), &mut obs, "obj0").unwrap();
+        // An old image of the value lands after the lock was given up.
+        w0.io(0).write(VALUE, &encode_value(0)).unwrap();
+        leave(&ds, lease, r);
+    });
+    let w1 = w.clone();
+    w.spawn(1, "h1", move || {
+        w1.clock(1).sleep(Duration::from_secs(20));
+        let ds = open(&w1, 1);
+        let (lease, r) = join(&w1, 1, &ds, "h1").unwrap();
+        let mut obs = Observer::new(&ds);
+        locks::try_acquire(&ds, lease.owner(), &mut obs, "obj0", LockMode::Shared).unwrap();
+        w1.enter_shared("obj0");
+        check_value(&w1, &ds, "obj0", 0);
+        w1.leave("obj0");
+        let _ = locks::release(&ds, lease.owner(), &mut obs, "obj0");
+        leave(&ds, lease, r);
+    });
+    let r = w.run(2);
+    assert!(
+        r.violations.iter().any(|v| v.contains("was acknowledged")),
         "{r:?}"
     );
 }
@@ -773,10 +893,11 @@ fn a_dead_hosts_journal_is_replayed_before_its_lock_is_broken() {
             obs.observe(&ds).unwrap();
             ds.clock().sleep(Duration::from_secs(1));
         }
-        // Stall 6 s at the first read after the volume lease's journal recovery.
+        // Stall 6 s at the first read after the volume lease's journal recovery looked at
+        // host 0's journal (host 1 reads its own journal too, when it releases the lease).
         let (mut after_journal, mut armed) = (false, true);
         w1.script(Box::new(move |h| match h {
-            Hook::Read { start, .. } if *start >= JOURNALS && *start < JOURNALS + 3 * 256 => {
+            Hook::Read { start, .. } if *start == JOURNALS => {
                 after_journal = true;
                 None
             }

@@ -20,8 +20,12 @@
 //!   the margin or be infinite (a process stuck in uninterruptible I/O).
 //!
 //! Invariants, checked at every step: no write is submitted by a host after its own
-//! deadline; no two actors are at once inside the volume lease, or inside one exclusive
-//! lock, while both of their hosts are within their deadlines; no protocol code panics.
+//! deadline; no two actors are at once inside the volume lease, or inside one lock with
+//! at least one of them exclusive, while both of their hosts are within their deadlines;
+//! no protocol code panics. Workloads add their own through [`World::violation`] (the
+//! lock workload: a value its holders change only through their journals is never torn
+//! and never behind one acknowledged earlier — journals are finished before their locks
+//! change hands, and never replayed after).
 //! Scripted stalls (a closure per actor) build directed scenarios on the same machinery.
 #![allow(dead_code)]
 
@@ -152,8 +156,10 @@ struct St {
     fence_after: Duration,
     disk: HashMap<u64, Box<Block>>,
     inflight: Vec<Inflight>,
-    /// Critical sections: object -> actors inside.
-    inside: BTreeMap<String, Vec<ActorId>>,
+    /// Critical sections: object -> actors inside, and whether each holds it shared.
+    inside: BTreeMap<String, Vec<(ActorId, bool)>>,
+    /// Per object: the highest value whose journal commit returned success to its holder.
+    acked: BTreeMap<String, u64>,
     violations: Vec<String>,
     trace: std::collections::VecDeque<String>,
     steps: u64,
@@ -272,6 +278,7 @@ impl World {
                 disk: HashMap::new(),
                 inflight: Vec::new(),
                 inside: BTreeMap::new(),
+                acked: BTreeMap::new(),
                 violations: Vec::new(),
                 trace: std::collections::VecDeque::new(),
                 steps: 0,
@@ -400,7 +407,9 @@ impl World {
             }
         }
         st.actors[id].done = true;
-        st.inside.values_mut().for_each(|v| v.retain(|a| *a != id));
+        st.inside
+            .values_mut()
+            .for_each(|v| v.retain(|(a, _)| *a != id));
         if st.current == Some(id) {
             self.schedule(&mut st);
             self.0.cv.notify_all();
@@ -471,26 +480,48 @@ impl World {
     /// The calling actor enters the critical section `object` (the volume lease, or an
     /// exclusive lock): checked against everyone inside whose host is within its deadline.
     pub fn enter(&self, object: &str) {
+        self.enter_mode(object, false);
+    }
+
+    /// The calling actor enters `object` under a shared lock: checked against every
+    /// exclusive holder inside whose host is within its deadline.
+    pub fn enter_shared(&self, object: &str) {
+        self.enter_mode(object, true);
+    }
+
+    fn enter_mode(&self, object: &str, shared: bool) {
         let (h, me) = current();
         let mut st = self.lock();
         let now = st.now;
         let mine_live = host_live(&st, h, now);
-        let others: Vec<ActorId> = st.inside.get(object).cloned().unwrap_or_default();
-        for other in others {
+        let others: Vec<(ActorId, bool)> = st.inside.get(object).cloned().unwrap_or_default();
+        for (other, other_shared) in others {
+            if shared && other_shared {
+                continue;
+            }
             let oh = st.actors[other].host;
             if mine_live && host_live(&st, oh, now) && !st.actors[other].crashed {
                 let v = format!(
-                    "t={now:?} {} entered {object:?} while {} (host {oh}, deadline {:?}) is inside",
+                    "t={now:?} {} entered {object:?} ({}) while {} (host {oh}, deadline {:?}) is inside ({})",
                     st.actors[me].name,
+                    if shared { "shared" } else { "exclusive" },
                     st.actors[other].name,
-                    deadline(&st, oh)
+                    deadline(&st, oh),
+                    if other_shared { "shared" } else { "exclusive" },
                 );
                 st.violations.push(v);
                 st.shutting_down = true;
             }
         }
-        st.inside.entry(object.to_string()).or_default().push(me);
-        let line = format!("t={now:?} {}: enters {object}", st.actors[me].name);
+        st.inside
+            .entry(object.to_string())
+            .or_default()
+            .push((me, shared));
+        let line = format!(
+            "t={now:?} {}: enters {object}{}",
+            st.actors[me].name,
+            if shared { " (shared)" } else { "" }
+        );
         push_trace(&mut st, line);
     }
 
@@ -499,10 +530,31 @@ impl World {
         let (_, me) = current();
         let mut st = self.lock();
         if let Some(v) = st.inside.get_mut(object) {
-            v.retain(|a| *a != me);
+            v.retain(|(a, _)| *a != me);
         }
         let line = format!("t={:?} {}: leaves {object}", st.now, st.actors[me].name);
         push_trace(&mut st, line);
+    }
+
+    /// The highest value of `object` whose commit was acknowledged.
+    pub fn acked(&self, object: &str) -> u64 {
+        self.lock().acked.get(object).copied().unwrap_or(0)
+    }
+
+    /// A holder of `object` saw its commit of `value` acknowledged.
+    pub fn ack(&self, object: &str, value: u64) {
+        let mut st = self.lock();
+        let e = st.acked.entry(object.to_string()).or_default();
+        *e = (*e).max(value);
+    }
+
+    /// Records a violation of a workload's own invariant.
+    pub fn violation(&self, what: &str) {
+        let mut st = self.lock();
+        let me = current_opt().map(|(_, a)| st.actors[a].name.clone());
+        let v = format!("t={:?} {}: {what}", st.now, me.unwrap_or_default());
+        st.violations.push(v);
+        st.shutting_down = true;
     }
 
     // ---- scheduling ----
@@ -672,7 +724,7 @@ impl World {
             .collect();
         st.inside
             .values_mut()
-            .for_each(|v| v.retain(|a| !ids.contains(a)));
+            .for_each(|v| v.retain(|(a, _)| !ids.contains(a)));
         let hs = &mut st.hosts[h];
         hs.epoch += 1;
         hs.crashes += 1;
@@ -726,8 +778,11 @@ fn check_overlaps(st: &mut St) {
     let now = st.now;
     let mut found = Vec::new();
     for (object, inside) in &st.inside {
-        for (i, &a) in inside.iter().enumerate() {
-            for &b in &inside[i + 1..] {
+        for (i, &(a, a_shared)) in inside.iter().enumerate() {
+            for &(b, b_shared) in &inside[i + 1..] {
+                if a_shared && b_shared {
+                    continue;
+                }
                 let (ha, hb) = (st.actors[a].host, st.actors[b].host);
                 let live = |x: ActorId, h: usize| !st.actors[x].crashed && host_live(st, h, now);
                 if live(a, ha) && live(b, hb) {
