@@ -12,6 +12,8 @@ command -v fio >/dev/null || missing+=(fio)
 command -v nbdinfo >/dev/null || missing+=(libnbd-bin)
 command -v losetup >/dev/null || missing+=(mount)
 command -v bc >/dev/null || missing+=(bc)
+command -v mkfs.ext4 >/dev/null || missing+=(e2fsprogs)   # the fencing tests' frozen file system
+command -v fsfreeze >/dev/null || missing+=(util-linux)
 if [ ${#missing[@]} -gt 0 ] || ! command -v qemu-img >/dev/null || ! command -v qemu-io >/dev/null; then
   echo "setup: installing ${missing[*]} qemu-utils"
   as_root apt-get update -qq
