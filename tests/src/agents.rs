@@ -595,6 +595,35 @@ fn watchdogs(dir: &Path) -> Vec<i32> {
     out
 }
 
+/// Every process in cgroup `dir` and the cgroups below it.
+fn cgroup_pids(dir: &Path, out: &mut Vec<i32>) {
+    if let Ok(s) = std::fs::read_to_string(dir.join("cgroup.procs")) {
+        out.extend(s.lines().filter_map(|l| l.trim().parse::<i32>().ok()));
+    }
+    if let Ok(rd) = std::fs::read_dir(dir) {
+        for e in rd.flatten() {
+            if e.file_type().is_ok_and(|t| t.is_dir()) {
+                cgroup_pids(&e.path(), out);
+            }
+        }
+    }
+}
+
+impl AgentBed {
+    /// Every process of host `i`: its agent, everything in its cgroup (its VMs' QEMU),
+    /// and its watchdogs — a whole host, for freezing it.
+    pub fn host_processes(&self, i: usize) -> Vec<i32> {
+        let h = &self.hosts[i];
+        let mut out = Vec::new();
+        cgroup_pids(&h.cgroup(), &mut out);
+        out.extend(h.pid().map(|p| p as i32));
+        out.extend(watchdogs(&h.run_dir));
+        out.sort_unstable();
+        out.dedup();
+        out
+    }
+}
+
 /// Whether any watchdog of this bed still runs.
 pub fn watchdog_count(dir: &Path) -> usize {
     watchdogs(dir).len()

@@ -1,7 +1,9 @@
 //! VMs through the agent: the test guest defined in a datastore, started on one host
 //! (TCG here), refused on a second host with the holder named, its QEMU crashing releases
 //! its locks so the second host starts it, stopped; then every write the guest
-//! acknowledged on the second host is on the disk.
+//! acknowledged on the second host is on the disk. A whole host frozen past host_dead
+//! (agent, watchdog and QEMU stopped together) loses the VM to another host, and once it
+//! wakes nothing it sends lands and its processes end.
 
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -92,6 +94,87 @@ fn a_vm_runs_on_one_host_at_a_time_and_a_crash_releases_it_to_another() {
     bed.call_ok(0, "DELETE", "/v1/vms/vm1", None);
     let (s, _) = bed.call(1, "GET", "/v1/vms/vm1", None);
     assert_eq!(s, 404);
+}
+
+/// Whether `pid` is gone (or a zombie nobody reaped yet).
+fn gone(pid: i32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Err(_) => true,
+        Ok(s) => s
+            .rsplit_once(')')
+            .is_some_and(|(_, rest)| rest.trim_start().starts_with('Z')),
+    }
+}
+
+#[test]
+fn a_frozen_host_never_writes_after_another_host_took_its_vm_over() {
+    use nix::sys::signal::{kill, Signal};
+    use nix::unistd::Pid;
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let mut bed = AgentBed::new(2);
+    bed.start(0);
+    bed.start(1);
+    create_vm(&bed, 0, "vm1", 128, json!([{}]));
+    let v = bed.call_ok(0, "POST", "/v1/vms/vm1/start", None);
+    let qemu = v["pid"].as_u64().unwrap() as i32;
+    wait_writes(&bed, 0, "vm1", 30);
+    // The whole host stops: agent, watchdog, QEMU.
+    let frozen = bed.host_processes(0);
+    assert!(frozen.contains(&qemu), "{frozen:?} lacks QEMU {qemu}");
+    assert!(frozen.len() >= 3, "agent, watchdog and QEMU: {frozen:?}");
+    for &p in &frozen {
+        let _ = kill(Pid::from_raw(p), Signal::SIGSTOP);
+    }
+    // Host 1 sees host 0 dead, takes the VM's locks and runs it.
+    let t0 = Instant::now();
+    loop {
+        let (s, v) = bed.call(1, "POST", "/v1/vms/vm1/start", None);
+        if s == 200 {
+            break;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(120),
+            "host 1 never took vm1 over: {s} {v}"
+        );
+        std::thread::sleep(Duration::from_secs(1));
+    }
+    eprintln!("host 1 took vm1 over after {:?}", t0.elapsed());
+    wait_writes(&bed, 1, "vm1", 60);
+    // Host 0 wakes: its deadline is long past. Its guest goes on writing, but nothing
+    // of it may land, and its processes end.
+    for &p in &frozen {
+        let _ = kill(Pid::from_raw(p), Signal::SIGCONT);
+    }
+    let t1 = Instant::now();
+    while !frozen.iter().all(|&p| gone(p)) {
+        assert!(
+            t1.elapsed() < Duration::from_secs(30),
+            "the woken host's processes still run: {:?}",
+            frozen.iter().filter(|&&p| !gone(p)).collect::<Vec<_>>()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    // Host 1 goes on writing for a while, then stops.
+    std::thread::sleep(Duration::from_secs(5));
+    bed.call_ok(1, "POST", "/v1/vms/vm1/stop", Some(json!({"force": true})));
+    let log = console(&bed, 1, "vm1");
+    let acked = parse_logs(&[&log]);
+    let run = acked.last().unwrap().run;
+    let acked: Vec<_> = acked.into_iter().filter(|a| a.run == run).collect();
+    bed.call_ok(
+        1,
+        "POST",
+        "/v1/exports",
+        Some(json!({"name": "check", "datastore": "ds0", "path": "/vm1/disk0", "read_only": true})),
+    );
+    let sock = bed.hosts[1].nbd_socket();
+    let r = check(&acked, &[], |f, n| read_export(&sock, "check", f, n));
+    eprintln!(
+        "{} acknowledged writes on host 1 after the takeover, longest gap {} ms",
+        r.acked, r.longest_gap_ms
+    );
+    assert!(r.ok(), "a write of the frozen host landed: {:?}", r.errors);
+    bed.call_ok(1, "DELETE", "/v1/exports/check", None);
 }
 
 /// Deletes a bridge on drop.
