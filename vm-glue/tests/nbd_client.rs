@@ -360,3 +360,64 @@ fn connections_are_limited_and_a_silent_handshake_times_out() {
         assert!(t0.elapsed() >= HANDSHAKE_TIMEOUT - Duration::from_millis(500));
     });
 }
+
+/// A client that sends requests but never reads the replies stops being read once the
+/// replies waiting for it reach the connection's budget: the server's memory stays
+/// bounded (it would otherwise queue every reply).
+#[test]
+fn a_client_that_never_reads_replies_is_stopped_being_read() {
+    use std::io::{Read, Write};
+    use vm_glue::nbd::proto::{
+        CLIENT_FIXED_NEWSTYLE, CLIENT_NO_ZEROES, IHAVEOPT, OPT_EXPORT_NAME, REQUEST_MAGIC,
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let (_rt, _image, sock) = own_server(dir.path());
+    let mut s = std::os::unix::net::UnixStream::connect(&sock).unwrap();
+    let mut hello = [0u8; 18];
+    s.read_exact(&mut hello).unwrap();
+    s.write_all(&(CLIENT_FIXED_NEWSTYLE | CLIENT_NO_ZEROES).to_be_bytes())
+        .unwrap();
+    let name = b"disk";
+    let mut opt = Vec::new();
+    opt.extend_from_slice(&IHAVEOPT.to_be_bytes());
+    opt.extend_from_slice(&OPT_EXPORT_NAME.to_be_bytes());
+    opt.extend_from_slice(&(name.len() as u32).to_be_bytes());
+    opt.extend_from_slice(name);
+    s.write_all(&opt).unwrap();
+    let mut info = [0u8; 10];
+    s.read_exact(&mut info).unwrap();
+    // 200,000 reads of 4 KiB: 800 MB of replies, never read.
+    const N: u64 = 200_000;
+    let mut w = s.try_clone().unwrap();
+    let sent = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let sent2 = Arc::clone(&sent);
+    let writer = std::thread::spawn(move || {
+        let mut batch = Vec::with_capacity(28 * 1000);
+        for i in 0..N {
+            batch.extend_from_slice(&REQUEST_MAGIC.to_be_bytes());
+            batch.extend_from_slice(&0u16.to_be_bytes()); // flags
+            batch.extend_from_slice(&0u16.to_be_bytes()); // READ
+            batch.extend_from_slice(&i.to_be_bytes()); // cookie
+            batch.extend_from_slice(&0u64.to_be_bytes()); // offset
+            batch.extend_from_slice(&4096u32.to_be_bytes());
+            if batch.len() >= 28 * 1000 {
+                if w.write_all(&batch).is_err() {
+                    return;
+                }
+                batch.clear();
+                sent2.store(i + 1, std::sync::atomic::Ordering::SeqCst);
+            }
+        }
+        let _ = w.write_all(&batch);
+        sent2.store(N, std::sync::atomic::Ordering::SeqCst);
+    });
+    std::thread::sleep(Duration::from_secs(5));
+    let n = sent.load(std::sync::atomic::Ordering::SeqCst);
+    assert!(
+        n < N,
+        "the server read all {N} requests while none of its replies was read"
+    );
+    eprintln!("the server stopped reading after about {n} requests");
+    s.shutdown(std::net::Shutdown::Both).unwrap();
+    writer.join().unwrap();
+}
