@@ -177,6 +177,37 @@ fn a_frozen_host_never_writes_after_another_host_took_its_vm_over() {
     bed.call_ok(1, "DELETE", "/v1/exports/check", None);
 }
 
+/// An agent that finds its host lease lost (here: the agent alone was stopped past its
+/// deadline, and its watchdog only reports) fences its VMs before it exits: it never
+/// leaves a VM it served running.
+#[test]
+fn an_agent_that_lost_its_lease_fences_its_vms_before_it_exits() {
+    use nix::sys::signal::{kill, Signal};
+    use nix::unistd::Pid;
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let mut bed = AgentBed::new(1);
+    bed.env[0].push(("FERRY_FAILPOINTS".into(), "unsafe-no-fence".into()));
+    bed.start(0);
+    create_vm(&bed, 0, "vm1", 128, json!([{}]));
+    let v = bed.call_ok(0, "POST", "/v1/vms/vm1/start", None);
+    let qemu = v["pid"].as_u64().unwrap() as i32;
+    wait_writes(&bed, 0, "vm1", 30);
+    let agent = Pid::from_raw(bed.hosts[0].pid().unwrap() as i32);
+    kill(agent, Signal::SIGSTOP).unwrap();
+    // Past the deadline (test profile: fencing 8 s after the last renewal).
+    std::thread::sleep(Duration::from_secs(12));
+    assert!(
+        !gone(qemu),
+        "nothing fenced the VM while its agent was stopped"
+    );
+    kill(agent, Signal::SIGCONT).unwrap();
+    let st = bed.wait_exit(0, Duration::from_secs(30));
+    assert!(gone(qemu), "the agent exited while its VM still ran");
+    assert_eq!(st.code(), Some(1), "{st:?}");
+    let log = bed.log(0);
+    assert!(log.contains("host lease lost"), "{log}");
+}
+
 /// Deletes a bridge on drop.
 struct Bridge(String);
 impl Drop for Bridge {

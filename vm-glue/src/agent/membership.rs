@@ -128,7 +128,8 @@ pub fn spawn_supervisor(exe: &Path, run_dir: &Path, ds: &Datastore, cgroup: &Pat
         fence_after: ds.superblock().fence_after(),
         fifo: Some(&fifo),
         log: Some(log),
-        no_fence: false,
+        // Negative-control and agent-path tests only (a test hook, absent from releases).
+        no_fence: datastore::failpoint::fires("unsafe-no-fence"),
         report: std::env::var_os("FERRY_FENCE_REPORT").map(PathBuf::from),
         kill_grace: ds.superblock().kill_grace(),
         escalation: datastore::fence::Escalation::default_for(ds.superblock().profile),
