@@ -667,6 +667,34 @@ impl Mirror {
     }
 }
 
+/// [`Mirror::prepare_pivot`] for several disks that must switch together (one VM's
+/// disks, committed with one definition): waits until every mirror is ready *before*
+/// holding any I/O, then prepares them all at once, so a disk's guest I/O is held for
+/// the slowest disk's final catch-up and flush, not for the sum of every disk's. On any
+/// failure every pivot already prepared is dropped (those disks go back to `Ready`).
+pub async fn prepare_pivots(mirrors: &[Arc<Mirror>], within: Duration) -> Result<Vec<Pivot>> {
+    let deadline = tokio::time::Instant::now() + within;
+    let ready = futures::future::join_all(mirrors.iter().map(|m| m.wait_ready()));
+    match tokio::time::timeout_at(deadline, ready).await {
+        Ok(all) => all.into_iter().collect::<Result<Vec<()>>>()?,
+        Err(_) => {
+            return Err(Error::Invalid {
+                object: mirrors
+                    .first()
+                    .map_or_else(Default::default, |m| m.sh.name.clone()),
+                detail: format!(
+                    "the mirrors were not all ready within {} ms",
+                    within.as_millis()
+                ),
+            })
+        }
+    };
+    let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+    let prepared = futures::future::join_all(mirrors.iter().map(|m| m.prepare_pivot(left))).await;
+    // (Dropping the successful ones on the way out releases their holds.)
+    prepared.into_iter().collect()
+}
+
 /// Guest I/O held at the pivot point, everything on the target and flushed.
 #[derive(Debug)]
 pub struct Pivot {

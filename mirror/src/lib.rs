@@ -23,4 +23,4 @@ pub mod copier;
 mod job;
 pub mod ranges;
 
-pub use job::{Mirror, Options, Phase, Pivot, Progress};
+pub use job::{prepare_pivots, Mirror, Options, Phase, Pivot, Progress};

@@ -35,6 +35,8 @@ struct Flaky {
     /// The next flush waits for `release_flush`, then fails.
     hold_one_flush: AtomicBool,
     release_flush: AtomicBool,
+    /// Every flush takes this many ms longer.
+    flush_delay_ms: AtomicU64,
     written_bytes: AtomicU64,
 }
 
@@ -52,6 +54,7 @@ impl Flaky {
             failed: AtomicU32::new(0),
             hold_one_flush: AtomicBool::new(false),
             release_flush: AtomicBool::new(false),
+            flush_delay_ms: AtomicU64::new(0),
             written_bytes: AtomicU64::new(0),
         })
     }
@@ -136,6 +139,10 @@ impl BlockDev for Flaky {
     }
     fn flush(&self) -> IoFuture<'_, ()> {
         Box::pin(async move {
+            let delay = self.flush_delay_ms.load(Ordering::SeqCst);
+            if delay > 0 {
+                tokio::time::sleep(Duration::from_millis(delay)).await;
+            }
             if self.hold_one_flush.swap(false, Ordering::SeqCst) {
                 while !self.release_flush.load(Ordering::SeqCst) {
                     tokio::time::sleep(Duration::from_millis(5)).await;
@@ -566,6 +573,66 @@ fn a_failure_while_the_pivot_holds_io_never_reroutes_an_acknowledged_write() {
         let mut back = vec![0u8; data.len()];
         tgt.read(8192, &mut back).await.unwrap();
         assert!(back == data, "an acknowledged write is not on the new disk");
+    });
+}
+
+/// Disks that switch together are held together: each is held for the slowest disk's
+/// final flush, not for the sum of every disk's (a second disk's wait and flush used to
+/// extend the first disk's hold).
+#[test]
+fn disks_that_pivot_together_are_held_for_the_slowest_not_the_sum() {
+    runtime().block_on(async {
+        let dir = tempfile::tempdir().unwrap();
+        let mut mirrors = Vec::new();
+        for i in 0..3 {
+            let src = raw(dir.path(), &format!("src{i}"), SIZE, Provisioning::Thin).await;
+            let tgt = raw(dir.path(), &format!("tgt{i}"), SIZE, Provisioning::Thin).await;
+            let flaky = Flaky::new(tgt);
+            flaky.flush_delay_ms.store(400, Ordering::SeqCst);
+            mirrors.push(Mirror::start(src, flaky, small_opts()).unwrap());
+        }
+        let t = std::time::Instant::now();
+        let pivots = mirror::prepare_pivots(&mirrors, Duration::from_secs(10))
+            .await
+            .unwrap();
+        let held = t.elapsed();
+        for p in pivots {
+            p.commit().unwrap();
+        }
+        // Three flushes of 400 ms each: about 400 ms together, 1.2 s one after another.
+        assert!(held < Duration::from_millis(1000), "held {held:?}");
+        for m in &mirrors {
+            assert_eq!(m.phase(), Phase::Done);
+        }
+    });
+}
+
+/// One disk of several that cannot be prepared: none pivots, every one is back to Ready.
+#[test]
+fn a_failed_disk_in_a_joint_pivot_leaves_every_disk_on_its_source() {
+    runtime().block_on(async {
+        let dir = tempfile::tempdir().unwrap();
+        let mut mirrors = Vec::new();
+        let mut flakies = Vec::new();
+        for i in 0..2 {
+            let src = raw(dir.path(), &format!("src{i}"), SIZE, Provisioning::Thin).await;
+            let tgt = raw(dir.path(), &format!("tgt{i}"), SIZE, Provisioning::Thin).await;
+            let flaky = Flaky::new(tgt);
+            flakies.push(flaky.clone());
+            mirrors.push(Mirror::start(src, flaky, small_opts()).unwrap());
+        }
+        for m in &mirrors {
+            m.wait_ready().await.unwrap();
+        }
+        // The second disk's final flush fails.
+        flakies[1].hold_one_flush.store(true, Ordering::SeqCst);
+        flakies[1].release_flush.store(true, Ordering::SeqCst);
+        assert!(mirror::prepare_pivots(&mirrors, Duration::from_secs(5))
+            .await
+            .is_err());
+        for m in &mirrors {
+            assert_eq!(m.phase(), Phase::Ready);
+        }
     });
 }
 

@@ -526,29 +526,25 @@ async fn run(
 
     // The pivot: hold guest I/O on every disk, commit the new definition, let I/O go
     // on to the new files.
+    // Every disk is ready before any is held; then all are held at once, so the hold is
+    // the slowest disk's final catch-up and flush.
+    let mirrors: Vec<Arc<mirror::Mirror>> =
+        moving.iter().map(|mv| Arc::clone(&mv.mirror)).collect();
     let pause0 = Instant::now();
-    let mut pivots = Vec::new();
-    let mut failed = None;
-    for mv in &moving {
-        match mv.mirror.prepare_pivot(Duration::from_secs(10)).await {
-            Ok(p) => pivots.push(p),
-            Err(e) => {
-                failed = Some(e);
-                break;
+    let prepared = mirror::prepare_pivots(&mirrors, Duration::from_secs(10)).await;
+    let pivots = match prepared {
+        Ok(p) => p,
+        Err(e) => {
+            if let Some(f) = new_cfg.take() {
+                let _ = f.close().await;
             }
+            undo(agent, &name, moving, &j).await;
+            if let Some(c) = cold_cfg {
+                let _ = c.close().await;
+            }
+            return Err(anyhow!("{e}; the VM stays on its current disks"));
         }
-    }
-    if let Some(e) = failed {
-        drop(pivots);
-        if let Some(f) = new_cfg.take() {
-            let _ = f.close().await;
-        }
-        undo(agent, &name, moving, &j).await;
-        if let Some(c) = cold_cfg {
-            let _ = c.close().await;
-        }
-        return Err(anyhow!("{e}; the VM stays on its current disks"));
-    }
+    };
     crash_at("pivot-before-config");
     let mut spec = stored.spec.clone();
     for mv in &j.moves {
