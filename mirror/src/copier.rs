@@ -55,6 +55,7 @@ pub(crate) async fn run(sh: Arc<Shared>) {
                         g1 += 1;
                     }
                     st.copying.set_range(g0, g1);
+                    st.redirtied.clear_range(g0, g1);
                     let len = (g1 * sh.opts.grain).min(sh.size) - g0 * sh.opts.grain;
                     // Throttle: each copy takes its share of the rate limit.
                     let now = Instant::now();
@@ -159,7 +160,7 @@ async fn copy(sh: Arc<Shared>, g0: u64, g1: u64, _permit: OwnedSemaphorePermit) 
             .clear_range(g0, g1);
         sh.target_failed(g0, g1, &e);
     };
-    let Ok(claim) = tokio::time::timeout(t * 2, sh.queue.enter(start, end, Kind::Claim)).await
+    let Ok(claim) = tokio::time::timeout(t * 2, sh.queue.enter(start, end, Kind::Copy)).await
     else {
         return failed(sh.timed_out("claim for a copy", start));
     };
@@ -242,7 +243,13 @@ async fn copy(sh: Arc<Shared>, g0: u64, g1: u64, _permit: OwnedSemaphorePermit) 
     match res {
         Ok(()) => {
             let mut st = sh.st.lock().expect("mirror state");
-            st.dirty.clear_range(g0, g1);
+            // Grains the guest wrote since this copy picked them stay dirty: the copy
+            // may have read the source before that write landed.
+            for i in g0..g1 {
+                if !st.redirtied.get(i) {
+                    st.dirty.clear_range(i, i + 1);
+                }
+            }
             st.copying.clear_range(g0, g1);
             st.done_bytes += end - start;
             st.consecutive_errors = 0;

@@ -107,6 +107,9 @@ pub(crate) struct State {
     pub(crate) dirty: Bitmap,
     /// Picked by a copy in flight.
     pub(crate) copying: Bitmap,
+    /// Written by the guest (to the source only) since a copy picked them: that copy's
+    /// result does not make them clean.
+    pub(crate) redirtied: Bitmap,
     /// Written on the target by this job (so no longer known to read as zeros there).
     pub(crate) touched: Bitmap,
     pub(crate) done_bytes: u64,
@@ -356,6 +359,7 @@ impl Shared {
 
     /// Marks grains `g0..g1` as not on the target.
     pub(crate) fn redirty(&self, st: &mut State, g0: u64, g1: u64) {
+        st.redirtied.set_range(g0, g1);
         let added = st.dirty.set_range(g0, g1);
         st.total_bytes += added * self.opts.grain;
         if added > 0 && st.phase == Phase::Ready {
@@ -454,6 +458,7 @@ impl Mirror {
             phase: Phase::Copying,
             dirty: Bitmap::full(grains),
             copying: Bitmap::new(grains),
+            redirtied: Bitmap::new(grains),
             touched: Bitmap::new(grains),
             done_bytes: 0,
             total_bytes: size,

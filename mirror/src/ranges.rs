@@ -4,7 +4,12 @@
 //! waits until no *earlier* entry it conflicts with is still there:
 //! - a guest **write** waits for earlier overlapping writes and copies, so overlapping
 //!   guest writes apply in arrival order on both sides;
-//! - a **claim** (a copy, or the pivot's claim of the whole device) waits for every
+//! - a **copy** (the bulk copy of dirty grains) waits for every earlier overlapping entry
+//!   (so it reads the source after every write that came before it), but later guest
+//!   writes pass it: they find its grains dirty, go to the source only and mark them
+//!   written during the copy, so the copy's result does not count for them (`redirtied`
+//!   in the job state) — a copy whose target hangs never holds up a guest write;
+//! - a **claim** (the pivot's claim of the whole device, the zero scan) waits for every
 //!   earlier overlapping entry, and every later overlapping write waits for it;
 //! - a **tail** is a write or copy whose target half outlived its timeout: its guest
 //!   half is done and its range re-dirtied, so later guest writes (which then go to the
@@ -22,6 +27,7 @@ use tokio::sync::Notify;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Kind {
     Write,
+    Copy,
     Claim,
     Tail,
 }
@@ -49,8 +55,8 @@ pub(crate) struct Ticket {
 
 fn conflicts(earlier: Kind, later: Kind) -> bool {
     match later {
-        Kind::Claim => true,
-        Kind::Write => earlier != Kind::Tail,
+        Kind::Claim | Kind::Copy => true,
+        Kind::Write => matches!(earlier, Kind::Write | Kind::Claim),
         Kind::Tail => false,
     }
 }
@@ -153,5 +159,23 @@ mod tests {
         drop(c);
         // Dropped waiters left the queue.
         assert_eq!(q.len(), 1);
+    }
+
+    #[tokio::test]
+    async fn writes_pass_copies_and_copies_wait_for_writes() {
+        let q = Arc::new(Queue::default());
+        let w1 = q.enter(0, 10, Kind::Write).await;
+        // A copy waits for the earlier write; a later write passes the waiting copy.
+        let q2 = Arc::clone(&q);
+        let copy = tokio::spawn(async move { q2.enter(0, 10, Kind::Copy).await });
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert!(!copy.is_finished());
+        drop(w1);
+        let c = copy.await.unwrap();
+        // Granted, it still lets writes pass; a claim waits for it.
+        let w2 = q.enter(0, 10, Kind::Write).await;
+        drop(w2);
+        assert!(blocked(&q, 0, 10, Kind::Claim).await);
+        drop(c);
     }
 }

@@ -636,6 +636,45 @@ fn a_failed_disk_in_a_joint_pivot_leaves_every_disk_on_its_source() {
     });
 }
 
+/// A guest write to a region the bulk copy is working on goes to the source at once:
+/// it never waits for the copy, whose target write may hang until the target timeout
+/// (and the copies after it, each as long).
+#[test]
+fn a_hung_copy_never_holds_up_a_guest_write_to_its_region() {
+    runtime().block_on(async {
+        let dir = tempfile::tempdir().unwrap();
+        let src = raw(dir.path(), "src", SIZE, Provisioning::Thin).await;
+        src.write(0, &fill(1, 0, 4 << 20), WriteFlags::NONE)
+            .await
+            .unwrap();
+        let tgt = raw(dir.path(), "tgt", SIZE, Provisioning::Thin).await;
+        let flaky = Flaky::new(tgt.clone());
+        flaky.hang.store(true, Ordering::SeqCst);
+        let m = Mirror::start(src.clone(), flaky.clone(), small_opts()).unwrap();
+        // The first copies are sent and hang on the target.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let data = fill(2, 4096, 4096);
+        let t = std::time::Instant::now();
+        m.write(4096, &data, WriteFlags::FUA).await.unwrap();
+        let took = t.elapsed();
+        assert!(
+            took < Duration::from_millis(1000),
+            "a guest write waited {took:?} behind a hung copy"
+        );
+        let mut back = vec![0u8; 4096];
+        src.read(4096, &mut back).await.unwrap();
+        assert_eq!(back, data);
+        // The target comes back: the mirror converges with the write on both sides.
+        flaky.hang.store(false, Ordering::SeqCst);
+        m.wait_ready().await.unwrap();
+        let p = m.prepare_pivot(Duration::from_secs(10)).await.unwrap();
+        p.commit().unwrap();
+        tgt.read(4096, &mut back).await.unwrap();
+        assert_eq!(back, data, "the write is not on the target after the pivot");
+        assert_eq!(read_all(&*src).await, read_all(&*tgt).await);
+    });
+}
+
 /// A cancelled job's pivot is refused: routing stays on the source.
 #[test]
 fn a_pivot_of_a_cancelled_mirror_is_refused() {
