@@ -460,6 +460,65 @@ fn a_failed_host_and_storage_move_leaves_the_vm_on_its_source_and_nothing_behind
     assert!(r.ok(), "{:?}", r.errors);
 }
 
+/// Cancelling a move whose target hangs (the destination agent stopped mid-copy) never
+/// holds up the guest on its source: the wait for the hung target requests happens after
+/// the guest's I/O goes to its own disk again (it used to be held for up to four target
+/// timeouts).
+#[test]
+fn cancelling_a_move_whose_target_hangs_never_holds_up_the_guest() {
+    use nix::sys::signal::{kill, Signal};
+    use nix::unistd::Pid;
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let mut bed = AgentBed::networked(2, &["ds0", "ds1"], 256);
+    bed.hide(0, "ds1");
+    bed.start(0);
+    bed.start(1);
+    create_vm(&bed, 0, "both5", 64, json!([]));
+    bed.call_ok(0, "POST", "/v1/vms/both5/start", None);
+    wait_writes(&bed, 0, "both5", 30);
+    let h1 = bed.hosts[1].name.clone();
+    let id = relocate(
+        &bed,
+        0,
+        "both5",
+        json!({"host": h1, "datastore": "ds1", "speed": 1 << 20, "timeout_s": 60}),
+    );
+    wait_stage(&bed, 0, id, "copying disks");
+    std::thread::sleep(Duration::from_secs(2));
+    let dest = Pid::from_raw(bed.hosts[1].pid().unwrap() as i32);
+    kill(dest, Signal::SIGSTOP).unwrap();
+    // The target hangs with copies and mirrored writes in flight to it.
+    std::thread::sleep(Duration::from_millis(500));
+    let start = acked(&bed, "both5").last().map_or(0, |a| a.wall_ms);
+    bed.call_ok(0, "POST", &format!("/v1/tasks/{id}/cancel"), None);
+    // The source gives up on the stopped destination by itself.
+    let t = wait_task(&bed, 0, id, Duration::from_secs(150));
+    assert_ne!(t["state"], "done", "{t}");
+    more_writes(&bed, "both5", 20);
+    kill(dest, Signal::SIGCONT).unwrap();
+    more_writes(&bed, "both5", 10);
+    // The longest pause of the guest's writes from the cancel on.
+    let walls: Vec<u64> = acked(&bed, "both5")
+        .iter()
+        .map(|a| a.wall_ms)
+        .filter(|&w| w >= start)
+        .collect();
+    let gap = walls.windows(2).map(|w| w[1] - w[0]).max().unwrap_or(0);
+    eprintln!("longest pause of the guest's writes after the cancel: {gap} ms");
+    assert!(
+        gap < 4000,
+        "the guest's writes paused {gap} ms while the move was cancelled"
+    );
+    bed.call_ok(
+        0,
+        "POST",
+        "/v1/vms/both5/stop",
+        Some(json!({"force": true})),
+    );
+    let r = verify(&bed, 0, "both5", "ds0:/both5/disk0", &[]);
+    assert!(r.ok(), "{:?}", r.errors);
+}
+
 /// No QEMU of `vm` left in host `i`'s cgroup.
 fn no_qemu(bed: &AgentBed, i: usize, vm: &str) -> bool {
     let cg = bed.hosts[i].cgroup().join(format!("vm-{vm}"));

@@ -530,14 +530,21 @@ impl Gate {
 
     /// Stops a relocation that did not pivot: the export keeps its file; returns the
     /// target (still locked) for the caller to close and delete.
+    ///
+    /// Guest I/O is held only while the mirror is taken out of the export's path; the
+    /// wait for the target requests still in flight (up to twice the target timeout when
+    /// the target hangs) happens after the guest's I/O goes to the file directly again.
     pub async fn abort_mirror(&self) -> Option<DsFile> {
-        let mut g = self.inner.write().await;
-        let (m, target) = g.mirror.take()?;
-        if m.phase() == mirror::Phase::Done {
-            // Too late to abort: it pivoted; keep it (finish_pivot must run instead).
-            g.mirror = Some((m, target));
-            return None;
-        }
+        let (m, target) = {
+            let mut g = self.inner.write().await;
+            let (m, target) = g.mirror.take()?;
+            if m.phase() == mirror::Phase::Done {
+                // Too late to abort: it pivoted; keep it (finish_pivot must run instead).
+                g.mirror = Some((m, target));
+                return None;
+            }
+            (m, target)
+        };
         m.cancel().await;
         drop(m);
         target.and_then(|t| Arc::try_unwrap(t).ok())
