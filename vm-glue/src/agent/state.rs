@@ -39,6 +39,13 @@ pub fn remove_durably(p: &Path) {
     }
 }
 
+/// [`remove_durably`] on a blocking thread, for async callers.
+pub async fn remove_durably_async(p: PathBuf) {
+    tokio::task::spawn_blocking(move || remove_durably(&p))
+        .await
+        .expect("remove task")
+}
+
 fn sync_dir(dir: &Path) -> Result<()> {
     std::fs::File::open(dir)
         .and_then(|d| d.sync_all())

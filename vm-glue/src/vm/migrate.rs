@@ -1208,7 +1208,7 @@ async fn run(
             let _ = qmp
                 .execute_within("quit", None, Duration::from_secs(5))
                 .await;
-            super::switchover::forget(agent, &name);
+            super::switchover::forget(agent, &name).await;
             if let Some(st) = &storage {
                 let mut copied = 0;
                 let mut disks = Vec::new();
@@ -1236,7 +1236,7 @@ async fn run(
                 v["datastore"] = json!(st.home);
                 if let Some(mut l) = leaving {
                     l.committed = true;
-                    let _ = save_leaving(agent, &l);
+                    let _ = save_leaving(agent, &l).await;
                     if datastore::failpoint::fires("both-after-commit") {
                         tracing::warn!("failpoint both-after-commit: killing the agent");
                         let _ = nix::sys::signal::raise(nix::sys::signal::Signal::SIGKILL);
@@ -1476,7 +1476,7 @@ async fn migrate(
     // A host + storage move commits on the destination next: from here a restarted
     // agent must find out whether it did, to delete the old files (or keep them).
     if let Some(l) = leaving {
-        save_leaving(agent, l)?;
+        save_leaving(agent, l).await?;
     }
     // From here the destination may complete and resume the guest without this host
     // hearing of it: the outcome is settled by asking it ([`super::switchover`]).
@@ -1696,12 +1696,12 @@ fn leaving_path(agent: &Agent, vm: &str) -> std::path::PathBuf {
         .join(format!("{vm}.json"))
 }
 
-pub(super) fn forget_leaving(agent: &Agent, vm: &str) {
-    super::relocate::remove_durably(&leaving_path(agent, vm));
+pub(super) async fn forget_leaving(agent: &Agent, vm: &str) {
+    super::relocate::remove_durably_async(leaving_path(agent, vm)).await
 }
 
-fn save_leaving(agent: &Agent, l: &Leaving) -> Result<()> {
-    super::relocate::write_durably(&leaving_path(agent, &l.vm), l)
+async fn save_leaving(agent: &Agent, l: &Leaving) -> Result<()> {
+    super::relocate::write_durably_async(leaving_path(agent, &l.vm), l.clone()).await
 }
 
 /// The files a host + storage move leaves here: the disks that moved, and `vm.toml` if
@@ -1805,7 +1805,7 @@ pub(super) async fn settle_leaving(agent: &Agent, vm: &str) {
         }
         Some(false) => {
             tracing::warn!("VM {vm}: its definition still names the files here; they stay");
-            super::relocate::remove_durably(&leaving_path(agent, vm));
+            super::relocate::remove_durably_async(leaving_path(agent, vm)).await;
         }
         None => tracing::warn!(
             "VM {vm}: its definition cannot be read; its old files stay until it can"

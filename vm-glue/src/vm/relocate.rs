@@ -127,11 +127,11 @@ fn journal_path(agent: &Agent, vm: &str) -> PathBuf {
         .join(format!("{vm}.json"))
 }
 
-fn save_journal(agent: &Agent, j: &Journal) -> Result<()> {
-    write_durably(&journal_path(agent, &j.vm), j)
+async fn save_journal(agent: &Agent, j: &Journal) -> Result<()> {
+    write_durably_async(journal_path(agent, &j.vm), j.clone()).await
 }
 
-pub(super) use crate::agent::state::{remove_durably, write_durably};
+pub(super) use crate::agent::state::{remove_durably_async, write_durably_async};
 
 fn member(agent: &Agent, u: &Uuid) -> Result<Arc<Member>> {
     agent
@@ -397,7 +397,7 @@ async fn run(
                 .map_err(|e| anyhow!("VM {name} cannot be relocated from this host: {e}"))?,
         )
     };
-    save_journal(agent, &j)?;
+    save_journal(agent, &j).await?;
     let mut moving: Vec<Moving> = Vec::new();
     // The definition's new file, made now (empty: not yet a definition) so that the
     // pivot only writes and flushes it.

@@ -70,8 +70,8 @@ pub(super) async fn save(agent: &Agent, s: Switchover) -> Result<()> {
     crate::agent::state::write_durably_async(path(agent, &s.vm), s).await
 }
 
-pub(super) fn forget(agent: &Agent, vm: &str) {
-    super::relocate::remove_durably(&path(agent, vm));
+pub(super) async fn forget(agent: &Agent, vm: &str) {
+    super::relocate::remove_durably_async(path(agent, vm)).await
 }
 
 /// Whether VM `vm`'s relocation from here is in doubt.
@@ -144,7 +144,7 @@ pub(super) async fn apply(agent: &Arc<Agent>, s: &Switchover, outcome: &Outcome)
         Outcome::StaysHere => {
             take_back(agent, qmp.as_ref(), &s.vm, &s.home, &s.exports, s.config).await;
             // A host + storage move's old files stay the disks.
-            super::migrate::forget_leaving(agent, &s.vm);
+            super::migrate::forget_leaving(agent, &s.vm).await;
             format!(
                 "host {} confirmed it never ran VM {}: it resumed here",
                 s.host, s.vm
@@ -159,7 +159,7 @@ pub(super) async fn apply(agent: &Arc<Agent>, s: &Switchover, outcome: &Outcome)
         }
         Outcome::Unknown(e) => return Err(anyhow!("{e}")),
     };
-    forget(agent, &s.vm);
+    forget(agent, &s.vm).await;
     Ok(said)
 }
 

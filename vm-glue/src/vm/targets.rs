@@ -74,8 +74,8 @@ fn journal_path(agent: &Agent, vm: &str) -> PathBuf {
         .join(format!("{vm}.json"))
 }
 
-fn save_journal(agent: &Agent, j: &Journal) -> Result<()> {
-    super::relocate::write_durably(&journal_path(agent, &j.vm), j)
+async fn save_journal(agent: &Agent, j: &Journal) -> Result<()> {
+    super::relocate::write_durably_async(journal_path(agent, &j.vm), j.clone()).await
 }
 
 /// The files made for an incoming move.
@@ -171,7 +171,7 @@ pub async fn prepare(agent: &Arc<Agent>, spec: &VmSpec, st: &NewStorage) -> Resu
         config: moves_home.then(|| *home.ds.uuid()),
         generation: st.generation + 1,
     };
-    save_journal(agent, &j)?;
+    save_journal(agent, &j).await?;
     let mut exports = Vec::new();
     let made = async {
         for (u, path, size, prov, disk) in &files {
