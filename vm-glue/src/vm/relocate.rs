@@ -532,6 +532,9 @@ async fn run(
         moving.iter().map(|mv| Arc::clone(&mv.mirror)).collect();
     let pause0 = Instant::now();
     let prepared = mirror::prepare_pivots(&mirrors, Duration::from_secs(10)).await;
+    // (Only the pivots may keep the mirrors: each export must hold the last reference
+    // to its mirror when it switches files.)
+    drop(mirrors);
     let pivots = match prepared {
         Ok(p) => p,
         Err(e) => {
