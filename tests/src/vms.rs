@@ -187,3 +187,36 @@ pub fn wait_done(bed: &AgentBed, i: usize, id: u64) -> serde_json::Value {
 pub fn vm_on(bed: &AgentBed, i: usize, vm: &str) -> serde_json::Value {
     bed.call_ok(i, "GET", &format!("/v1/vms/{vm}"), None)
 }
+
+/// Checks every write `vm`'s guest acknowledged in its last run on host `on` (from that
+/// host's console) against `ds:/vm/disk0`, read through host `via`'s NBD export. Panics
+/// naming what is missing.
+pub fn verify_last_run(
+    bed: &AgentBed,
+    on: usize,
+    via: usize,
+    vm: &str,
+    ds: &str,
+) -> ferry_guest::Report {
+    let log = console(bed, on, vm);
+    let acked = ferry_guest::parse_logs(&[&log]);
+    let run = acked.last().expect("acknowledged writes").run;
+    let acked: Vec<_> = acked.into_iter().filter(|a| a.run == run).collect();
+    bed.call_ok(
+        via,
+        "POST",
+        "/v1/exports",
+        Some(serde_json::json!({"name": "check", "datastore": ds, "path": format!("/{vm}/disk0"), "read_only": true})),
+    );
+    let sock = bed.hosts[via].nbd_socket();
+    let r = ferry_guest::check(&acked, &[], |f, n| {
+        crate::agents::read_export(&sock, "check", f, n)
+    });
+    bed.call_ok(via, "DELETE", "/v1/exports/check", None);
+    eprintln!(
+        "{vm}: {} acknowledged writes of the last run on host {on}, longest gap {} ms",
+        r.acked, r.longest_gap_ms
+    );
+    assert!(r.ok(), "{vm}: {:?}", r.errors);
+    r
+}
