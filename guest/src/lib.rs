@@ -70,7 +70,8 @@ impl Record {
 }
 
 /// One acknowledged write as logged: `FW seq first_sector sectors uptime_ms wall_ms
-/// overwrite run`.
+/// overwrite run crc`, where `crc` is the crc32c of the line before it, so a line cut
+/// short (or two pieces glued wrongly) never reads as a write.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Acked {
     pub seq: u64,
@@ -87,7 +88,7 @@ pub struct Acked {
 
 impl Acked {
     pub fn line(&self) -> String {
-        format!(
+        let body = format!(
             "FW {} {} {} {} {} {} {:x}",
             self.seq,
             self.sector,
@@ -96,13 +97,21 @@ impl Acked {
             self.wall_ms,
             self.overwrite as u8,
             self.run
-        )
+        );
+        let crc = crc32c::crc32c(body.as_bytes());
+        format!("{body} {crc:08x}")
     }
 
-    /// Parses a log line (anything before `FW ` is ignored: console noise).
+    /// Parses a log line (anything before the last `FW ` is ignored: console noise).
     pub fn parse(line: &str) -> Option<Acked> {
-        let at = line.find("FW ")?;
-        let f: Vec<&str> = line[at + 3..].split_whitespace().collect();
+        let at = line.rfind("FW ")?;
+        let text = line[at..].trim_end_matches('\r');
+        let (body, crc) = text.rsplit_once(' ')?;
+        if crc.len() != 8 || u32::from_str_radix(crc, 16).ok()? != crc32c::crc32c(body.as_bytes())
+        {
+            return None;
+        }
+        let f: Vec<&str> = body[3..].split(' ').collect();
         if f.len() != 7 {
             return None;
         }
@@ -119,19 +128,38 @@ impl Acked {
 }
 
 /// Every acknowledged write in console logs (several boots' logs may be given; only
-/// runs are told apart, order within a run is by sequence number). A last line without
-/// its newline (a log read while the guest writes it) is not counted yet.
+/// runs are told apart, order within a run is by sequence number).
+///
+/// A guest that moves between hosts while it prints a line leaves the line's head at the
+/// end of one log (or of one stretch of a log: the agent starts every QEMU run on a new
+/// line) and its tail at the start of the next; such pieces are joined again, and the
+/// checksum accepts only the true pair. A last line without its newline (a log read
+/// while the guest writes it) counts only when it is whole.
 pub fn parse_logs(logs: &[&str]) -> Vec<Acked> {
-    let mut out: Vec<Acked> = logs
-        .iter()
-        .flat_map(|l| {
-            let whole = match l.rfind('\n') {
-                Some(i) => &l[..=i],
-                None => "",
-            };
-            whole.lines().filter_map(Acked::parse)
-        })
-        .collect();
+    let mut out = Vec::new();
+    let mut heads = Vec::new();
+    let mut pieces = Vec::new();
+    for l in logs {
+        for seg in l.split('\n') {
+            match Acked::parse(seg) {
+                Some(a) => out.push(a),
+                None if seg.is_empty() => {}
+                None => {
+                    if seg.contains("FW") || seg.ends_with('F') {
+                        heads.push(seg);
+                    }
+                    pieces.push(seg);
+                }
+            }
+        }
+    }
+    for h in &heads {
+        let joined = pieces
+            .iter()
+            .filter(|t| !std::ptr::eq(**t, *h))
+            .find_map(|t| Acked::parse(&format!("{h}{t}")));
+        out.extend(joined);
+    }
     out.sort_by_key(|a| (a.run, a.seq));
     out.dedup();
     out
@@ -326,10 +354,39 @@ mod tests {
         assert_eq!(Acked::parse(&format!("\r[  1.2] {}", a.line())), Some(a));
         assert_eq!(Acked::parse("FW 1 2"), None);
         // A log read while the guest writes it: the cut last line is not a write (of
-        // some other run) yet.
+        // some other run) yet, wherever it is cut.
         let full = format!("{}\n", a.line());
-        let cut = &full[..full.len() - 3];
-        assert_eq!(parse_logs(&[&format!("{full}{cut}")]), vec![a]);
+        for cut in 1..full.len() - 1 {
+            assert_eq!(
+                parse_logs(&[&format!("{full}{}", &full[..cut])]),
+                vec![a],
+                "cut at {cut}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_line_cut_by_a_move_between_hosts_is_joined_again_and_only_with_its_own_tail() {
+        let w: Vec<Acked> = acked(&[(1, 0, 8), (2, 8, 8), (3, 16, 8), (4, 24, 8)], 0xabc);
+        let l: Vec<String> = w.iter().map(|a| a.line()).collect();
+        for cut in 1..l[1].len() {
+            // Host A ran the guest until it moved mid-line 2; host B printed the rest.
+            let a = format!("boot noise\n{}\n{}", l[0], &l[1][..cut]);
+            let b = format!("{}\n{}\n{}\n", &l[1][cut..], l[2], l[3]);
+            assert_eq!(parse_logs(&[&a, &b]), w, "cut at {cut}");
+            // And back to A, which starts the new run of QEMU on a new line: the
+            // second move cut line 4.
+            let a2 = format!("{a}\n{}\n", &l[3][5..]);
+            let b2 = format!("{}\n{}\n{}", &l[1][cut..], l[2], &l[3][..5]);
+            assert_eq!(parse_logs(&[&a2, &b2]), w, "cut at {cut}");
+        }
+        // Two cut lines whose pieces are swapped never read as writes.
+        let (h1, t1) = l[1].split_at(12);
+        let (h3, t3) = l[3].split_at(12);
+        let got = parse_logs(&[&format!("{h1}\n{t3}\n{h3}\n{t1}\n")]);
+        assert_eq!(got, vec![w[1], w[3]]);
+        let bad = format!("{h1}{t3}");
+        assert_eq!(Acked::parse(&bad), None);
     }
 
     /// A disk as a map, for the checker.

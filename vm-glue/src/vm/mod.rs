@@ -394,6 +394,8 @@ pub(crate) async fn launch(
     let qmp_sock = dir.join("qmp.sock");
     let _ = std::fs::remove_file(&qmp_sock);
     let console = dir.join("console.log");
+    end_console_line(&console)
+        .with_context(|| format!("{}: cannot append to it", console.display()))?;
     let (accel, why) = qemu::choose_accel(&agent.cfg.accel).map_err(|e| anyhow!(e))?;
     tracing::info!("VM {}: {why}", spec.name);
     let args = qemu::args(
@@ -763,6 +765,29 @@ fn rotate_console(p: &Path, max: u64) {
     }
 }
 
+/// Ends a console log's last line if it has no newline: each QEMU run of the VM on
+/// this host starts on a line of its own, also when the last run stopped mid-line (a
+/// guest that moved to another host while it printed goes on with the rest of the line
+/// there).
+fn end_console_line(p: &Path) -> std::io::Result<()> {
+    use std::io::{Read, Seek, SeekFrom, Write};
+    let mut f = match std::fs::OpenOptions::new().read(true).append(true).open(p) {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(e),
+    };
+    if f.metadata()?.len() == 0 {
+        return Ok(());
+    }
+    let mut last = [0u8; 1];
+    f.seek(SeekFrom::End(-1))?;
+    f.read_exact(&mut last)?;
+    if last[0] != b'\n' {
+        f.write_all(b"\n")?;
+    }
+    Ok(())
+}
+
 /// Deletes a stopped VM: its disks, its definition, its folders.
 pub async fn remove(agent: &Agent, name: &str) -> Result<()> {
     if agent.vms.lock().await.contains_key(name) {
@@ -820,5 +845,21 @@ mod tests {
         );
         f.write_all(b"next").unwrap();
         assert_eq!(std::fs::read(&p).unwrap(), b"next");
+    }
+
+    #[test]
+    fn each_run_of_qemu_starts_its_console_on_a_new_line() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("console.log");
+        super::end_console_line(&p).unwrap();
+        assert!(!p.exists());
+        std::fs::write(&p, b"").unwrap();
+        super::end_console_line(&p).unwrap();
+        assert_eq!(std::fs::read(&p).unwrap(), b"");
+        std::fs::write(&p, b"whole\nFW 12 3").unwrap();
+        super::end_console_line(&p).unwrap();
+        assert_eq!(std::fs::read(&p).unwrap(), b"whole\nFW 12 3\n");
+        super::end_console_line(&p).unwrap();
+        assert_eq!(std::fs::read(&p).unwrap(), b"whole\nFW 12 3\n");
     }
 }
