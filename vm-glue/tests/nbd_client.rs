@@ -421,3 +421,164 @@ fn a_client_that_never_reads_replies_is_stopped_being_read() {
     s.shutdown(std::net::Shutdown::Both).unwrap();
     writer.join().unwrap();
 }
+
+/// A unix-socket relay between a client and the server whose links can hold the
+/// client's bytes back, be cut on the client's side only, and deliver what they held
+/// later: a write delayed in the network on a connection its client gave up on.
+mod relay {
+    use std::os::fd::AsRawFd;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::{Arc, Mutex};
+
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::unix::OwnedWriteHalf;
+
+    #[derive(Default)]
+    pub struct Link {
+        pub hold: AtomicBool,
+        pub held: Mutex<Vec<u8>>,
+        cut: AtomicBool,
+        /// What the server sent after the cut, and whether it closed the connection.
+        pub late: Mutex<Vec<u8>>,
+        pub closed: AtomicBool,
+        client_fd: std::sync::atomic::AtomicI32,
+        to_server: tokio::sync::Mutex<Option<OwnedWriteHalf>>,
+    }
+
+    impl Link {
+        /// The client loses the connection; the server's side stays open.
+        pub fn cut(&self) {
+            self.cut.store(true, Ordering::SeqCst);
+            let fd = self.client_fd.load(Ordering::SeqCst);
+            let _ = nix::sys::socket::shutdown(fd, nix::sys::socket::Shutdown::Both);
+        }
+
+        /// Delivers what was held to the server.
+        pub async fn release(&self) {
+            let held = std::mem::take(&mut *self.held.lock().unwrap());
+            let mut w = self.to_server.lock().await;
+            w.as_mut().unwrap().write_all(&held).await.unwrap();
+        }
+    }
+
+    /// Relays `listen` to `server`; returns every link made so far.
+    pub async fn start(
+        listen: &std::path::Path,
+        server: std::path::PathBuf,
+    ) -> Arc<Mutex<Vec<Arc<Link>>>> {
+        let l = tokio::net::UnixListener::bind(listen).unwrap();
+        let links: Arc<Mutex<Vec<Arc<Link>>>> = Arc::default();
+        let all = Arc::clone(&links);
+        tokio::spawn(async move {
+            while let Ok((c, _)) = l.accept().await {
+                let s = tokio::net::UnixStream::connect(&server).await.unwrap();
+                let link = Arc::new(Link::default());
+                link.client_fd.store(c.as_raw_fd(), Ordering::SeqCst);
+                let (mut cr, mut cw) = c.into_split();
+                let (mut sr, sw) = s.into_split();
+                *link.to_server.lock().await = Some(sw);
+                all.lock().unwrap().push(Arc::clone(&link));
+                let up = Arc::clone(&link);
+                tokio::spawn(async move {
+                    let mut b = vec![0u8; 1 << 16];
+                    while let Ok(n @ 1..) = cr.read(&mut b).await {
+                        if up.hold.load(Ordering::SeqCst) {
+                            up.held.lock().unwrap().extend_from_slice(&b[..n]);
+                        } else if !up.cut.load(Ordering::SeqCst) {
+                            let mut w = up.to_server.lock().await;
+                            if w.as_mut().unwrap().write_all(&b[..n]).await.is_err() {
+                                break;
+                            }
+                        }
+                    }
+                });
+                let down = link;
+                tokio::spawn(async move {
+                    let mut b = vec![0u8; 1 << 16];
+                    loop {
+                        match sr.read(&mut b).await {
+                            Ok(n @ 1..) if down.cut.load(Ordering::SeqCst) => {
+                                down.late.lock().unwrap().extend_from_slice(&b[..n]);
+                            }
+                            Ok(n @ 1..) => {
+                                let _ = cw.write_all(&b[..n]).await;
+                            }
+                            _ => {
+                                down.closed.store(true, Ordering::SeqCst);
+                                break;
+                            }
+                        }
+                    }
+                });
+            }
+        });
+        links
+    }
+}
+
+/// A write whose connection is lost while the network still holds it is sent again on
+/// a new connection, and a later write overwrites it; when the network finally delivers
+/// the first copy, ferry's server has replaced that connection and never carries it out
+/// (before the barrier, it landed last: the disk held the stale data).
+#[test]
+fn a_write_delayed_on_a_lost_connection_never_lands_after_its_copy_sent_again() {
+    use std::sync::atomic::Ordering;
+    let dir = tempfile::tempdir().unwrap();
+    let (rt, _image, sock) = own_server(dir.path());
+    let via = dir.path().join("relay.sock");
+    rt.block_on(async {
+        let links = relay::start(&via, sock.clone()).await;
+        let c = Arc::new(
+            NbdClient::connect_unix(&via, "disk")
+                .await
+                .unwrap()
+                .reconnect_for(Duration::from_secs(10)),
+        );
+        c.write(0, &[0x11; 4096], WriteFlags::NONE).await.unwrap();
+        let first = Arc::clone(&links.lock().unwrap()[0]);
+        first.hold.store(true, Ordering::SeqCst);
+        let c2 = Arc::clone(&c);
+        let stale = tokio::spawn(async move { c2.write(0, &[0xaa; 4096], WriteFlags::NONE).await });
+        while first.held.lock().unwrap().len() < 28 + 4096 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        first.cut();
+        stale
+            .await
+            .unwrap()
+            .expect("the write sent again on a new connection");
+        assert_eq!(
+            links.lock().unwrap().len(),
+            2,
+            "the client did not reconnect"
+        );
+        c.write(0, &[0xbb; 4096], WriteFlags::NONE).await.unwrap();
+        c.flush().await.unwrap();
+        // The network delivers the first copy now.
+        first.release().await;
+        let t0 = std::time::Instant::now();
+        while !first.closed.load(Ordering::SeqCst) && first.late.lock().unwrap().is_empty() {
+            assert!(
+                t0.elapsed() < Duration::from_secs(10),
+                "the server neither answered nor closed"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let fresh = NbdClient::connect_unix(&sock, "disk").await.unwrap();
+        let mut back = vec![0u8; 4096];
+        fresh.read(0, &mut back).await.unwrap();
+        assert!(
+            back.iter().all(|b| *b == 0xbb),
+            "the stale first copy landed after the later write: {:#x}",
+            back[0]
+        );
+        assert!(
+            first.late.lock().unwrap().is_empty(),
+            "the server answered a request of the replaced connection"
+        );
+        // The client goes on working on its new connection.
+        c.write(8192, &[0xcc; 4096], WriteFlags::NONE)
+            .await
+            .unwrap();
+    });
+}

@@ -5,7 +5,11 @@
 //! flight, unless the client was made with [`NbdClient::reconnect_for`]: then each such
 //! request waits while the client connects again (for at most that long, to an export of
 //! the same size) and is sent again — as QEMU's `reconnect-delay` does. Requests in
-//! flight together carry no order, so sending them again in any order is allowed.
+//! flight together carry no order, so sending them again in any order is allowed. Every
+//! connection names the client's session ([`OPT_FERRY_SESSION`]): ferry's server then
+//! replaces the lost connection before it accepts the new one, so a first copy still in
+//! flight there can never land after the copy sent again, or after a later write. (A
+//! server without the option, such as qemu-nbd, gives no such barrier.)
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -91,6 +95,8 @@ pub struct NbdClient {
     reconnecting: tokio::sync::Mutex<()>,
     /// Set by [`NbdClient::close`]: no request and no reconnection from then on.
     closed: std::sync::atomic::AtomicBool,
+    /// Named to the server on every connection ([`OPT_FERRY_SESSION`]).
+    session: u128,
 }
 
 impl std::fmt::Debug for NbdClient {
@@ -157,7 +163,8 @@ impl NbdClient {
         endpoint: Endpoint,
         export: &str,
     ) -> std::io::Result<NbdClient> {
-        let (conn, info) = Self::open(&name, &endpoint, export).await?;
+        let session = uuid::Uuid::new_v4().as_u128();
+        let (conn, info) = Self::open(&name, &endpoint, export, session).await?;
         Ok(NbdClient {
             name,
             endpoint,
@@ -174,6 +181,7 @@ impl NbdClient {
             reconnect: std::time::Duration::ZERO,
             reconnecting: tokio::sync::Mutex::new(()),
             closed: std::sync::atomic::AtomicBool::new(false),
+            session,
         })
     }
 
@@ -184,20 +192,25 @@ impl NbdClient {
         self
     }
 
-    async fn open(name: &Path, endpoint: &Endpoint, export: &str) -> std::io::Result<(Conn, Info)> {
+    async fn open(
+        name: &Path,
+        endpoint: &Endpoint,
+        export: &str,
+        session: u128,
+    ) -> std::io::Result<(Conn, Info)> {
         match endpoint {
             Endpoint::Unix(path) => {
                 let s = tokio::net::UnixStream::connect(path).await?;
                 let fd = std::os::fd::AsRawFd::as_raw_fd(&s);
                 let (r, w) = s.into_split();
-                Self::handshake(name, r, Box::new(w), export, fd).await
+                Self::handshake(name, r, Box::new(w), export, fd, session).await
             }
             Endpoint::Tcp(addr) => {
                 let s = tokio::net::TcpStream::connect(addr).await?;
                 let _ = s.set_nodelay(true);
                 let fd = std::os::fd::AsRawFd::as_raw_fd(&s);
                 let (r, w) = s.into_split();
-                Self::handshake(name, r, Box::new(w), export, fd).await
+                Self::handshake(name, r, Box::new(w), export, fd, session).await
             }
         }
     }
@@ -231,7 +244,7 @@ impl NbdClient {
             if self.is_closed() {
                 return Err(bad("the client was closed"));
             }
-            match Self::open(&self.name, &self.endpoint, &self.export).await {
+            match Self::open(&self.name, &self.endpoint, &self.export, self.session).await {
                 Ok((conn, info)) if info.size == self.size => {
                     tracing::info!("{}: reconnected", self.name.display());
                     *self.conn.lock().expect("conn") = Arc::new(conn);
@@ -264,6 +277,7 @@ impl NbdClient {
         mut w: Writer,
         export: &str,
         fd: std::os::fd::RawFd,
+        session: u128,
     ) -> std::io::Result<(Conn, Info)>
     where
         R: AsyncRead + Unpin + Send + 'static,
@@ -304,6 +318,18 @@ impl NbdClient {
                     REP_META_CONTEXT => {}
                     _ => break,
                 }
+            }
+        }
+        // Before GO: ferry's server answers once every earlier connection of this
+        // session is replaced.
+        send_option(&mut w, OPT_FERRY_SESSION, &session.to_be_bytes()).await?;
+        match read_option_reply(&mut r, OPT_FERRY_SESSION).await? {
+            (REP_ACK | REP_ERR_UNSUP, _) => {}
+            (_, d) => {
+                return Err(bad(format!(
+                    "the server refused the session: {}",
+                    String::from_utf8_lossy(&d)
+                )))
             }
         }
         let mut d = (export.len() as u32).to_be_bytes().to_vec();

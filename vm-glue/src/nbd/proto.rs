@@ -30,6 +30,10 @@ pub const OPT_GO: u32 = 7;
 pub const OPT_STRUCTURED_REPLY: u32 = 8;
 pub const OPT_LIST_META_CONTEXT: u32 = 9;
 pub const OPT_SET_META_CONTEXT: u32 = 10;
+/// ferry's own option: the client names its session (16 bytes); the server replaces
+/// every earlier connection of that session before it answers ACK. Servers that do not
+/// know it answer ERR_UNSUP, as for any unknown option.
+pub const OPT_FERRY_SESSION: u32 = 0x4652_5901;
 
 /// Option reply types.
 pub const REP_ACK: u32 = 1;

@@ -1,8 +1,12 @@
 //! ferry's NBD server: any [`BlockDev`] served to QEMU and to other hosts.
 //!
 //! Fixed newstyle handshake only; options EXPORT_NAME, GO, INFO, LIST, ABORT,
-//! STRUCTURED_REPLY, SET_META_CONTEXT and LIST_META_CONTEXT (`base:allocation`), others
-//! answered ERR_UNSUP. Commands READ, WRITE (FUA), FLUSH, TRIM, WRITE_ZEROES (NO_HOLE,
+//! STRUCTURED_REPLY, SET_META_CONTEXT and LIST_META_CONTEXT (`base:allocation`), and
+//! ferry's own [`OPT_FERRY_SESSION`], others answered ERR_UNSUP. A client that names
+//! its session and connects again (after it lost sight of a connection) gets a barrier:
+//! before the new connection is accepted, every earlier one of the session is replaced
+//! — nothing it reads from then on is carried out, and whatever it was carrying out has
+//! finished — so a request sent again can never be overtaken by its stale first copy. Commands READ, WRITE (FUA), FLUSH, TRIM, WRITE_ZEROES (NO_HOLE,
 //! FAST_ZERO), BLOCK_STATUS, DISC. Requests are pipelined: each runs as its own task and
 //! hands its whole reply to the connection's writer task, which batches queued replies
 //! into few system calls; replies of different requests never interleave mid-chunk. Memory is bounded per connection by a byte budget
@@ -35,6 +39,18 @@ pub struct Server {
     private: bool,
     /// One permit per connection being served ([`MAX_CONNECTIONS`]).
     connections: Arc<Semaphore>,
+    /// The connections of each named client session ([`OPT_FERRY_SESSION`]).
+    sessions: std::sync::Mutex<HashMap<u128, Vec<std::sync::Weak<Replaceable>>>>,
+}
+
+/// One connection of a named session: replaced by the session's next connection.
+#[derive(Debug, Default)]
+struct Replaceable {
+    /// Set when a newer connection of the session arrived: nothing more is carried out.
+    replaced: std::sync::atomic::AtomicBool,
+    /// Held shared by every request being carried out; the replacing connection takes it
+    /// exclusively once, to wait for them.
+    running: Arc<tokio::sync::RwLock<()>>,
 }
 
 impl Default for Server {
@@ -43,6 +59,7 @@ impl Default for Server {
             exports: RwLock::default(),
             private: false,
             connections: Arc::new(Semaphore::new(MAX_CONNECTIONS)),
+            sessions: Default::default(),
         }
     }
 }
@@ -78,6 +95,7 @@ impl Server {
             connections: Arc::new(Semaphore::new(MAX_CONNECTIONS)),
             exports: RwLock::default(),
             private: true,
+            sessions: Default::default(),
         })
     }
 
@@ -112,6 +130,28 @@ impl Server {
             .expect("exports lock")
             .get(name)
             .cloned()
+    }
+
+    /// Registers a new connection of `session` and replaces every earlier one: returns
+    /// once none of them carries anything out any more.
+    async fn replace_earlier(&self, session: u128) -> Arc<Replaceable> {
+        let me = Arc::new(Replaceable::default());
+        let earlier: Vec<Arc<Replaceable>> = {
+            let mut all = self.sessions.lock().expect("sessions");
+            all.retain(|_, conns| {
+                conns.retain(|c| c.strong_count() > 0);
+                !conns.is_empty()
+            });
+            let conns = all.entry(session).or_default();
+            let earlier = conns.iter().filter_map(|c| c.upgrade()).collect();
+            conns.push(Arc::downgrade(&me));
+            earlier
+        };
+        for c in earlier {
+            c.replaced.store(true, std::sync::atomic::Ordering::SeqCst);
+            drop(c.running.write().await);
+        }
+        me
     }
 
     /// Accepts connections on a unix socket until the listener fails.
@@ -226,6 +266,7 @@ impl Server {
         let no_zeroes = cflags & CLIENT_NO_ZEROES != 0;
         let mut structured = false;
         let mut meta = false;
+        let mut session = None;
         loop {
             let mut h = [0u8; OptionHeader::LEN];
             rd.read_exact(&mut h).await?;
@@ -255,6 +296,7 @@ impl Server {
                         export: e,
                         structured,
                         meta,
+                        session,
                     }));
                 }
                 OPT_ABORT => {
@@ -322,6 +364,7 @@ impl Server {
                             export: e,
                             structured,
                             meta,
+                            session,
                         }));
                     }
                 }
@@ -358,6 +401,16 @@ impl Server {
                     }
                     wr.write_all(&reply(REP_ACK, &[])).await?;
                 }
+                OPT_FERRY_SESSION => {
+                    let Ok(id) = <[u8; 16]>::try_from(&data[..]) else {
+                        wr.write_all(&reply(REP_ERR_INVALID, &[])).await?;
+                        continue;
+                    };
+                    if session.is_none() {
+                        session = Some(self.replace_earlier(u128::from_be_bytes(id)).await);
+                    }
+                    wr.write_all(&reply(REP_ACK, &[])).await?;
+                }
                 _ => {
                     wr.write_all(&reply(REP_ERR_UNSUP, &[])).await?;
                 }
@@ -376,6 +429,8 @@ struct Negotiated {
     export: Arc<Export>,
     structured: bool,
     meta: bool,
+    /// Set when the client named its session.
+    session: Option<Arc<Replaceable>>,
 }
 
 /// Large buffers a connection reuses for write payloads and read replies, so a 1 MiB
@@ -506,9 +561,22 @@ where
         if let Err(e) = rd.read_exact(&mut payload).await {
             break Err(e);
         }
+        let running = match &neg.session {
+            Some(s) => {
+                let g = Arc::clone(&s.running).read_owned().await;
+                if s.replaced.load(std::sync::atomic::Ordering::SeqCst) {
+                    break Err(invalid(
+                        "a newer connection of this client replaced this one",
+                    ));
+                }
+                Some(g)
+            }
+            None => None,
+        };
         let (neg, tx, bufs) = (Arc::clone(&neg), tx.clone(), Arc::clone(&bufs));
         tasks.spawn(async move {
             let reply = run(&neg, req, payload, &bufs).await;
+            drop(running);
             let _ = tx.send((reply, permit));
         });
     };
