@@ -14,8 +14,8 @@ use std::time::{Duration, Instant};
 use diskfmt::{Error, Provisioning, WriteFlags};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
-use crate::job::{is_zero, Phase, Shared};
 use crate::ranges::Kind;
+use crate::state::{is_zero, Phase, Shared};
 
 const SCAN_WINDOW: u64 = 64 << 20;
 

@@ -22,5 +22,7 @@ mod bitmap;
 pub mod copier;
 mod job;
 pub mod ranges;
+mod state;
 
-pub use job::{prepare_pivots, Mirror, Options, Phase, Pivot, Progress};
+pub use job::{prepare_pivots, Mirror, Pivot};
+pub use state::{Options, Phase, Progress};
