@@ -43,7 +43,7 @@ pub async fn run(a: GuestCheckArgs) -> Result<u8> {
     }
     let dev: Box<dyn BlockDev> = match (&a.nbd, &a.export, &a.image) {
         (Some(sock), Some(e), None) => Box::new(
-            vm_glue::nbd::NbdClient::connect_unix(sock, e)
+            nbd::NbdClient::connect_unix(sock, e)
                 .await
                 .with_context(|| format!("export {e:?} on {}", sock.display()))?,
         ),

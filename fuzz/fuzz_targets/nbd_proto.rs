@@ -3,7 +3,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use vm_glue::nbd::proto::{InfoRequest, MetaRequest, OptionHeader, Request};
+use nbd::proto::{InfoRequest, MetaRequest, OptionHeader, Request};
 
 fuzz_target!(|data: &[u8]| {
     if let Ok(h) = <&[u8; Request::LEN]>::try_from(data.get(..Request::LEN).unwrap_or(&[])) {

@@ -107,8 +107,7 @@ impl Acked {
         let at = line.rfind("FW ")?;
         let text = line[at..].trim_end_matches('\r');
         let (body, crc) = text.rsplit_once(' ')?;
-        if crc.len() != 8 || u32::from_str_radix(crc, 16).ok()? != crc32c::crc32c(body.as_bytes())
-        {
+        if crc.len() != 8 || u32::from_str_radix(crc, 16).ok()? != crc32c::crc32c(body.as_bytes()) {
             return None;
         }
         let f: Vec<&str> = body[3..].split(' ').collect();

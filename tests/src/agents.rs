@@ -125,7 +125,7 @@ pub fn guest_dir() -> PathBuf {
 pub fn read_export(sock: &Path, export: &str, first: u64, n: u64) -> std::io::Result<Vec<u8>> {
     use diskfmt::BlockDev;
     block_on(async {
-        let c = vm_glue::nbd::NbdClient::connect_unix(sock, export).await?;
+        let c = nbd::NbdClient::connect_unix(sock, export).await?;
         let mut b = vec![0u8; n as usize * 512];
         c.read(first * 512, &mut b)
             .await

@@ -10,9 +10,9 @@ use diskfmt::{BlockDev, WriteFlags};
 use ferry_tests::agents::{block_on, call_tcp, AgentBed, SECRET};
 use ferry_tests::cluster::SERIAL;
 use ferry_tests::pattern;
+use nbd::NbdClient;
 use nix::sys::signal::Signal;
 use serde_json::json;
-use vm_glue::nbd::NbdClient;
 
 const MIB: u64 = 1 << 20;
 

@@ -10,8 +10,8 @@ use diskfmt::{BlockDev, WriteFlags};
 use ferry_guest::{check, parse_logs, Phase, SECTOR};
 use ferry_tests::agents::{block_on, guest_dir, read_export, AgentBed};
 use ferry_tests::cluster::SERIAL;
+use nbd::NbdClient;
 use serde_json::json;
-use vm_glue::nbd::NbdClient;
 
 /// The wall clock, to compare with the guest's (its RTC starts from the host's); it
 /// only places phases, it decides nothing about leases.

@@ -322,9 +322,7 @@ fn an_agent_killed_at_each_pivot_step_restarts_the_vm_on_the_right_disk() {
 
 fn nbd_write(sock: &Path, export: &str, off: u64, data: &[u8]) {
     block_on(async {
-        let c = vm_glue::nbd::NbdClient::connect_unix(sock, export)
-            .await
-            .unwrap();
+        let c = nbd::NbdClient::connect_unix(sock, export).await.unwrap();
         c.write(off, data, WriteFlags::NONE).await.unwrap();
         c.flush().await.unwrap();
     });

@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use diskfmt::raw::RawImage;
 use diskfmt::{BlockDev, Engine};
-use vm_glue::nbd::{Export, Server};
+use nbd::{Export, Server};
 
 fn main() {
     let a: Vec<String> = std::env::args().collect();

@@ -39,8 +39,6 @@ pub use config::Config;
 use exports::{ExportSpec, Gate};
 use membership::Member;
 
-use crate::nbd;
-
 /// Why the agent ends.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Stop {

@@ -27,7 +27,7 @@ use super::{config_path, export_name};
 use crate::agent::membership::Member;
 use crate::agent::tasks::Task;
 use crate::agent::Agent;
-use crate::nbd::client::NbdClient;
+use nbd::NbdClient;
 
 /// Whether this host sees every datastore `st` names (else the copy goes over NBD).
 pub fn sees_all(agent: &Agent, st: &NewStorage) -> bool {

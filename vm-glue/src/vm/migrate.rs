@@ -45,8 +45,8 @@ use super::{config_path, export_name, locate, RunningVm};
 use crate::agent::exports::{ExportSpec, Gate};
 use crate::agent::tasks::Task;
 use crate::agent::Agent;
-use crate::nbd::client::NbdClient;
 use crate::qmp::Qmp;
+use nbd::NbdClient;
 
 /// Migration settings a caller may give.
 #[derive(Debug, Clone, Default, Deserialize, Serialize)]

@@ -20,7 +20,7 @@ use diskfmt::{BlockDev, Extent, ExtentKind, IoFuture, Provisioning, WriteFlags};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::oneshot;
 
-use super::proto::*;
+use crate::proto::*;
 
 type Writer = Box<dyn AsyncWrite + Unpin + Send>;
 

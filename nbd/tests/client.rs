@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use diskfmt::raw::RawImage;
 use diskfmt::{ops, BlockDev, Engine, ExtentKind, WriteFlags};
-use vm_glue::nbd::{Export, NbdClient, Server};
+use nbd::{Export, NbdClient, Server};
 
 const MIB: u64 = 1 << 20;
 
@@ -325,8 +325,8 @@ fn a_request_abandoned_mid_write_never_corrupts_the_next_one() {
 /// finishes its handshake is disconnected after the handshake timeout.
 #[test]
 fn connections_are_limited_and_a_silent_handshake_times_out() {
+    use nbd::server::{HANDSHAKE_TIMEOUT, MAX_CONNECTIONS};
     use tokio::io::AsyncReadExt;
-    use vm_glue::nbd::server::{HANDSHAKE_TIMEOUT, MAX_CONNECTIONS};
     let dir = tempfile::tempdir().unwrap();
     let sock = dir.path().join("f.sock");
     let rt = rt();
@@ -366,10 +366,10 @@ fn connections_are_limited_and_a_silent_handshake_times_out() {
 /// bounded (it would otherwise queue every reply).
 #[test]
 fn a_client_that_never_reads_replies_is_stopped_being_read() {
-    use std::io::{Read, Write};
-    use vm_glue::nbd::proto::{
+    use nbd::proto::{
         CLIENT_FIXED_NEWSTYLE, CLIENT_NO_ZEROES, IHAVEOPT, OPT_EXPORT_NAME, REQUEST_MAGIC,
     };
+    use std::io::{Read, Write};
     let dir = tempfile::tempdir().unwrap();
     let (_rt, _image, sock) = own_server(dir.path());
     let mut s = std::os::unix::net::UnixStream::connect(&sock).unwrap();

@@ -20,7 +20,7 @@ use diskfmt::{BlockDev, ErrorKind, ExtentKind, Provisioning, WriteFlags};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::Semaphore;
 
-use super::proto::*;
+use crate::proto::*;
 
 /// One export: a name clients ask for, and the device behind it.
 #[derive(Debug)]
