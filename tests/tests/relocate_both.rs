@@ -695,3 +695,53 @@ fn a_cold_move_whose_answer_is_lost_after_the_commit_leaves_one_definition() {
     let (s, v) = bed.call(0, "POST", "/v1/vms/cold1/start", None);
     assert!(s >= 400, "the source started the moved VM: {v}");
 }
+
+/// A powered-off move whose destination commits late: the source's `finish` call times
+/// out, and the definition there is not committed when the source asks. The source may
+/// undo the move only if the destination accepts the abort — but the destination has
+/// claimed the finish, so it refuses, and the task ends `outcome unknown` with the
+/// tombstone kept. When the commit then lands, the definition it commits names files
+/// that still exist (before the claim, the abort deleted them first).
+#[test]
+fn a_cold_move_committed_late_never_loses_the_files_its_definition_names() {
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let mut bed = AgentBed::networked(2, &["ds0", "ds1"], 256);
+    bed.hide(0, "ds1");
+    bed.env[0] = vec![("FERRY_FAILPOINTS".into(), "finish-window-s=3".into())];
+    bed.env[1] = vec![("FERRY_FAILPOINTS".into(), "cold-finish-hold".into())];
+    bed.start(0);
+    bed.start(1);
+    create_vm(&bed, 0, "cold2", 32, json!([]));
+    let h1 = bed.hosts[1].name.clone();
+    let id = relocate(&bed, 0, "cold2", json!({"host": h1, "datastore": "ds1"}));
+    let t = wait_task(&bed, 0, id, Duration::from_secs(120));
+    assert_eq!(t["state"], "failed", "{t}\n{}", bed.log(0));
+    assert!(
+        t["error"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("outcome unknown"),
+        "{t}"
+    );
+    // The source's definition is a tombstone: the VM cannot start there.
+    let (s, v) = bed.call(0, "POST", "/v1/vms/cold2/start", None);
+    assert!(s >= 400, "the source started the VM it moved: {v}");
+    // The destination's commit lands now.
+    std::fs::write(bed.hosts[1].run_dir.join("cold-finish.go"), "").unwrap();
+    let t0 = Instant::now();
+    while !bed.log(1).contains("VM cold2: its files arrived here") {
+        assert!(t0.elapsed() < Duration::from_secs(60), "{}", bed.log(1));
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let v = vm_on(&bed, 1, "cold2");
+    assert_eq!(v["datastore"], "ds1", "{v}");
+    for d in v["disks"].as_array().unwrap() {
+        assert_eq!(d["datastore"], "ds1", "{v}");
+        let path = d["path"].as_str().unwrap();
+        assert_eq!(
+            stat(&bed, 1, "ds1", path),
+            200,
+            "the committed definition names {path}, which the abort deleted"
+        );
+    }
+}

@@ -190,7 +190,8 @@ pub(super) async fn run(
             "POST",
             &format!("/v1/vms/{name}/incoming/finish"),
             None,
-            Duration::from_secs(60),
+            datastore::failpoint::setting("finish-window-s")
+                .map_or(Duration::from_secs(60), Duration::from_secs),
         )
         .await;
     if let Err(e) = finished {
@@ -208,9 +209,26 @@ pub(super) async fn run(
                     );
                 }
                 Some(false) => {
+                    // Not committed when asked — but the destination's finish may still
+                    // be committing: only an abort it accepts settles that it never will.
+                    let body = json!({"attempt": attempt});
+                    let path = format!("/v1/vms/{name}/incoming/abort");
+                    if let Err(ae) = peer
+                        .call("POST", &path, Some(body), Duration::from_secs(10))
+                        .await
+                    {
+                        drop(pivots);
+                        close_all(sources, cfg).await;
+                        return Err(e.context(format!(
+                            "outcome unknown: host {} has not committed VM {name}'s new \
+                             definition on {} yet, nor accepted to undo the move ({ae:#}); \
+                             the definition here is marked moved (it cannot start from it) \
+                             and its files stay until it answers",
+                            peer.name, st.home
+                        )));
+                    }
                     let _ = config::invalidate(&cfg, 1 - stored.slot).await;
                     drop(pivots);
-                    abort(&peer, &name, &attempt).await;
                     close_all(sources, cfg).await;
                     return Err(e.context(format!("VM {name} stays where it was")));
                 }

@@ -631,6 +631,31 @@ async fn commit_into(
     }
 }
 
+/// Under the VM table's lock: this host finishes attempt's powered-off move (recorded
+/// durably, as a resumed move is), so that an abort — which takes the same lock — either
+/// came first (this fails) or is refused from now on: it can never delete the new files
+/// while, or after, the new definition naming them is committed. Returns the new
+/// definition's file (when the definition moves here) and the attempt.
+async fn claim_cold_finish(
+    agent: &Agent,
+    name: &str,
+) -> Result<(Option<datastore::files::DsFile>, Option<String>)> {
+    let mut vms = agent.vms.lock().await;
+    let vm = vms
+        .get_mut(name)
+        .filter(|v| v.incoming)
+        .ok_or_else(|| anyhow!("VM {name}: its incoming move was aborted"))?;
+    if let Some(a) = &vm.attempt {
+        crate::agent::state::write_durably_async(
+            resumed_path(agent, a),
+            json!({"vm": name, "powered_off": true}),
+        )
+        .await?;
+    }
+    vm.incoming = false;
+    Ok((vm.config.take(), vm.attempt.clone()))
+}
+
 /// `finish` of a powered-off VM's move: commits the definition if it moves to a new
 /// `vm.toml` here (else the source committed it in place), and lets the new files go.
 async fn finish_cold(
@@ -641,15 +666,38 @@ async fn finish_cold(
     exports: &[String],
 ) -> Result<Value> {
     let st = storage.ok_or_else(|| anyhow!("VM {name}: no QMP connection"))?;
-    let own = agent
-        .vms
-        .lock()
-        .await
-        .get_mut(name)
-        .and_then(|v| v.config.take());
+    let (own, attempt) = claim_cold_finish(agent, name).await?;
+    if datastore::failpoint::fires("cold-finish-hold") {
+        let go = agent.cfg.run_dir.join("cold-finish.go");
+        tracing::warn!(
+            "failpoint cold-finish-hold: holding the commit until {} exists",
+            go.display()
+        );
+        while !go.exists() {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
     match own {
         Some(f) => {
-            let f = commit_into(agent, name, f, spec, &st).await?;
+            let f = match commit_into(agent, name, f, spec, &st).await {
+                Ok(f) => f,
+                Err(e) if e.downcast_ref::<targets::InDoubt>().is_some() => {
+                    // Claimed for good: no abort may delete files a committed
+                    // definition may name. The source keeps its tombstone.
+                    return Err(e);
+                }
+                Err(e) => {
+                    // Surely not committed: an abort may clean up again.
+                    if let Some(v) = agent.vms.lock().await.get_mut(name) {
+                        v.incoming = true;
+                    }
+                    if let Some(a) = &attempt {
+                        let _ =
+                            crate::agent::state::remove_durably_async(resumed_path(agent, a)).await;
+                    }
+                    return Err(e);
+                }
+            };
             let _ = f.close().await;
         }
         // The source wrote it: the journal sees the files named and keeps them.

@@ -232,11 +232,25 @@ pub async fn commit(agent: &Agent, f: &DsFile, spec: &VmSpec, st: &NewStorage) -
     let slot = if j.config.is_some() { 0 } else { 1 - st.slot };
     if let Err(e) = config::write_at(f, spec, j.generation, slot).await {
         // Never leave a half-committed definition behind: that slot is invalid again.
-        let _ = config::invalidate(f, slot).await;
+        if let Err(e2) = config::invalidate(f, slot).await {
+            return Err(e
+                .context(format!("clearing the slot again failed too ({e2:#})"))
+                .context(InDoubt));
+        }
         return Err(e);
     }
     let _ = std::fs::remove_file(journal_path(agent, &spec.name));
     Ok(())
+}
+
+/// Attached to a [`commit`] error when the new definition may have landed.
+#[derive(Debug)]
+pub struct InDoubt;
+
+impl std::fmt::Display for InDoubt {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("whether the new definition is committed is unknown")
+    }
 }
 
 fn read_journal(agent: &Agent, vm: &str) -> Result<Journal> {
