@@ -8,11 +8,12 @@
 
 use std::path::PathBuf;
 
+use agent::daemon;
+use agent::host::{Config, Stop};
+use agent::http;
 use anyhow::{bail, Context, Result};
 use clap::{Args, Subcommand};
 use serde_json::{json, Value};
-use vm_glue::agent::{self, Config, Stop};
-use vm_glue::http;
 
 use crate::units::human;
 
@@ -242,7 +243,7 @@ pub fn run_agent(cmd: AgentCmd, rt: &tokio::runtime::Runtime) -> Result<u8> {
         return Ok(0);
     }
     let exe = std::env::current_exe().context("cannot find the ferry executable")?;
-    match rt.block_on(agent::run(cfg, exe))? {
+    match rt.block_on(daemon::run(cfg, exe))? {
         Stop::Signal | Stop::Left => Ok(0),
         Stop::LeaseLost(e) => {
             eprintln!("ferry agent: host lease lost: {e}");

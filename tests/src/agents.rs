@@ -140,7 +140,7 @@ pub fn call_unix(sock: &Path, method: &str, path: &str, body: Option<Value>) -> 
         let s = tokio::net::UnixStream::connect(sock)
             .await
             .unwrap_or_else(|e| panic!("{}: {e}", sock.display()));
-        let r = vm_glue::http::call(s, method, path, &[], body.as_ref())
+        let r = agent::http::call(s, method, path, &[], body.as_ref())
             .await
             .expect("control call");
         (r.status, r.body)
@@ -162,7 +162,7 @@ pub fn call_tcp(
             .as_deref()
             .map(|a| vec![("Authorization", a)])
             .unwrap_or_default();
-        let r = vm_glue::http::call(s, method, path, &headers, body.as_ref())
+        let r = agent::http::call(s, method, path, &headers, body.as_ref())
             .await
             .expect("control call");
         (r.status, r.body)

@@ -201,7 +201,7 @@ fn a_bridged_nic_joins_its_bridge_and_a_missing_bridge_is_a_clear_error() {
     }
     bed.call_ok(0, "POST", "/v1/vms/vmbr/start", None);
     let out = ferry_tests::run_ok("ip", &["-o", "link", "show", "master", &br.0]);
-    let tap = vm_glue::vm::qemu::tap_name("vmbr", 0);
+    let tap = vm_glue::qemu::tap_name("vmbr", 0);
     assert!(out.contains(&tap), "{tap} is not on {}: {out}", br.0);
     bed.call_ok(0, "POST", "/v1/vms/vmbr/stop", Some(json!({"force": true})));
     let out = ferry_tests::run_ok("ip", &["-o", "link", "show", "master", &br.0]);

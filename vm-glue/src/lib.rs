@@ -1,10 +1,10 @@
-//! `vm-glue` owns everything that talks to QEMU and to other hosts (DESIGN §2): the host
-//! agent and its control API ([`agent`], over the small HTTP subset in [`http`]), the QMP
-//! client ([`qmp`]), VMs under QEMU and their relocation ([`vm`]). Disks travel between
-//! hosts over the [`nbd`] crate.
+//! `vm-glue` owns what talks to QEMU (DESIGN §2): the VM's definition ([`spec`]) and
+//! its crash-safe two-slot file `vm.toml` ([`definition`]), QEMU's command line and
+//! accelerator choice ([`qemu`]), and the QMP client ([`qmp`]). It knows nothing of
+//! hosts, agents or relocation: the `agent` crate builds on it.
 #![forbid(unsafe_code)]
 
-pub mod agent;
-pub mod http;
+pub mod definition;
+pub mod qemu;
 pub mod qmp;
-pub mod vm;
+pub mod spec;

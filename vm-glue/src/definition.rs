@@ -13,7 +13,7 @@ use anyhow::{anyhow, bail, Context, Result};
 use datastore::files::DsFile;
 use diskfmt::{BlockDev, WriteFlags};
 
-use super::spec::VmSpec;
+use crate::spec::VmSpec;
 
 /// Bytes of the `vm.toml` file.
 pub const CONFIG_SIZE: u64 = 1 << 20;
@@ -130,7 +130,7 @@ mod tests {
 
     #[test]
     fn slots_decode_only_when_whole() {
-        let spec = crate::vm::spec::tests::spec();
+        let spec = crate::spec::tests::spec();
         let buf = encode(&spec, 7).unwrap();
         let (g, text) = decode(&buf, 1).unwrap();
         assert_eq!(g, 7);

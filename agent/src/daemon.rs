@@ -1,7 +1,8 @@
-//! `ferry agent`: the per-host daemon. It joins every configured datastore as its host
-//! (or resumes the slots of its previous process, see [`membership`]), serves datastore
-//! files over NBD ([`exports`]) and answers the control API ([`api`]) on a unix socket
-//! and, with the cluster secret, on TCP.
+//! The daemon (`ferry agent`): start, signals, the order of recovery, stop. It joins
+//! every configured datastore as its host (or resumes the slots of its previous process,
+//! see [`membership`]), settles what an earlier process left, serves datastore files
+//! over NBD ([`crate::host::exports`]) and answers the control API ([`api`]) on a unix
+//! socket and, with the cluster secret, on TCP.
 //!
 //! Process layout: the agent moves into the host cgroup `ferry/agent-<host>` (VMs will
 //! get child cgroups of it), and one watchdog per datastore runs outside it. The run
@@ -16,88 +17,22 @@
 //! exports exist. A lost host lease freezes the exports, empties every VM cgroup and
 //! then ends the agent (the watchdog fences the whole host at its deadline regardless).
 
-pub mod api;
-pub mod config;
-pub mod exports;
-pub mod membership;
-pub mod state;
-pub mod tasks;
-
 use std::collections::BTreeMap;
 use std::fs::File;
 use std::io::{Read, Seek, Write};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use datastore::fence::HostCgroup;
 use datastore::Datastore;
 use tokio::sync::watch;
 
-pub use config::Config;
-use exports::{ExportSpec, Gate};
-use membership::Member;
-
-/// Why the agent ends.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Stop {
-    /// SIGTERM/SIGINT: keep slots and locks for the next agent process.
-    Signal,
-    /// The host left every datastore.
-    Left,
-    /// A host lease was lost.
-    LeaseLost(String),
-}
-
-/// One export and its device.
-#[derive(Debug)]
-pub struct ExportEntry {
-    pub spec: ExportSpec,
-    pub gate: Arc<Gate>,
-}
-
-/// The running agent.
-#[derive(Debug)]
-pub struct Agent {
-    pub cfg: Config,
-    pub members: Vec<Arc<Member>>,
-    pub exports: tokio::sync::Mutex<BTreeMap<String, ExportEntry>>,
-    pub nbd_unix: Arc<nbd::Server>,
-    pub nbd_tcp: Option<Arc<nbd::Server>>,
-    pub tasks: tasks::Tasks,
-    pub started: Instant,
-    pub stop: watch::Sender<Option<Stop>>,
-    /// The actual NBD TCP address (the configured port may be 0).
-    pub nbd_tcp_addr: std::sync::Mutex<Option<std::net::SocketAddr>>,
-    pub mgmt_addr: std::sync::Mutex<Option<std::net::SocketAddr>>,
-    /// Set while the host leaves: its leases end on purpose.
-    pub leaving: std::sync::atomic::AtomicBool,
-    /// The host cgroup (the agent, and its VMs in child cgroups).
-    pub cgroup: PathBuf,
-    /// VMs running on this host. Held only for short table changes: a VM being set
-    /// up (its files, exports, QEMU) is reserved in `setting_up` instead.
-    pub vms: tokio::sync::Mutex<BTreeMap<String, crate::vm::RunningVm>>,
-    /// VMs being started or received here, not yet in `vms`.
-    pub(crate) setting_up: std::sync::Mutex<std::collections::BTreeSet<String>>,
-}
-
-/// A VM name reserved while it is set up on this host ([`Agent::reserve_vm`]).
-#[derive(Debug)]
-pub(crate) struct VmSlot<'a> {
-    agent: &'a Agent,
-    name: String,
-}
-
-impl Drop for VmSlot<'_> {
-    fn drop(&mut self) {
-        self.agent
-            .setting_up
-            .lock()
-            .expect("setting_up")
-            .remove(&self.name);
-    }
-}
+use crate::api;
+use crate::host::leave::fence_vms;
+use crate::host::membership::{self, Member};
+use crate::host::{cgroup_name, tasks, Agent, Config, Stop};
 
 /// Takes the run directory's lock file: held for the life of this process.
 /// Takes `dir/agent.lock` (an exclusive `flock`): one agent per run or state directory.
@@ -144,13 +79,6 @@ pub fn sd_notify(msg: &str) {
     if let Err(e) = sent {
         tracing::warn!("sd_notify to {path}: {e}");
     }
-}
-
-/// The host cgroup's name: stable across restarts of the agent of this host name and
-/// run directory, distinct for another agent on the same machine.
-pub fn cgroup_name(cfg: &Config) -> String {
-    let h = blake3::hash(cfg.run_dir.as_os_str().as_encoded_bytes());
-    format!("agent-{}-{}", cfg.host, &h.to_hex()[..8])
 }
 
 /// Joins (or resumes) every datastore. Blocking; runs before the control plane starts.
@@ -217,128 +145,6 @@ fn start_members(
         }
     }
     Ok((members, cg))
-}
-
-impl Agent {
-    /// Reserves VM `name` for setting it up here (the VM table is not held meanwhile);
-    /// refused if it runs here or is being set up already.
-    pub(crate) async fn reserve_vm(&self, name: &str) -> Result<VmSlot<'_>> {
-        let vms = self.vms.lock().await;
-        let mut busy = self.setting_up.lock().expect("setting_up");
-        if vms.contains_key(name) {
-            bail!("VM {name} already runs on host {}", self.cfg.host);
-        }
-        if !busy.insert(name.to_string()) {
-            bail!(
-                "VM {name} is being started on host {} already",
-                self.cfg.host
-            );
-        }
-        Ok(VmSlot {
-            agent: self,
-            name: name.to_string(),
-        })
-    }
-
-    /// The export table (`state_dir/exports.json`).
-    pub(crate) fn exports_path(&self) -> PathBuf {
-        self.cfg.state_dir.join("exports.json")
-    }
-
-    /// Records the export table.
-    pub async fn save_exports(&self, table: &BTreeMap<String, ExportEntry>) -> Result<()> {
-        let specs: Vec<ExportSpec> = table.values().map(|e| e.spec.clone()).collect();
-        // (Synced to disk: off the runtime's workers.)
-        let path = self.exports_path();
-        tokio::task::spawn_blocking(move || exports::save(&path, &specs))
-            .await
-            .expect("save task")
-    }
-
-    /// Serves `gate` as export `spec.name` (published, recorded in the table).
-    pub async fn add_vm_export(&self, spec: ExportSpec, gate: Arc<Gate>) -> Result<()> {
-        self.publish(&spec, &gate);
-        let mut table = self.exports.lock().await;
-        table.insert(spec.name.clone(), ExportEntry { spec, gate });
-        self.save_exports(&table).await
-    }
-
-    /// An export's gate and datastore uuid, by export name.
-    pub async fn export_gate(&self, name: &str) -> Option<(Arc<Gate>, uuid::Uuid)> {
-        let t = self.exports.lock().await;
-        t.get(name).map(|x| (Arc::clone(&x.gate), x.spec.datastore))
-    }
-
-    pub fn member(&self, key: &str) -> Option<Arc<Member>> {
-        self.members
-            .iter()
-            .find(|m| m.label() == key || m.ds.uuid().to_string() == key)
-            .cloned()
-    }
-
-    pub fn member_by_uuid(&self, u: &uuid::Uuid) -> Option<Arc<Member>> {
-        self.members.iter().find(|m| m.ds.uuid() == u).cloned()
-    }
-
-    /// Puts an export on the NBD servers.
-    pub fn publish(&self, spec: &ExportSpec, gate: &Arc<Gate>) {
-        let description = format!("{}:{}", spec.datastore, spec.path);
-        self.nbd_unix.add(nbd::Export {
-            name: spec.name.clone(),
-            description: description.clone(),
-            dev: Arc::clone(gate) as Arc<dyn diskfmt::BlockDev>,
-            read_only: spec.read_only,
-        });
-        if let (Some(tcp), Some(secret)) = (&self.nbd_tcp, &self.cfg.secret) {
-            tcp.add(nbd::Export {
-                name: exports::tcp_name(secret, &spec.name),
-                description,
-                dev: Arc::clone(gate) as Arc<dyn diskfmt::BlockDev>,
-                read_only: spec.read_only,
-            });
-        }
-    }
-
-    pub fn unpublish(&self, name: &str) {
-        self.nbd_unix.remove(name);
-        if let (Some(tcp), Some(secret)) = (&self.nbd_tcp, &self.cfg.secret) {
-            tcp.remove(&exports::tcp_name(secret, name));
-        }
-    }
-
-    /// Opens the recorded exports again after a restart.
-    async fn restore_exports(&self) -> Result<()> {
-        let specs = exports::load(&self.exports_path())?;
-        let mut table = self.exports.lock().await;
-        for spec in specs {
-            let Some(m) = self.member_by_uuid(&spec.datastore) else {
-                tracing::error!(
-                    "export {}: datastore {} is no longer configured; dropping the export",
-                    spec.name,
-                    spec.datastore
-                );
-                continue;
-            };
-            match Gate::open(
-                &m.session,
-                &spec.path,
-                spec.read_only,
-                spec.active,
-                self.cfg.write_hold,
-            )
-            .await
-            {
-                Ok(g) => {
-                    let gate = Arc::new(g);
-                    self.publish(&spec, &gate);
-                    tracing::info!("export {} restored", spec.name);
-                    table.insert(spec.name.clone(), ExportEntry { spec, gate });
-                }
-                Err(e) => tracing::error!("export {}: cannot restore: {e:#}", spec.name),
-            }
-        }
-        self.save_exports(&table).await
-    }
 }
 
 fn bind_unix(path: &Path) -> Result<std::os::unix::net::UnixListener> {
@@ -472,12 +278,12 @@ pub async fn run(cfg: Config, exe: PathBuf) -> Result<Stop> {
                 }
             })?;
     }
-    crate::vm::relocate::recover(&agent).await?;
-    crate::vm::targets::recover(&agent).await?;
+    crate::relocation::storage::recover(&agent).await?;
+    crate::relocation::targets::recover(&agent).await?;
     agent.restore_exports().await?;
-    crate::vm::reattach(&agent).await;
-    crate::vm::switchover::recover(&agent);
-    crate::vm::migrate::recover_leaving(&agent);
+    crate::vms::reattach(&agent).await;
+    crate::relocation::switchover::recover(&agent);
+    crate::relocation::switchover::recover_leaving(&agent);
 
     let nbd_sock = bind_unix(&cfg.nbd_socket())?;
     let nbd_tcp = match (nbd_tcp_l, &agent.nbd_tcp) {
@@ -565,94 +371,4 @@ pub async fn run(cfg: Config, exe: PathBuf) -> Result<Stop> {
 /// The cgroup to return to after leaving: the parent of the `ferry` cgroup tree.
 fn membership_home() -> Option<PathBuf> {
     datastore::fence::cgroup2_root().ok()
-}
-
-/// Processes in the host cgroup tree other than this agent (VMs, and whatever else the
-/// host runs under its leases).
-/// Empties every VM cgroup under the host's `cgroup`, waiting as long as that takes (a
-/// process stuck in uninterruptible I/O keeps its cgroup populated: then the agent waits
-/// for the watchdog, which fences the whole host cgroup, this agent included).
-fn fence_vms(cgroup: &Path) {
-    let vms: Vec<PathBuf> = std::fs::read_dir(cgroup)
-        .map(|rd| {
-            rd.flatten()
-                .map(|e| e.path())
-                .filter(|p| {
-                    p.is_dir()
-                        && p.file_name()
-                            .is_some_and(|n| n.to_string_lossy().starts_with("vm-"))
-                })
-                .collect()
-        })
-        .unwrap_or_default();
-    for vm in vms {
-        let c = HostCgroup::at(vm.clone());
-        loop {
-            match c.kill(Duration::from_secs(5)) {
-                Ok(()) => {
-                    tracing::warn!("{}: VM fenced (cgroup emptied)", vm.display());
-                    break;
-                }
-                Err(e) => tracing::error!("{}: not empty yet: {e}; still waiting", vm.display()),
-            }
-        }
-    }
-}
-
-pub fn host_processes(cgroup: &Path) -> Vec<u32> {
-    let mut out = Vec::new();
-    let mut dirs = vec![cgroup.to_path_buf()];
-    while let Some(d) = dirs.pop() {
-        if let Ok(procs) = std::fs::read_to_string(d.join("cgroup.procs")) {
-            out.extend(
-                procs
-                    .lines()
-                    .filter_map(|l| l.trim().parse::<u32>().ok())
-                    .filter(|p| *p != std::process::id()),
-            );
-        }
-        if let Ok(rd) = std::fs::read_dir(&d) {
-            dirs.extend(rd.flatten().filter(|e| e.path().is_dir()).map(|e| e.path()));
-        }
-    }
-    out
-}
-
-/// Leaves every datastore (the API's `host/leave`); refused while exports exist or
-/// while processes other than the agent (VMs) run in the host cgroup.
-pub async fn leave(agent: &Arc<Agent>) -> Result<()> {
-    let others = host_processes(&agent.cgroup);
-    if !others.is_empty() {
-        bail!(
-            "this host still runs {} process(es) under its leases (pids {:?} in {}): stop its \
-             VMs first",
-            others.len(),
-            others,
-            agent.cgroup.display()
-        );
-    }
-    let table = agent.exports.lock().await;
-    if !table.is_empty() {
-        bail!(
-            "this host still serves {} export(s) ({}): remove them (and stop their VMs) first",
-            table.len(),
-            table.keys().cloned().collect::<Vec<_>>().join(", ")
-        );
-    }
-    // Hold the table lock so no export is added while we leave.
-    agent
-        .leaving
-        .store(true, std::sync::atomic::Ordering::SeqCst);
-    let members = agent.members.clone();
-    tokio::task::spawn_blocking(move || -> Result<()> {
-        for m in members {
-            m.leave()?;
-        }
-        Ok(())
-    })
-    .await
-    .expect("leave task")?;
-    agent.stop.send_replace(Some(Stop::Left));
-    drop(table);
-    Ok(())
 }

@@ -1,4 +1,4 @@
-//! The destination's half of a host + storage move ([`super::migrate`] with
+//! The destination's half of a host + storage move ([`super::host_move`] with
 //! `storage`): the VM's new disk files — and its new `vm.toml` when the definition
 //! changes datastore — created on this host's datastores, exported (active, their locks
 //! ours) for the source to mirror into over NBD and for the incoming QEMU to use (none
@@ -22,37 +22,13 @@ use diskfmt::Provisioning;
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
-use super::config::{self, CONFIG_SIZE};
-use super::relocate::{remove_empty_folders, target_path};
-use super::{config_path, export_name, locate, VmSpec};
-use crate::agent::exports::{ExportSpec, Gate};
-use crate::agent::Agent;
-
-/// One disk's new home, as the source asks for it.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct NewDisk {
-    /// Datastore label (on the destination).
-    pub datastore: String,
-    /// `thin`, `lazy-thick` or `eager-thick`.
-    pub provisioning: String,
-    /// Bytes the source file has allocated (what a thin copy needs).
-    pub allocated: u64,
-}
-
-/// The storage half of a host + storage move.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct NewStorage {
-    /// Disks that move to new files, by disk name. The others stay on their (shared)
-    /// datastores and change owner as in a host-only move.
-    pub disks: BTreeMap<String, NewDisk>,
-    /// The definition's datastore after the move (label).
-    pub home: String,
-    /// The generation and slot of the definition the source runs from.
-    pub generation: u64,
-    pub slot: u64,
-}
+use super::paths::{remove_empty_folders, target_path};
+use crate::host::exports::{ExportSpec, Gate};
+use crate::host::Agent;
+use crate::vms::{config_path, export_name, locate};
+use crate::wire::NewStorage;
+use vm_glue::definition::{self, CONFIG_SIZE};
+use vm_glue::spec::VmSpec;
 
 /// What this host made for an incoming move.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -75,7 +51,7 @@ fn journal_path(agent: &Agent, vm: &str) -> PathBuf {
 }
 
 async fn save_journal(agent: &Agent, j: &Journal) -> Result<()> {
-    super::relocate::write_durably_async(journal_path(agent, &j.vm), j.clone()).await
+    crate::host::state::write_durably_async(journal_path(agent, &j.vm), j.clone()).await
 }
 
 /// The files made for an incoming move.
@@ -217,7 +193,7 @@ pub async fn prepare(agent: &Arc<Agent>, spec: &VmSpec, st: &NewStorage) -> Resu
             config,
         }),
         Err(e) => {
-            super::release_exports(agent, &exports).await;
+            crate::vms::release_exports(agent, &exports).await;
             discard(agent, &name).await;
             Err(e)
         }
@@ -230,9 +206,9 @@ pub async fn prepare(agent: &Arc<Agent>, spec: &VmSpec, st: &NewStorage) -> Resu
 pub async fn commit(agent: &Agent, f: &DsFile, spec: &VmSpec, st: &NewStorage) -> Result<()> {
     let j: Journal = read_journal(agent, &spec.name)?;
     let slot = if j.config.is_some() { 0 } else { 1 - st.slot };
-    if let Err(e) = config::write_at(f, spec, j.generation, slot).await {
+    if let Err(e) = definition::write_at(f, spec, j.generation, slot).await {
         // Never leave a half-committed definition behind: that slot is invalid again.
-        if let Err(e2) = config::invalidate(f, slot).await {
+        if let Err(e2) = definition::invalidate(f, slot).await {
             return Err(e
                 .context(format!("clearing the slot again failed too ({e2:#})"))
                 .context(InDoubt));
@@ -284,7 +260,7 @@ pub async fn discard(agent: &Agent, vm: &str) {
 /// datastore holds a definition of it that cannot be read.
 async fn committed(agent: &Agent, j: &Journal) -> Option<bool> {
     for m in &agent.members {
-        let path = super::config_path(&j.vm);
+        let path = crate::vms::config_path(&j.vm);
         if datastore::files::stat(&m.ds, &path).is_err() {
             continue;
         }
@@ -298,7 +274,7 @@ async fn committed(agent: &Agent, j: &Journal) -> Option<bool> {
         .await
         .expect("open task")
         {
-            Ok(f) => super::config::read_opt(&f, &format!("{}:{path}", m.label()))
+            Ok(f) => vm_glue::definition::read_opt(&f, &format!("{}:{path}", m.label()))
                 .await
                 .map(|_| ()),
             Err(e) => Err(e.into()),
@@ -372,13 +348,13 @@ pub async fn recover(agent: &Agent) -> Result<()> {
             j.vm
         );
         let exports_path = agent.exports_path();
-        let mut specs = crate::agent::exports::load(&exports_path)?;
+        let mut specs = crate::host::exports::load(&exports_path)?;
         specs.retain(|s| {
             !j.files
                 .iter()
                 .any(|(u, path)| s.datastore == *u && s.path == *path)
         });
-        crate::agent::exports::save(&exports_path, &specs)?;
+        crate::host::exports::save(&exports_path, &specs)?;
         drop_files(agent, &j).await;
     }
     Ok(())

@@ -6,7 +6,7 @@
 
 use std::path::Path;
 
-use super::spec::VmSpec;
+use crate::spec::VmSpec;
 
 /// How the VM's CPU runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

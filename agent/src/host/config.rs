@@ -210,7 +210,7 @@ impl Config {
             Profile::Test => 5,
         }));
         let accel = raw.accel.unwrap_or_else(|| "auto".into());
-        crate::vm::qemu::choose_accel(&accel).map_err(|e| field_err(file, "accel", e))?;
+        vm_glue::qemu::choose_accel(&accel).map_err(|e| field_err(file, "accel", e))?;
         Ok(Config {
             accel,
             qemu: raw.qemu.unwrap_or_else(|| "qemu-system-x86_64".into()),

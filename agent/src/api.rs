@@ -10,9 +10,9 @@ use diskfmt::Provisioning;
 use serde::Deserialize;
 use serde_json::{json, Value};
 
-use super::exports::{self, ExportSpec, Gate};
-use super::membership::Member;
-use super::{Agent, ExportEntry};
+use crate::host::exports::{self, ExportSpec, Gate};
+use crate::host::membership::Member;
+use crate::host::{Agent, ExportEntry};
 use crate::http::{self, Request, Response};
 
 /// An API error: status and message.
@@ -206,9 +206,9 @@ async fn route(agent: &Arc<Agent>, req: &Request, tcp: bool) -> ApiResult {
     let m = req.method.as_str();
     match (m, parts.as_slice()) {
         ("GET", ["v1", "host"]) => host(agent),
-        ("GET", ["v1", "hosts"]) => ok(hosts_json(agent)),
+        ("GET", ["v1", "hosts"]) => ok(json!(crate::host::hosts::hosts(agent))),
         ("POST", ["v1", "host", "leave"]) => {
-            super::leave(agent)
+            crate::host::leave::leave(agent)
                 .await
                 .map_err(|e| err(409, format!("{e:#}")))?;
             ok(
@@ -243,17 +243,19 @@ async fn route(agent: &Arc<Agent>, req: &Request, tcp: bool) -> ApiResult {
         ("DELETE", ["v1", "exports", name]) => remove_export(agent, name).await,
         ("POST", ["v1", "exports", name, "activate"]) => activate(agent, name).await,
         ("POST", ["v1", "exports", name, "deactivate"]) => deactivate(agent, name, req).await,
-        ("GET", ["v1", "vms"]) => ok(Value::Array(crate::vm::list(agent).await.map_err(any_err)?)),
+        ("GET", ["v1", "vms"]) => ok(Value::Array(
+            crate::vms::list(agent).await.map_err(any_err)?,
+        )),
         ("POST", ["v1", "vms"]) => {
-            let r: crate::vm::CreateReq = body(req)?;
-            let spec = crate::vm::create(agent, r).await.map_err(vm_err)?;
+            let r: crate::vms::CreateReq = body(req)?;
+            let spec = crate::vms::create(agent, r).await.map_err(vm_err)?;
             Ok(Response {
                 status: 201,
                 body: serde_json::to_value(spec).expect("json"),
             })
         }
         ("GET", ["v1", "vms", name]) => {
-            let all = crate::vm::list(agent).await.map_err(any_err)?;
+            let all = crate::vms::list(agent).await.map_err(any_err)?;
             all.into_iter()
                 .find(|v| v["name"] == *name)
                 .map(|v| Response {
@@ -263,7 +265,7 @@ async fn route(agent: &Arc<Agent>, req: &Request, tcp: bool) -> ApiResult {
                 .ok_or_else(|| err(404, format!("no VM named {name:?}")))
         }
         ("POST", ["v1", "vms", name, "start"]) => {
-            ok(crate::vm::start(agent, name).await.map_err(vm_err)?)
+            ok(crate::vms::start(agent, name).await.map_err(vm_err)?)
         }
         ("POST", ["v1", "vms", name, "stop"]) => {
             #[derive(Deserialize, Default)]
@@ -282,17 +284,17 @@ async fn route(agent: &Arc<Agent>, req: &Request, tcp: bool) -> ApiResult {
                 ));
             }
             let t = std::time::Duration::from_secs(t);
-            crate::vm::stop(agent, name, r.force, t)
+            crate::vms::stop(agent, name, r.force, t)
                 .await
                 .map_err(vm_err)?;
             ok(json!({"stopped": name}))
         }
         ("POST", ["v1", "vms", name, "relocate"]) => {
-            let r: crate::vm::relocate::RelocateReq = body(req)?;
+            let r: crate::relocation::RelocateReq = body(req)?;
             r.params()
                 .check()
                 .map_err(|e| err(400, format!("relocation of VM {name}: {e:#}")))?;
-            let task = crate::vm::relocate::start(agent, name, r)
+            let task = crate::relocation::start(agent, name, r)
                 .await
                 .map_err(vm_err)?;
             Ok(Response {
@@ -301,14 +303,14 @@ async fn route(agent: &Arc<Agent>, req: &Request, tcp: bool) -> ApiResult {
             })
         }
         ("POST", ["v1", "vms", name, "incoming"]) => {
-            let r: crate::vm::migrate::IncomingReq = body(req)?;
-            let inc = crate::vm::migrate::incoming(agent, name, r)
+            let r: crate::wire::IncomingReq = body(req)?;
+            let inc = crate::relocation::incoming::incoming(agent, name, r)
                 .await
                 .map_err(vm_err)?;
             ok(serde_json::to_value(inc).expect("json"))
         }
         ("POST", ["v1", "vms", name, "incoming", "finish"]) => {
-            let v = crate::vm::migrate::finish(agent, name)
+            let v = crate::relocation::incoming::finish(agent, name)
                 .await
                 .map_err(vm_err)?;
             // Test hook: the guest resumed here, but the source never hears of it.
@@ -327,14 +329,14 @@ async fn route(agent: &Arc<Agent>, req: &Request, tcp: bool) -> ApiResult {
                 attempt: Option<String>,
             }
             let r: AbortReq = body(req)?;
-            crate::vm::migrate::abort(agent, name, r.handback, r.attempt.as_deref())
+            crate::relocation::incoming::abort(agent, name, r.handback, r.attempt.as_deref())
                 .await
                 .map_err(vm_err)?;
             ok(json!({"aborted": name}))
         }
         ("POST", ["v1", "vms", _name, "check"]) => {
-            let r: crate::vm::migrate::IncomingReq = body(req)?;
-            crate::vm::migrate::check(agent, &r).map_err(vm_err)?;
+            let r: crate::wire::IncomingReq = body(req)?;
+            crate::relocation::incoming::check(agent, &r).map_err(vm_err)?;
             ok(json!({"ok": true}))
         }
         ("GET", ["v1", "vms", name, "console"]) => {
@@ -343,11 +345,11 @@ async fn route(agent: &Arc<Agent>, req: &Request, tcp: bool) -> ApiResult {
                 .and_then(|b| b.parse().ok())
                 .unwrap_or(64 << 10);
             let text =
-                crate::vm::console(agent, name, bytes).map_err(|e| err(404, format!("{e:#}")))?;
+                crate::vms::console(agent, name, bytes).map_err(|e| err(404, format!("{e:#}")))?;
             ok(json!({ "text": text }))
         }
         ("DELETE", ["v1", "vms", name]) => {
-            crate::vm::remove(agent, name).await.map_err(vm_err)?;
+            crate::vms::remove(agent, name).await.map_err(vm_err)?;
             ok(json!({ "removed": name }))
         }
         ("GET", ["v1", "tasks"]) => ok(Value::Array(
@@ -356,7 +358,7 @@ async fn route(agent: &Arc<Agent>, req: &Request, tcp: bool) -> ApiResult {
         ("GET", ["v1", "tasks", id]) => ok(task(agent, id)?.to_json()),
         ("POST", ["v1", "tasks", id, "resolve"]) => {
             let t = task(agent, id)?;
-            crate::vm::switchover::resolve(agent, &t)
+            crate::relocation::switchover::resolve(agent, &t)
                 .await
                 .map_err(|e| err(409, format!("{e:#}")))?;
             ok(t.to_json())
@@ -377,7 +379,7 @@ async fn route(agent: &Arc<Agent>, req: &Request, tcp: bool) -> ApiResult {
     }
 }
 
-fn task(agent: &Agent, id: &str) -> Result<Arc<crate::agent::tasks::Task>, ApiError> {
+fn task(agent: &Agent, id: &str) -> Result<Arc<crate::host::tasks::Task>, ApiError> {
     let id = task_id(id)?;
     agent
         .tasks
@@ -434,57 +436,6 @@ fn host(agent: &Agent) -> ApiResult {
         "nbd_address": agent.nbd_tcp_addr.lock().expect("addr").map(|a| a.to_string()),
         "datastores": dss,
     }))
-}
-
-fn liveness(l: Liveness) -> &'static str {
-    match l {
-        Liveness::Free => "free",
-        Liveness::Live => "live",
-        Liveness::Dead => "dead",
-        Liveness::Unknown => "unknown",
-    }
-}
-
-/// Every host any of our datastores knows, merged by name.
-pub fn hosts_json(agent: &Agent) -> Value {
-    let mut by_name: std::collections::BTreeMap<String, Value> = Default::default();
-    for m in &agent.members {
-        // Renewed while we watched: live. Not renewed for longer than two renewal
-        // intervals but not yet host_dead: stale (stopped, or a dead host we have not
-        // watched long enough to call dead).
-        let sb = m.ds.superblock();
-        let stale_after = (2 * sb.renew_interval() + sb.io_timeout()).as_millis() as u64;
-        for v in m.views() {
-            let Some(s) = &v.slot else { continue };
-            if v.liveness == Liveness::Free {
-                continue;
-            }
-            let entry = by_name.entry(s.name.clone()).or_insert_with(
-                || json!({"name": s.name, "address": s.address, "state": "dead", "datastores": []}),
-            );
-            let state = match liveness(v.liveness) {
-                "live" if v.unchanged_ms > stale_after => "stale",
-                l => l,
-            };
-            if state == "live" || entry["state"] == "dead" {
-                entry["state"] = json!(state);
-            }
-            if !s.address.is_empty() {
-                entry["address"] = json!(s.address);
-            }
-            entry["datastores"]
-                .as_array_mut()
-                .expect("array")
-                .push(json!({
-                    "datastore": m.label(),
-                    "host_id": v.host_id,
-                    "generation": s.host_generation,
-                    "state": state,
-                    "unchanged_ms": v.unchanged_ms,
-                }));
-        }
-    }
-    Value::Array(by_name.into_values().collect())
 }
 
 async fn datastore_json(m: &Arc<Member>) -> Result<Value, ApiError> {

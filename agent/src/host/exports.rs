@@ -687,7 +687,7 @@ pub fn load(path: &Path) -> Result<Vec<ExportSpec>> {
 
 /// Writes the export table (atomically).
 pub fn save(path: &Path, specs: &[ExportSpec]) -> Result<()> {
-    crate::agent::state::write_durably(path, &specs)
+    crate::host::state::write_durably(path, &specs)
 }
 
 #[cfg(test)]

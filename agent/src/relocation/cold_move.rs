@@ -20,14 +20,14 @@ use mirror::Mirror;
 use serde_json::{json, Value};
 use uuid::Uuid;
 
-use super::config::{self, Stored};
-use super::migrate::{Incoming, IncomingReq, Peer};
-use super::targets::NewStorage;
-use super::{config_path, export_name};
-use crate::agent::membership::Member;
-use crate::agent::tasks::Task;
-use crate::agent::Agent;
+use super::peer::Peer;
+use crate::host::membership::Member;
+use crate::host::tasks::Task;
+use crate::host::Agent;
+use crate::vms::{config_path, export_name};
+use crate::wire::{Incoming, IncomingReq, NewStorage};
 use nbd::NbdClient;
+use vm_glue::definition::{self, Stored};
 
 /// Whether this host sees every datastore `st` names (else the copy goes over NBD).
 pub fn sees_all(agent: &Agent, st: &NewStorage) -> bool {
@@ -116,7 +116,7 @@ pub(super) async fn run(
         let secret = agent.cfg.secret.clone().unwrap_or_default();
         for (d, src) in &sources {
             let e = export_name(&name, &d.name);
-            let c = NbdClient::connect_tcp(&addr, &crate::agent::exports::tcp_name(&secret, &e))
+            let c = NbdClient::connect_tcp(&addr, &crate::host::exports::tcp_name(&secret, &e))
                 .await
                 .with_context(|| {
                     format!(
@@ -139,7 +139,7 @@ pub(super) async fn run(
             .iter()
             .map(|(d, m)| (format!("disk {d}"), Arc::clone(m)))
             .collect();
-        super::migrate::wait_in_sync(task, &labelled, &peer.name, None).await?;
+        super::sync::wait_in_sync(task, &labelled, &peer.name, None).await?;
         // Everything is there: the new files are flushed.
         let mut pivots = Vec::new();
         for (_, m) in &mirrors {
@@ -178,8 +178,9 @@ pub(super) async fn run(
     } else {
         new_spec.clone()
     };
-    if let Err(e) = config::write_at(&cfg, &here, stored.generation + 1, 1 - stored.slot).await {
-        let _ = config::invalidate(&cfg, 1 - stored.slot).await;
+    if let Err(e) = definition::write_at(&cfg, &here, stored.generation + 1, 1 - stored.slot).await
+    {
+        let _ = definition::invalidate(&cfg, 1 - stored.slot).await;
         drop(pivots);
         abort(&peer, &name, &attempt).await;
         close_all(sources, cfg).await;
@@ -227,7 +228,7 @@ pub(super) async fn run(
                             peer.name, st.home
                         )));
                     }
-                    let _ = config::invalidate(&cfg, 1 - stored.slot).await;
+                    let _ = definition::invalidate(&cfg, 1 - stored.slot).await;
                     drop(pivots);
                     close_all(sources, cfg).await;
                     return Err(e.context(format!("VM {name} stays where it was")));
@@ -284,7 +285,7 @@ pub(super) async fn run(
             }
         }
     }
-    super::relocate::remove_empty_folders(agent, &name).await;
+    super::paths::remove_empty_folders(agent, &name).await;
     Ok(json!({
         "vm": name,
         "running": false,
@@ -318,7 +319,8 @@ async fn committed_there(
         .await
     {
         Ok(v) => {
-            let disks: Vec<super::spec::Disk> = serde_json::from_value(v["disks"].clone()).ok()?;
+            let disks: Vec<vm_glue::spec::Disk> =
+                serde_json::from_value(v["disks"].clone()).ok()?;
             Some(
                 v["datastore"] == home
                     && !disks
@@ -342,12 +344,12 @@ async fn abort(peer: &Peer, name: &str, attempt: &str) {
         tracing::warn!(
             "VM {name}: the destination did not clean up yet: {e:#}; retrying in the background"
         );
-        super::migrate::retry_abort(peer, name, body);
+        super::peer::retry_abort(peer, name, body);
     }
 }
 
 async fn close_all(
-    sources: Vec<(super::spec::Disk, Arc<datastore::files::DsFile>)>,
+    sources: Vec<(vm_glue::spec::Disk, Arc<datastore::files::DsFile>)>,
     cfg: datastore::files::DsFile,
 ) {
     for (_, f) in sources {

@@ -10,7 +10,7 @@
 //!
 //! The record `state_dir/switchover/VM.json` is written durably before the switchover
 //! starts and removed once the outcome is known, so an agent restart in between still
-//! settles it. The destination's half: [`super::migrate::finish`] marks the attempt
+//! settles it. The destination's half: [`super::incoming::finish`] marks the attempt
 //! resumed under its VM table's lock before the guest can run there, and refuses aborts
 //! of it from then on.
 
@@ -25,10 +25,10 @@ use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use uuid::Uuid;
 
-use super::config_path;
-use crate::agent::tasks::Task;
-use crate::agent::Agent;
-use crate::qmp::Qmp;
+use crate::host::tasks::Task;
+use crate::host::Agent;
+use crate::vms::config_path;
+use vm_glue::qmp::Qmp;
 
 /// What the source must remember while the outcome is open.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -67,11 +67,11 @@ fn path(agent: &Agent, vm: &str) -> PathBuf {
 }
 
 pub(super) async fn save(agent: &Agent, s: Switchover) -> Result<()> {
-    crate::agent::state::write_durably_async(path(agent, &s.vm), s).await
+    crate::host::state::write_durably_async(path(agent, &s.vm), s).await
 }
 
 pub(super) async fn forget(agent: &Agent, vm: &str) {
-    super::relocate::remove_durably_async(path(agent, vm)).await
+    crate::host::state::remove_durably_async(path(agent, vm)).await
 }
 
 /// Whether VM `vm`'s relocation from here is in doubt.
@@ -86,7 +86,7 @@ fn load(agent: &Agent, vm: &str) -> Option<Switchover> {
 
 /// Asks the destination, once, to abort this attempt.
 pub(super) async fn ask(agent: &Agent, s: &Switchover) -> Outcome {
-    let peer = match super::migrate::peer(agent, &s.host) {
+    let peer = match super::peer::peer(agent, &s.host) {
         Ok(p) => p,
         Err(e) => return Outcome::Unknown(format!("{e:#}")),
     };
@@ -144,7 +144,7 @@ pub(super) async fn apply(agent: &Arc<Agent>, s: &Switchover, outcome: &Outcome)
         Outcome::StaysHere => {
             take_back(agent, qmp.as_ref(), &s.vm, &s.home, &s.exports, s.config).await;
             // A host + storage move's old files stay the disks.
-            super::migrate::forget_leaving(agent, &s.vm).await;
+            super::leaving::forget_leaving(agent, &s.vm).await;
             format!(
                 "host {} confirmed it never ran VM {}: it resumed here",
                 s.host, s.vm
@@ -154,7 +154,7 @@ pub(super) async fn apply(agent: &Arc<Agent>, s: &Switchover, outcome: &Outcome)
             if let Some(q) = &qmp {
                 let _ = q.execute_within("quit", None, Duration::from_secs(5)).await;
             }
-            super::migrate::settle_leaving(agent, &s.vm).await;
+            super::leaving::settle_leaving(agent, &s.vm).await;
             format!("VM {} runs on host {}; its QEMU here quit", s.vm, s.host)
         }
         Outcome::Unknown(e) => return Err(anyhow!("{e}")),
@@ -315,6 +315,38 @@ pub fn recover(agent: &Arc<Agent>) {
                         tokio::time::sleep(Duration::from_secs(5)).await;
                     }
                 }
+            }
+        });
+    }
+}
+
+/// Settles host + storage moves an earlier agent process left (after the exports were
+/// restored): a confirmed commit deletes the old files at once; otherwise the committed
+/// definition decides ([`super::leaving::settle_leaving`]), read again until it can be. A
+/// move whose switchover is still in doubt is left to [`recover`].
+pub fn recover_leaving(agent: &Arc<Agent>) {
+    let Ok(rd) = std::fs::read_dir(agent.cfg.state_dir.join("leaving")) else {
+        return;
+    };
+    for e in rd.flatten() {
+        let Some(l) = std::fs::read(e.path())
+            .ok()
+            .and_then(|b| serde_json::from_slice::<super::leaving::Leaving>(&b).ok())
+        else {
+            let _ = std::fs::remove_file(e.path());
+            continue;
+        };
+        let a = Arc::clone(agent);
+        tokio::spawn(async move {
+            for _ in 0..360 {
+                if in_doubt(&a, &l.vm) {
+                    return;
+                }
+                super::leaving::settle_leaving(&a, &l.vm).await;
+                if !super::leaving::leaving_path(&a, &l.vm).exists() {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_secs(5)).await;
             }
         });
     }

@@ -17,9 +17,9 @@
 //! are the disks and hold everything; from the commit the new ones hold everything the
 //! old ones did (all in sync and flushed, guest I/O held).
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
@@ -31,12 +31,14 @@ use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use uuid::Uuid;
 
-use super::config::{self, Stored, CONFIG_SIZE};
-use super::{config_path, export_name, locate, VmSpec};
-use crate::agent::exports::ExportSpec;
-use crate::agent::membership::Member;
-use crate::agent::tasks::Task;
-use crate::agent::Agent;
+use super::paths::{check_disk_names, remove_empty_folders, target_path};
+use crate::host::exports::ExportSpec;
+use crate::host::membership::Member;
+use crate::host::tasks::Task;
+use crate::host::Agent;
+use crate::vms::{config_path, export_name, locate};
+use vm_glue::definition::{self, Stored, CONFIG_SIZE};
+use vm_glue::spec::VmSpec;
 
 /// What `POST /v1/vms/NAME/relocate` asks for.
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -51,7 +53,7 @@ pub struct RelocateReq {
     pub disk_format: Option<String>,
     /// Bulk copy rate limit in bytes/s.
     pub speed: Option<u64>,
-    /// Another host: live host relocation ([`super::migrate`]).
+    /// Another host: live host relocation ([`super::host_move`]).
     pub host: Option<String>,
     /// Host relocation: longest acceptable guest stop at switchover (ms).
     pub downtime_ms: Option<u64>,
@@ -65,8 +67,8 @@ pub struct RelocateReq {
 
 impl RelocateReq {
     /// The host relocation's settings.
-    pub fn params(&self) -> super::migrate::MigrateParams {
-        super::migrate::MigrateParams {
+    pub fn params(&self) -> crate::wire::MigrateParams {
+        crate::wire::MigrateParams {
             downtime_ms: self.downtime_ms,
             bandwidth: self.bandwidth,
             multifd_channels: self.multifd_channels,
@@ -98,16 +100,6 @@ struct Journal {
     moves: Vec<DiskMove>,
 }
 
-/// Relocations running in this agent process (one per VM at a time).
-static BUSY: Mutex<BTreeSet<String>> = Mutex::new(BTreeSet::new());
-
-struct BusyGuard(String);
-impl Drop for BusyGuard {
-    fn drop(&mut self) {
-        BUSY.lock().expect("busy").remove(&self.0);
-    }
-}
-
 /// Test hooks ([`datastore::failpoint`]): `pivot-before-config`, `pivot-after-config`,
 /// `pivot-after-switch` kill the agent (SIGKILL) at that pivot step; `mirror-freeze`
 /// freezes the bulk copiers once every disk is ready and holds the pivot until
@@ -131,45 +123,12 @@ async fn save_journal(agent: &Agent, j: &Journal) -> Result<()> {
     write_durably_async(journal_path(agent, &j.vm), j.clone()).await
 }
 
-pub(super) use crate::agent::state::{remove_durably_async, write_durably_async};
+use crate::host::state::write_durably_async;
 
 fn member(agent: &Agent, u: &Uuid) -> Result<Arc<Member>> {
     agent
         .member_by_uuid(u)
         .ok_or_else(|| anyhow!("datastore {u} is not configured on this host"))
-}
-
-/// A free path for `disk` of `vm` in `m` (never the source's own path).
-pub(super) fn target_path(m: &Member, vm: &str, disk: &str, avoid: Option<&str>) -> String {
-    let plain = format!("/{vm}/{disk}");
-    if Some(plain.as_str()) != avoid && datastore::files::stat(&m.ds, &plain).is_err() {
-        return plain;
-    }
-    loop {
-        let p = format!("/{vm}/{disk}-{}", &Uuid::new_v4().simple().to_string()[..8]);
-        if datastore::files::stat(&m.ds, &p).is_err() {
-            return p;
-        }
-    }
-}
-
-/// Refuses disk names `spec` does not have.
-pub(super) fn check_disk_names<'a>(
-    name: &str,
-    spec: &VmSpec,
-    mut asked: impl Iterator<Item = &'a String>,
-) -> Result<()> {
-    if let Some(d) = asked.find(|d| !spec.disks.iter().any(|x| &x.name == *d)) {
-        bail!(
-            "VM {name} has no disk {d:?} (its disks: {})",
-            spec.disks
-                .iter()
-                .map(|x| x.name.as_str())
-                .collect::<Vec<_>>()
-                .join(", ")
-        );
-    }
-    Ok(())
 }
 
 /// Validates a request and works out what moves where.
@@ -306,36 +265,14 @@ async fn plan(
     Ok((home, stored, j))
 }
 
-/// Checks a request and starts the relocation as a task; returns the task.
-pub async fn start(agent: &Arc<Agent>, name: &str, r: RelocateReq) -> Result<Arc<Task>> {
-    let params = r.params();
-    params
-        .check()
-        .map_err(|e| anyhow!("relocation of VM {name}: {e:#}"))?;
-    {
-        let mut busy = BUSY.lock().expect("busy");
-        if !busy.insert(name.to_string()) {
-            bail!("VM {name} is already being relocated; wait for that task or cancel it");
-        }
-    }
-    let guard = BusyGuard(name.to_string());
-    if let Some(h) = r.host.as_ref().filter(|h| **h != agent.cfg.host) {
-        let storage = super::migrate::StorageReq {
-            datastore: r.datastore.clone(),
-            disks: r.disks.clone(),
-            disk_format: r.disk_format.clone(),
-            speed: r.speed,
-        };
-        let task = super::migrate::start(agent, name, h, params, storage).await?;
-        let t = Arc::clone(&task);
-        tokio::spawn(async move {
-            let _guard = guard;
-            while t.state() == crate::agent::tasks::TaskState::Running {
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-        });
-        return Ok(task);
-    }
+/// Starts a relocation that keeps the VM on this host as a task; `guard` is held until
+/// it ends.
+pub(super) async fn start(
+    agent: &Arc<Agent>,
+    name: &str,
+    r: RelocateReq,
+    guard: impl Send + 'static,
+) -> Result<Arc<Task>> {
     let (home, stored, j) = plan(agent, name, &r).await?;
     let task = agent.tasks.start("relocate-vm", name, true);
     let total: u64 = j.moves.iter().map(|m| m.size).sum();
@@ -730,18 +667,18 @@ async fn commit_config(
     new_cfg: Option<&DsFile>,
 ) -> Result<()> {
     if let Some(f) = new_cfg {
-        config::write_at(f, spec, j.generation, 0).await?;
+        definition::write_at(f, spec, j.generation, 0).await?;
         return landed_then_failed();
     }
     let vms = agent.vms.lock().await;
     let f = open_config(&vms, name, cold_cfg)?;
-    config::write_at(f, spec, j.generation, 1 - stored.slot).await?;
+    definition::write_at(f, spec, j.generation, 1 - stored.slot).await?;
     landed_then_failed()
 }
 
 /// The VM's open `vm.toml`: the running VM's, else the one a powered-off move opened.
 fn open_config<'a>(
-    vms: &'a BTreeMap<String, super::RunningVm>,
+    vms: &'a BTreeMap<String, crate::host::RunningVm>,
     name: &str,
     cold_cfg: Option<&'a DsFile>,
 ) -> Result<&'a DsFile> {
@@ -771,10 +708,10 @@ async fn uncommit_config(
     new_cfg: Option<&DsFile>,
 ) -> Result<()> {
     if let Some(f) = new_cfg {
-        return config::invalidate(f, 0).await;
+        return definition::invalidate(f, 0).await;
     }
     let vms = agent.vms.lock().await;
-    config::invalidate(open_config(&vms, name, cold_cfg)?, 1 - stored.slot).await
+    definition::invalidate(open_config(&vms, name, cold_cfg)?, 1 - stored.slot).await
 }
 
 /// Undoes a relocation that did not commit: mirrors stopped, new files deleted.
@@ -832,13 +769,6 @@ async fn undo(agent: &Agent, name: &str, moving: Vec<Moving>, j: &Journal) {
     let _ = std::fs::remove_file(journal_path(agent, name));
 }
 
-/// Removes the VM's folder on datastores where it is now empty.
-pub(super) async fn remove_empty_folders(agent: &Agent, name: &str) {
-    for m in &agent.members {
-        let _ = m.session.remove(&format!("/{name}")).await;
-    }
-}
-
 /// Settles relocations an earlier agent process left unfinished (see the module docs).
 /// Runs before the exports are restored, and fixes their table.
 pub async fn recover(agent: &Agent) -> Result<()> {
@@ -884,7 +814,7 @@ pub async fn recover(agent: &Agent) -> Result<()> {
             }
         );
         // Point the disk exports at the files the definition names.
-        let mut specs = crate::agent::exports::load(&exports_path)?;
+        let mut specs = crate::host::exports::load(&exports_path)?;
         for mv in &j.moves {
             let ename = export_name(&name, &mv.disk);
             for s in specs.iter_mut().filter(|s| s.name == ename) {
@@ -895,7 +825,7 @@ pub async fn recover(agent: &Agent) -> Result<()> {
                 };
             }
         }
-        crate::agent::exports::save(&exports_path, &specs)?;
+        crate::host::exports::save(&exports_path, &specs)?;
         // Delete the side that lost.
         for mv in &j.moves {
             let (ds, path) = if forward {

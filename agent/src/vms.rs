@@ -8,15 +8,6 @@
 //! releases everything. QEMU outlives an agent restart: the next agent process finds it
 //! by its pid file and watches it again.
 
-pub mod cold_move;
-pub mod config;
-pub mod migrate;
-pub mod qemu;
-pub mod relocate;
-pub mod spec;
-pub mod switchover;
-pub mod targets;
-
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -27,34 +18,14 @@ use datastore::files::DsFile;
 use datastore::LockMode;
 use serde_json::{json, Value};
 
-use crate::agent::exports::{ExportSpec, Gate};
-use crate::agent::membership::Member;
-use crate::agent::Agent;
-use crate::qmp::Qmp;
-use spec::VmSpec;
+use crate::host::exports::{ExportSpec, Gate};
+use crate::host::membership::Member;
+use crate::host::{Agent, RunningVm};
+use vm_glue::qemu;
+use vm_glue::qmp::Qmp;
+use vm_glue::spec::VmSpec;
 
-use config::{Stored, CONFIG_SIZE};
-
-/// A VM running on this host.
-#[derive(Debug)]
-pub struct RunningVm {
-    pub spec: VmSpec,
-    /// The datastore holding its definition.
-    pub datastore: String,
-    pub pid: u32,
-    pub qmp: Option<Arc<Qmp>>,
-    pub exports: Vec<String>,
-    pub cgroup: PathBuf,
-    pub accel: &'static str,
-    /// `vm.toml`, open with its exclusive lock while the VM runs.
-    pub(crate) config: Option<DsFile>,
-    /// QEMU waits for an incoming migration (this host does not run the VM yet).
-    pub incoming: bool,
-    /// An incoming host + storage move: where the disks and the definition go.
-    pub(crate) storage: Option<targets::NewStorage>,
-    /// The incoming move's attempt id (aborts naming another attempt are ignored).
-    pub(crate) attempt: Option<String>,
-}
+use vm_glue::definition::{self, Stored, CONFIG_SIZE};
 
 /// The definition's path in its datastore.
 pub fn config_path(name: &str) -> String {
@@ -72,7 +43,7 @@ pub async fn read_stored(m: &Member, name: &str) -> Result<Stored> {
     let f = tokio::task::spawn_blocking(move || DsFile::open_readonly(&dev, &path))
         .await
         .expect("open task")?;
-    config::read(&f, &format!("{}:{}", m.label(), config_path(name))).await
+    definition::read(&f, &format!("{}:{}", m.label(), config_path(name))).await
 }
 
 /// Reads a definition's VM spec without a lock.
@@ -178,7 +149,7 @@ pub async fn create(agent: &Agent, r: CreateReq) -> Result<VmSpec> {
     }
     let mut disks = Vec::new();
     for (i, d) in r.disks.iter().enumerate() {
-        disks.push(spec::Disk {
+        disks.push(vm_glue::spec::Disk {
             name: format!("disk{i}"),
             datastore: d.datastore.clone().unwrap_or_else(|| r.datastore.clone()),
             path: format!("/{}/disk{i}", r.name),
@@ -193,7 +164,7 @@ pub async fn create(agent: &Agent, r: CreateReq) -> Result<VmSpec> {
         vcpus: r.vcpus,
         machine: r.machine.unwrap_or_else(|| "pc-q35-7.2".into()),
         cpu: r.cpu.unwrap_or_else(|| "qemu64".into()),
-        boot: spec::Boot {
+        boot: vm_glue::spec::Boot {
             kernel: r.kernel,
             initrd: r.initrd,
             append: r.append,
@@ -203,7 +174,7 @@ pub async fn create(agent: &Agent, r: CreateReq) -> Result<VmSpec> {
         nics: r
             .nics
             .into_iter()
-            .map(|n| spec::Nic {
+            .map(|n| vm_glue::spec::Nic {
                 mac: n.mac.unwrap_or_else(random_mac),
                 bridge: n.bridge,
             })
@@ -254,7 +225,7 @@ pub async fn create(agent: &Agent, r: CreateReq) -> Result<VmSpec> {
             )
             .await?;
         made.push((Arc::clone(&home), config_path(&spec.name)));
-        let w = config::write_next(&f, &spec, None).await;
+        let w = definition::write_next(&f, &spec, None).await;
         f.close().await?;
         w.map(|_| ())
     }
