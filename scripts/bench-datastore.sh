@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Benchmark of datastore files (Step 3) against the raw loop device beneath a datastore,
+# Benchmark of datastore files against the raw loop device beneath a datastore,
 # through the same harness (tests/src/bin/dsbench.rs), and a sparse qcow2 import against
 # `qemu-img convert` to a raw file on the same file system:
 #   scripts/bench-datastore.sh [RUNS] [DIR]

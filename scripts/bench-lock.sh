@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Benchmark of the datastore's locking (Step 2), on a loop device, test profile:
+# Benchmark of the datastore's locking, on a loop device, test profile:
 #   scripts/bench-lock.sh [RUNS]
 # - uncontended lock acquire + release (median of 200), and join time (median of RUNS);
 # - kill -9 of a lock holder → another host holding the lock (median of RUNS).

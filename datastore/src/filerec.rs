@@ -1,4 +1,4 @@
-//! The records of files, space and the journal (Step 3): file descriptors, pointer
+//! The records of files, space and the journal: file descriptors, pointer
 //! records (block maps), resource cluster bitmaps and inboxes, and journal headers.
 //!
 //! Same frame as every record (`format`): magic, version, generation, datastore uuid,

@@ -1,6 +1,6 @@
 //! nbdserve: serves one raw image or block device over ferry's NBD server on a unix
 //! socket, until killed. `nbdserve PATH SOCKET NAME`. Used by scripts/bench-nbd.sh to
-//! compare with `qemu-nbd` on the same device (the agent, Step 4, serves for real).
+//! compare with `qemu-nbd` on the same device (the agent serves datastore files the same way).
 
 use std::sync::Arc;
 
