@@ -10,15 +10,17 @@
 //!
 //! Points (by crate): datastore `journal-written`, `apply-partial`, `applied` (crash at
 //! that journal step), setting `renew-delay-ms` (every heartbeat write that much slower
-//! once joined), `unsafe-no-fence` (watchdogs only report); vm-glue
+//! once joined), `unsafe-no-fence` (watchdogs only report); agent
 //! `migrate-after-handoff`, `both-after-commit`, `pivot-before-config`,
 //! `pivot-after-config`, `pivot-after-switch`, `mirror-freeze`, `switchover-hold-finish`
 //! (the source holds its finish call until `run_dir/switchover.go` exists),
 //! `finish-reply-lost` (the destination resumes but answers with an error),
 //! `incoming-prepare-hold` (the destination holds before making a move's files until
-//! `run_dir/prepare.go` exists), `commit-lands-then-fails`; settings
-//! `finish-window-s`, `settle-window-s` (how long the source waits for the
-//! destination's finish, and keeps asking it after a failed switchover).
+//! `run_dir/prepare.go` exists), `commit-lands-then-fails`, `cold-finish-hold` (a
+//! powered-off move's destination holds its commit); settings `finish-window-s`,
+//! `settle-window-s` (how long the source waits for the destination's finish, and keeps
+//! asking it after a failed switchover), `pivot-flush-fails=N` (a storage move's N-th
+//! disk's new file fails its flushes from the pivot on).
 
 use std::sync::OnceLock;
 

@@ -1,7 +1,8 @@
 //! Storage relocation (Storage vMotion) through the agent: a running test guest moved
 //! between datastores with every acknowledged write checked, the frozen-copier rule on
-//! the real target file, an agent killed at each pivot step, and powered-off moves with
-//! format conversion, per-disk destinations and clear refusals.
+//! the real target file, an agent killed at each pivot step, a pivot during which one
+//! disk's new file fails, and powered-off moves with format conversion, per-disk
+//! destinations and clear refusals.
 
 use std::path::Path;
 use std::process::Command;
@@ -316,6 +317,83 @@ fn an_agent_killed_at_each_pivot_step_restarts_the_vm_on_the_right_disk() {
     eprintln!(
         "{} acknowledged writes across three agent kills; longest gap {} ms",
         r.acked, r.longest_gap_ms
+    );
+    assert!(r.ok(), "{:?}", r.errors);
+}
+
+/// A pivot during which one disk's new file fails (its flush, with guest I/O held on
+/// both disks): the move fails as a whole, both disks stay on their old files with the
+/// same QEMU, the new files go, and a later move of the same VM works and loses nothing.
+#[test]
+fn a_pivot_during_which_one_disks_mirror_fails_leaves_every_disk_on_its_source() {
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let mut bed = AgentBed::with_datastores(1, &["ds0", "ds1"], 256);
+    bed.env[0] = vec![("FERRY_FAILPOINTS".into(), "pivot-flush-fails=2".into())];
+    bed.start(0);
+    let g = ferry_tests::agents::guest_dir();
+    let (s, v) = bed.call(
+        0,
+        "POST",
+        "/v1/vms",
+        Some(json!({
+            "name": "vm4", "datastore": "ds0", "memory_mib": 128, "vcpus": 1,
+            "kernel": g.join("vmlinuz"), "initrd": g.join("initramfs.img"),
+            "append": "console=ttyS0 quiet panic=-1 ferry.seconds=0 ferry.region_mib=16",
+            "disks": [{"size": 32 << 20, "provisioning": "thin"},
+                      {"size": 8 << 20, "provisioning": "thin"}],
+            "nics": [],
+        })),
+    );
+    assert_eq!(s, 201, "{v}");
+    let pid = bed.call_ok(0, "POST", "/v1/vms/vm4/start", None)["pid"].clone();
+    wait_writes(&bed, 0, "vm4", 30);
+
+    let id = relocate(&bed, 0, "vm4", json!({"datastore": "ds1"}));
+    let t = wait_task(&bed, 0, id, Duration::from_secs(120));
+    assert_eq!(t["state"], "failed", "{t}\n{}", bed.log(0));
+    let e = t["error"].as_str().unwrap_or("");
+    assert!(
+        e.contains("before the pivot failed") && e.contains("stays on its current disks"),
+        "{t}"
+    );
+    assert!(
+        bed.log(0).contains("failpoint pivot-flush-fails"),
+        "{}",
+        bed.log(0)
+    );
+    let vm = bed.call_ok(0, "GET", "/v1/vms/vm4", None);
+    assert_eq!(vm["pid"], pid, "{vm}");
+    assert_eq!(vm["state"], "running", "{vm}");
+    for d in 0..2 {
+        assert_eq!(vm["disks"][d]["datastore"], "ds0", "{vm}");
+        let path = format!("/vm4/disk{d}");
+        let t0 = Instant::now();
+        while stat(&bed, 0, "ds1", &path).0 != 404 {
+            assert!(t0.elapsed() < Duration::from_secs(30), "{path} left on ds1");
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+    // The guest goes on writing to its old disks, and after a restart without the
+    // fault the same VM moves.
+    wait_writes(&bed, 0, "vm4", writes_so_far(&bed, 0, "vm4") + 20);
+    bed.signal(0, nix::sys::signal::Signal::SIGTERM);
+    bed.env[0].clear();
+    bed.start(0);
+    let id = relocate(&bed, 0, "vm4", json!({"datastore": "ds1"}));
+    let t = wait_task(&bed, 0, id, Duration::from_secs(120));
+    assert_eq!(t["state"], "done", "{t}\n{}", bed.log(0));
+    let vm = bed.call_ok(0, "GET", "/v1/vms/vm4", None);
+    assert_eq!(vm["pid"], pid, "{vm}");
+    assert_eq!(vm["disks"][0]["datastore"], "ds1", "{vm}");
+    assert_eq!(vm["disks"][1]["datastore"], "ds1", "{vm}");
+    wait_writes(&bed, 0, "vm4", writes_so_far(&bed, 0, "vm4") + 20);
+    bed.call_ok(0, "POST", "/v1/vms/vm4/stop", Some(json!({"force": true})));
+    let path = vm["disks"][0]["path"].as_str().unwrap().to_string();
+    let acked = acked_of_run(&bed, 0, "vm4");
+    let r = verify(&bed, 0, "ds1", &path, &acked, &[]);
+    eprintln!(
+        "{} acknowledged writes across a failed and a good move",
+        r.acked
     );
     assert!(r.ok(), "{:?}", r.errors);
 }

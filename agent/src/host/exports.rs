@@ -410,11 +410,17 @@ impl Gate {
 
     /// Starts mirroring the export's file to `target` (a new file on some datastore,
     /// open with its exclusive lock); guest I/O goes through the mirror from now on.
-    pub async fn start_mirror(&self, target: DsFile, opts: mirror::Options) -> Result<Arc<Mirror>> {
+    /// The mirror writes to `through(target)`: the file itself, or a test hook's wrapper.
+    pub async fn start_mirror(
+        &self,
+        target: DsFile,
+        opts: mirror::Options,
+        through: impl FnOnce(Arc<dyn BlockDev>) -> Arc<dyn BlockDev>,
+    ) -> Result<Arc<Mirror>> {
         let target = Arc::new(target);
         match self
             .begin_mirror(
-                Arc::clone(&target) as Arc<dyn BlockDev>,
+                through(Arc::clone(&target) as Arc<dyn BlockDev>),
                 Some(target.clone()),
                 opts,
             )

@@ -11,6 +11,7 @@
 
 pub mod cold_move;
 pub mod decide;
+mod fault;
 pub mod host_move;
 pub mod incoming;
 pub mod leaving;

@@ -103,7 +103,8 @@ struct Journal {
 /// Test hooks ([`datastore::failpoint`]): `pivot-before-config`, `pivot-after-config`,
 /// `pivot-after-switch` kill the agent (SIGKILL) at that pivot step; `mirror-freeze`
 /// freezes the bulk copiers once every disk is ready and holds the pivot until
-/// `run_dir/relocations/<vm>.go` exists.
+/// `run_dir/relocations/<vm>.go` exists; `pivot-flush-fails=N` fails the N-th disk's new
+/// file from the pivot on ([`super::fault`]).
 fn crash_at(name: &str) {
     if datastore::failpoint::fires(name) {
         tracing::warn!("failpoint {name}: killing the agent");
@@ -339,11 +340,13 @@ async fn run(
     // The definition's new file, made now (empty: not yet a definition) so that the
     // pivot only writes and flushes it.
     let mut new_cfg: Option<DsFile> = None;
+    // Test hooks that fail a disk's new file once the pivot begins ([`super::fault`]).
+    let mut faults = Vec::new();
     let out = async {
         if j.config_to != j.config_from {
             new_cfg = Some(create_config(agent, &name, &j).await?);
         }
-        for mv in &j.moves {
+        for (i, mv) in j.moves.iter().enumerate() {
             let to = member(agent, &mv.to_ds)?;
             let s = Arc::clone(&to.session);
             let folder = format!("/{name}");
@@ -365,7 +368,14 @@ async fn run(
                     })?;
                     Arc::clone(&e.gate)
                 };
-                let m = gate.start_mirror(target, opts).await?;
+                let m = match super::fault::for_disk(i) {
+                    None => gate.start_mirror(target, opts, |dev| dev).await?,
+                    Some(armed) => {
+                        faults.push(Arc::clone(&armed));
+                        let wrap = move |dev| super::fault::wrap(dev, armed);
+                        gate.start_mirror(target, opts, wrap).await?
+                    }
+                };
                 moving.push(Moving {
                     mv: mv.clone(),
                     mirror: Arc::clone(&m),
@@ -468,6 +478,9 @@ async fn run(
     let mirrors: Vec<Arc<mirror::Mirror>> =
         moving.iter().map(|mv| Arc::clone(&mv.mirror)).collect();
     let pause0 = Instant::now();
+    for f in &faults {
+        f.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
     let prepared = mirror::prepare_pivots(&mirrors, Duration::from_secs(10)).await;
     // (Only the pivots may keep the mirrors: each export must hold the last reference
     // to its mirror when it switches files.)
