@@ -62,15 +62,7 @@ pub async fn locate(agent: &Agent, name: &str) -> Option<(Arc<Member>, Stored)> 
         }
         match read_stored(m, name).await {
             Ok(st) => {
-                // (At equal generations the moved definition wins over the tombstone
-                // left where it was.)
-                let newer = |b: &Stored| {
-                    st.generation > b.generation
-                        || (st.generation == b.generation
-                            && b.spec.moved_to.is_some()
-                            && st.spec.moved_to.is_none())
-                };
-                if best.as_ref().is_none_or(|(_, b)| newer(b)) {
+                if best.as_ref().is_none_or(|(_, b)| st.supersedes(b)) {
                     best = Some((Arc::clone(m), st));
                 }
             }

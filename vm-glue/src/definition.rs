@@ -29,6 +29,19 @@ pub struct Stored {
     pub slot: u64,
 }
 
+impl Stored {
+    /// Whether this copy of a definition is the VM rather than `other`, another copy of
+    /// the same VM on another datastore (left by a move interrupted at its commit): the
+    /// higher generation wins; at equal generations the moved definition wins over the
+    /// tombstone left where it was.
+    pub fn supersedes(&self, other: &Stored) -> bool {
+        self.generation > other.generation
+            || (self.generation == other.generation
+                && other.spec.moved_to.is_some()
+                && self.spec.moved_to.is_none())
+    }
+}
+
 fn encode(spec: &VmSpec, generation: u64) -> Result<Vec<u8>> {
     let text = spec.to_toml();
     let header = format!(
@@ -144,5 +157,28 @@ mod tests {
         assert_eq!(decode(b"name = \"a\"\n\0\0", 0).unwrap().0, 0);
         assert!(decode(b"name = \"a\"\n\0\0", 1).is_none());
         assert!(decode(&[0u8; 64], 0).is_none());
+    }
+
+    #[test]
+    fn the_newest_copy_wins_and_a_moved_copy_wins_a_tie_with_its_tombstone() {
+        let at = |generation, moved_to: Option<&str>| {
+            let mut spec = crate::spec::tests::spec();
+            spec.moved_to = moved_to.map(str::to_string);
+            Stored {
+                spec,
+                generation,
+                slot: 0,
+            }
+        };
+        let (old, new) = (at(4, None), at(5, None));
+        assert!(new.supersedes(&old) && !old.supersedes(&new));
+        // A tombstone at the generation of the definition it points to loses to it.
+        let (tomb, moved) = (at(5, Some("ds1")), at(5, None));
+        assert!(moved.supersedes(&tomb) && !tomb.supersedes(&moved));
+        // A higher generation wins whatever it holds: a tombstone written after a copy.
+        let tomb6 = at(6, Some("ds1"));
+        assert!(tomb6.supersedes(&moved) && !moved.supersedes(&tomb6));
+        // Equal copies: neither supersedes the other (the first one found stays).
+        assert!(!new.supersedes(&at(5, None)));
     }
 }
