@@ -104,7 +104,9 @@ fn a_running_vm_moves_live_to_another_host_and_loses_nothing() {
         !std::path::Path::new(&format!("/proc/{pid0}")).exists(),
         "the source QEMU still runs"
     );
-    wait_writes(&bed, 1, "mig1", 40);
+    // (New writes, counted from now: the phase after the move needs 20 of its own,
+    // while host 1's log also holds those written between its resume and `g_end`.)
+    more_writes(&bed, "mig1", 30);
     // The VM's locks are with its new host now.
     let (s, v) = bed.call(0, "POST", "/v1/vms/mig1/start", None);
     assert_eq!(s, 409, "{v}");
