@@ -23,7 +23,7 @@ pub const MAX_FILE_NAME: usize = 255;
 /// Map blocks a descriptor can name (each holds 256 pointer records).
 pub const MAX_MAP_BLOCKS: usize = 64;
 /// Block-map entries per pointer record.
-pub const ENTRIES_PER_PTR: usize = (RECORD - 4 - PTR_ENTRIES_OFF) / ENTRY_BYTES;
+pub const ENTRIES_PER_PTR: usize = (RECORD - 4 - ptr::ENTRIES) / ptr::ENTRY_SIZE;
 /// 4 KiB sub-blocks per 1 MiB block (one "written" bit each).
 pub const SUB_BLOCKS: usize = 256;
 /// Sub-block size.
@@ -34,9 +34,72 @@ pub const MAX_FILE_SIZE: u64 =
 /// Most records one journal transaction carries.
 pub const MAX_TXN_RECORDS: usize = crate::format::JOURNAL_RECORDS as usize - 1;
 
-const PTR_ENTRIES_OFF: usize = 64;
-const ENTRY_BYTES: usize = 40;
-const DESC_MAPS_OFF: usize = 336;
+/// Payload offsets of a file descriptor (generation: the descriptor's own).
+pub mod desc {
+    /// 0 free, 1 file, 2 folder (u8).
+    pub const KIND: usize = 32;
+    /// Provisioning code (u8).
+    pub const PROVISIONING: usize = 33;
+    /// Descriptor index of the parent folder (u32).
+    pub const PARENT: usize = 36;
+    /// The file's uuid ([u8; 16]).
+    pub const UUID: usize = 40;
+    /// Size, bytes (u64).
+    pub const SIZE: usize = 56;
+    /// Sequence of the map blocks' current use (u64).
+    pub const MAP_SEQ: usize = 64;
+    /// Map blocks named (u32).
+    pub const MAP_COUNT: usize = 72;
+    /// Name (a length byte, then at most `MAX_FILE_NAME` bytes).
+    pub const NAME: usize = 80;
+    /// Map blocks, `MAP_SIZE` bytes each: data block (u64), then its sequence (u64) at
+    /// `MAP_ENTRY_SEQ`.
+    pub const MAPS: usize = 336;
+    pub const MAP_SIZE: usize = 16;
+    pub const MAP_ENTRY_SEQ: usize = 8;
+}
+
+/// Payload offsets of a pointer record.
+pub mod ptr {
+    /// The owning file's uuid ([u8; 16]).
+    pub const FILE: usize = 32;
+    /// The map block's sequence (u64).
+    pub const SEQ: usize = 48;
+    /// Index in the file's map (u32).
+    pub const INDEX: usize = 56;
+    /// Entries, `ENTRY_SIZE` bytes each: data block + 1 (u64, 0: none), then four u64
+    /// words of written sub-block bits.
+    pub const ENTRIES: usize = 64;
+    pub const ENTRY_SIZE: usize = 40;
+}
+
+/// Payload offsets of a resource cluster record and of its inbox.
+pub mod cluster {
+    /// The cluster's index (u32).
+    pub const CLUSTER: usize = 32;
+    /// Owner host id (u32) and host generation (u64).
+    pub const OWNER_HOST: usize = 40;
+    pub const OWNER_GENERATION: usize = 48;
+    /// Set bits in the bitmap (u32).
+    pub const COUNT: usize = 56;
+    /// The bitmap, `CLUSTER_WORDS` u64 words.
+    pub const BITS: usize = 64;
+}
+
+/// Payload offsets of a journal header (generation: the transaction's sequence).
+pub mod journal {
+    /// 1 committed, 2 applied (u8).
+    pub const STATE: usize = 32;
+    /// crc32c of the images (u32).
+    pub const IMAGES_CRC: usize = 36;
+    /// Target records (u32).
+    pub const TARGET_COUNT: usize = 40;
+    /// The writer: host id (u32) and host generation (u64).
+    pub const WRITER_HOST: usize = 44;
+    pub const WRITER_GENERATION: usize = 48;
+    /// Target record numbers, u64 each.
+    pub const TARGETS: usize = 64;
+}
 
 /// What a descriptor describes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
@@ -115,22 +178,26 @@ impl Descriptor {
     pub fn encode(&self, ds: &Uuid, generation: u64) -> Box<Block> {
         let mut b = Block::zeroed();
         let p = &mut b.0;
-        p[32] = match self.kind {
+        p[desc::KIND] = match self.kind {
             Kind::Free => 0,
             Kind::File => 1,
             Kind::Folder => 2,
         };
-        p[33] = prov_code(self.provisioning);
-        put32(p, 36, self.parent);
-        p[40..56].copy_from_slice(self.uuid.as_bytes());
-        put64(p, 56, self.size);
-        put64(p, 64, self.map_seq);
+        p[desc::PROVISIONING] = prov_code(self.provisioning);
+        put32(p, desc::PARENT, self.parent);
+        p[desc::UUID..desc::UUID + 16].copy_from_slice(self.uuid.as_bytes());
+        put64(p, desc::SIZE, self.size);
+        put64(p, desc::MAP_SEQ, self.map_seq);
         let n = self.maps.len().min(MAX_MAP_BLOCKS);
-        put32(p, 72, n as u32);
-        put_str(p, 80, &self.name, MAX_FILE_NAME);
+        put32(p, desc::MAP_COUNT, n as u32);
+        put_str(p, desc::NAME, &self.name, MAX_FILE_NAME);
         for (i, m) in self.maps.iter().take(n).enumerate() {
-            put64(p, DESC_MAPS_OFF + i * 16, m.block);
-            put64(p, DESC_MAPS_OFF + i * 16 + 8, m.seq);
+            put64(p, desc::MAPS + i * desc::MAP_SIZE, m.block);
+            put64(
+                p,
+                desc::MAPS + i * desc::MAP_SIZE + desc::MAP_ENTRY_SEQ,
+                m.seq,
+            );
         }
         seal(&mut b, MAGIC_DESC, generation, ds);
         b
@@ -143,40 +210,42 @@ impl Descriptor {
             Err(e) => return fail(e),
         };
         let p = &b.0;
-        let kind = match p[32] {
+        let kind = match p[desc::KIND] {
             0 => Kind::Free,
             1 => Kind::File,
             2 => Kind::Folder,
             _ => return Decoded::Unknown("bad descriptor kind"),
         };
-        let Some(provisioning) = prov_from(p[33]) else {
+        let Some(provisioning) = prov_from(p[desc::PROVISIONING]) else {
             return Decoded::Unknown("bad provisioning");
         };
-        let Some(name) = get_str(p, 80, MAX_FILE_NAME) else {
+        let Some(name) = get_str(p, desc::NAME, MAX_FILE_NAME) else {
             return Decoded::Unknown("bad file name");
         };
-        let n = u32le(p, 72) as usize;
+        let n = u32le(p, desc::MAP_COUNT) as usize;
         if n > MAX_MAP_BLOCKS {
             return Decoded::Unknown("too many map blocks");
         }
-        let size = u64le(p, 56);
+        let size = u64le(p, desc::SIZE);
         if size > MAX_FILE_SIZE {
             return Decoded::Unknown("file size out of range");
         }
         let maps = (0..n)
             .map(|i| MapBlock {
-                block: u64le(p, DESC_MAPS_OFF + i * 16),
-                seq: u64le(p, DESC_MAPS_OFF + i * 16 + 8),
+                block: u64le(p, desc::MAPS + i * desc::MAP_SIZE),
+                seq: u64le(p, desc::MAPS + i * desc::MAP_SIZE + desc::MAP_ENTRY_SEQ),
             })
             .collect();
         Decoded::Valid((
             Descriptor {
                 kind,
                 provisioning,
-                parent: u32le(p, 36),
-                uuid: Uuid::from_bytes(p[40..56].try_into().expect("16 bytes")),
+                parent: u32le(p, desc::PARENT),
+                uuid: Uuid::from_bytes(
+                    p[desc::UUID..desc::UUID + 16].try_into().expect("16 bytes"),
+                ),
                 size,
-                map_seq: u64le(p, 64),
+                map_seq: u64le(p, desc::MAP_SEQ),
                 maps,
                 name,
             },
@@ -225,11 +294,11 @@ impl PointerRec {
     pub fn encode(&self, ds: &Uuid, generation: u64) -> Box<Block> {
         let mut b = Block::zeroed();
         let p = &mut b.0;
-        p[32..48].copy_from_slice(self.file.as_bytes());
-        put64(p, 48, self.seq);
-        put32(p, 56, self.index);
+        p[ptr::FILE..ptr::FILE + 16].copy_from_slice(self.file.as_bytes());
+        put64(p, ptr::SEQ, self.seq);
+        put32(p, ptr::INDEX, self.index);
         for (i, e) in self.entries.iter().take(ENTRIES_PER_PTR).enumerate() {
-            let o = PTR_ENTRIES_OFF + i * ENTRY_BYTES;
+            let o = ptr::ENTRIES + i * ptr::ENTRY_SIZE;
             put64(p, o, e.block.map_or(0, |b| b + 1));
             for (w, word) in e.written.iter().enumerate() {
                 put64(p, o + 8 + w * 8, *word);
@@ -248,7 +317,7 @@ impl PointerRec {
         let p = &b.0;
         let entries = (0..ENTRIES_PER_PTR)
             .map(|i| {
-                let o = PTR_ENTRIES_OFF + i * ENTRY_BYTES;
+                let o = ptr::ENTRIES + i * ptr::ENTRY_SIZE;
                 let raw = u64le(p, o);
                 Entry {
                     block: raw.checked_sub(1),
@@ -258,9 +327,9 @@ impl PointerRec {
             .collect();
         Decoded::Valid((
             PointerRec {
-                file: Uuid::from_bytes(p[32..48].try_into().expect("16 bytes")),
-                seq: u64le(p, 48),
-                index: u32le(p, 56),
+                file: Uuid::from_bytes(p[ptr::FILE..ptr::FILE + 16].try_into().expect("16 bytes")),
+                seq: u64le(p, ptr::SEQ),
+                index: u32le(p, ptr::INDEX),
                 entries,
             },
             generation,
@@ -280,7 +349,6 @@ pub struct ClusterRec {
     pub bits: Vec<u64>,
 }
 
-const CLUSTER_BITS_OFF: usize = 64;
 /// Words of a cluster bitmap (16384 bits).
 pub const CLUSTER_WORDS: usize = crate::format::MAX_CLUSTER_BLOCKS as usize / 64;
 
@@ -312,12 +380,12 @@ impl ClusterRec {
     pub fn encode(&self, ds: &Uuid, inbox: bool, generation: u64) -> Box<Block> {
         let mut b = Block::zeroed();
         let p = &mut b.0;
-        put32(p, 32, self.cluster);
-        put32(p, 40, self.owner.host_id);
-        put64(p, 48, self.owner.generation);
-        put32(p, 56, self.count());
+        put32(p, cluster::CLUSTER, self.cluster);
+        put32(p, cluster::OWNER_HOST, self.owner.host_id);
+        put64(p, cluster::OWNER_GENERATION, self.owner.generation);
+        put32(p, cluster::COUNT, self.count());
         for (i, w) in self.bits.iter().take(CLUSTER_WORDS).enumerate() {
-            put64(p, CLUSTER_BITS_OFF + i * 8, *w);
+            put64(p, cluster::BITS + i * 8, *w);
         }
         let magic = if inbox { MAGIC_INBOX } else { MAGIC_CLUSTER };
         seal(&mut b, magic, generation, ds);
@@ -334,19 +402,19 @@ impl ClusterRec {
         };
         let p = &b.0;
         let rec = ClusterRec {
-            cluster: u32le(p, 32),
+            cluster: u32le(p, cluster::CLUSTER),
             owner: Owner {
-                host_id: u32le(p, 40),
-                generation: u64le(p, 48),
+                host_id: u32le(p, cluster::OWNER_HOST),
+                generation: u64le(p, cluster::OWNER_GENERATION),
             },
             bits: (0..CLUSTER_WORDS)
-                .map(|i| u64le(p, CLUSTER_BITS_OFF + i * 8))
+                .map(|i| u64le(p, cluster::BITS + i * 8))
                 .collect(),
         };
         if rec.cluster != cluster || rec.owner.host_id > MAX_HOSTS {
             return Decoded::Unknown("cluster record of another cluster");
         }
-        if rec.count() != u32le(p, 56) {
+        if rec.count() != u32le(p, cluster::COUNT) {
             return Decoded::Unknown("cluster bitmap disagrees with its count");
         }
         Decoded::Valid((rec, generation))
@@ -375,23 +443,21 @@ pub struct JournalHeader {
     pub targets: Vec<u64>,
 }
 
-const JOURNAL_TARGETS_OFF: usize = 64;
-
 impl JournalHeader {
     pub fn encode(&self, ds: &Uuid) -> Box<Block> {
         let mut b = Block::zeroed();
         let p = &mut b.0;
-        p[32] = match self.state {
+        p[journal::STATE] = match self.state {
             TxnState::Committed => 1,
             TxnState::Applied => 2,
         };
-        put32(p, 36, self.images_crc);
-        put32(p, 44, self.writer.host_id);
-        put64(p, 48, self.writer.generation);
+        put32(p, journal::IMAGES_CRC, self.images_crc);
+        put32(p, journal::WRITER_HOST, self.writer.host_id);
+        put64(p, journal::WRITER_GENERATION, self.writer.generation);
         let n = self.targets.len().min(MAX_TXN_RECORDS);
-        put32(p, 40, n as u32);
+        put32(p, journal::TARGET_COUNT, n as u32);
         for (i, t) in self.targets.iter().take(n).enumerate() {
-            put64(p, JOURNAL_TARGETS_OFF + i * 8, *t);
+            put64(p, journal::TARGETS + i * 8, *t);
         }
         seal(&mut b, MAGIC_JOURNAL, self.seq, ds);
         b
@@ -403,12 +469,12 @@ impl JournalHeader {
             Err(e) => return fail(e),
         };
         let p = &b.0;
-        let state = match p[32] {
+        let state = match p[journal::STATE] {
             1 => TxnState::Committed,
             2 => TxnState::Applied,
             _ => return Decoded::Unknown("bad journal state"),
         };
-        let n = u32le(p, 40) as usize;
+        let n = u32le(p, journal::TARGET_COUNT) as usize;
         if n > MAX_TXN_RECORDS {
             return Decoded::Unknown("journal transaction too long");
         }
@@ -416,13 +482,11 @@ impl JournalHeader {
             seq,
             state,
             writer: Owner {
-                host_id: u32le(p, 44),
-                generation: u64le(p, 48),
+                host_id: u32le(p, journal::WRITER_HOST),
+                generation: u64le(p, journal::WRITER_GENERATION),
             },
-            images_crc: u32le(p, 36),
-            targets: (0..n)
-                .map(|i| u64le(p, JOURNAL_TARGETS_OFF + i * 8))
-                .collect(),
+            images_crc: u32le(p, journal::IMAGES_CRC),
+            targets: (0..n).map(|i| u64le(p, journal::TARGETS + i * 8)).collect(),
         })
     }
 }

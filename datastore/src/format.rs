@@ -26,10 +26,16 @@ const OFF_MAGIC: usize = 0; // u32
 const OFF_VERSION: usize = 4; // u16
 const OFF_KIND: usize = 6; // u16, reserved (0)
 pub(crate) const OFF_GENERATION: usize = 8; // u64
-pub(crate) const OFF_UUID: usize = 16; // [u8; 16]
+/// Where every record holds its datastore's uuid ([u8; 16]).
+pub const OFF_UUID: usize = 16;
 /// First payload byte.
 pub const PAYLOAD: usize = 32;
 pub(crate) const OFF_CRC: usize = RECORD - 4; // u32, crc32c of bytes 0..OFF_CRC
+
+// Where each record keeps each of its fields (`fields`), named for the code, the
+// tests and the fuzz targets alike.
+mod fields;
+pub use fields::{ballot, leader, lock, sb, slot};
 
 /// Record index of superblock copy A and B.
 pub const SUPER_A: u64 = 0;
@@ -388,25 +394,25 @@ impl Superblock {
     pub fn encode(&self, generation: u64) -> Box<Block> {
         let mut b = Block::zeroed();
         let p = &mut b.0;
-        put_str(p, 32, &self.label, MAX_LABEL);
-        put64(p, 100, self.size);
-        put32(p, 108, self.max_hosts);
-        put32(p, 112, self.lock_count);
-        p[116] = self.profile.code();
-        put32(p, 120, self.io_timeout_ms);
-        put32(p, 124, self.fence_margin_ms);
-        put64(p, 128, self.hb_start);
-        put64(p, 136, self.leader_rec);
-        put64(p, 144, self.ballot_start);
-        put64(p, 152, self.lock_start);
-        put64(p, 160, self.journal_start);
-        put64(p, 168, self.data_start);
-        put64(p, 176, self.desc_start);
-        put32(p, 184, self.desc_count);
-        put32(p, 188, self.blocks_per_cluster);
-        put64(p, 192, self.cluster_start);
-        put32(p, 200, self.cluster_count);
-        put64(p, 208, self.block_count);
+        put_str(p, sb::LABEL, &self.label, MAX_LABEL);
+        put64(p, sb::SIZE, self.size);
+        put32(p, sb::MAX_HOSTS, self.max_hosts);
+        put32(p, sb::LOCK_COUNT, self.lock_count);
+        p[sb::PROFILE] = self.profile.code();
+        put32(p, sb::IO_TIMEOUT_MS, self.io_timeout_ms);
+        put32(p, sb::FENCE_MARGIN_MS, self.fence_margin_ms);
+        put64(p, sb::HB_START, self.hb_start);
+        put64(p, sb::LEADER_REC, self.leader_rec);
+        put64(p, sb::BALLOT_START, self.ballot_start);
+        put64(p, sb::LOCK_START, self.lock_start);
+        put64(p, sb::JOURNAL_START, self.journal_start);
+        put64(p, sb::DATA_START, self.data_start);
+        put64(p, sb::DESC_START, self.desc_start);
+        put32(p, sb::DESC_COUNT, self.desc_count);
+        put32(p, sb::BLOCKS_PER_CLUSTER, self.blocks_per_cluster);
+        put64(p, sb::CLUSTER_START, self.cluster_start);
+        put32(p, sb::CLUSTER_COUNT, self.cluster_count);
+        put64(p, sb::BLOCK_COUNT, self.block_count);
         seal(&mut b, MAGIC_SUPER, generation, &self.uuid);
         b
     }
@@ -416,33 +422,33 @@ impl Superblock {
             return fail(e);
         }
         let p = &b.0;
-        let Some(label) = get_str(p, 32, MAX_LABEL) else {
+        let Some(label) = get_str(p, sb::LABEL, MAX_LABEL) else {
             return Decoded::Unknown("bad label");
         };
-        let Some(profile) = Profile::from_code(p[116]) else {
+        let Some(profile) = Profile::from_code(p[sb::PROFILE]) else {
             return Decoded::Unknown("bad profile");
         };
         let sb = Superblock {
             uuid: Uuid::from_bytes(p[OFF_UUID..OFF_UUID + 16].try_into().expect("16 bytes")),
             label,
-            size: u64le(p, 100),
-            max_hosts: u32le(p, 108),
-            lock_count: u32le(p, 112),
+            size: u64le(p, sb::SIZE),
+            max_hosts: u32le(p, sb::MAX_HOSTS),
+            lock_count: u32le(p, sb::LOCK_COUNT),
             profile,
-            io_timeout_ms: u32le(p, 120),
-            fence_margin_ms: u32le(p, 124),
-            hb_start: u64le(p, 128),
-            leader_rec: u64le(p, 136),
-            ballot_start: u64le(p, 144),
-            lock_start: u64le(p, 152),
-            journal_start: u64le(p, 160),
-            data_start: u64le(p, 168),
-            desc_start: u64le(p, 176),
-            desc_count: u32le(p, 184),
-            blocks_per_cluster: u32le(p, 188),
-            cluster_start: u64le(p, 192),
-            cluster_count: u32le(p, 200),
-            block_count: u64le(p, 208),
+            io_timeout_ms: u32le(p, sb::IO_TIMEOUT_MS),
+            fence_margin_ms: u32le(p, sb::FENCE_MARGIN_MS),
+            hb_start: u64le(p, sb::HB_START),
+            leader_rec: u64le(p, sb::LEADER_REC),
+            ballot_start: u64le(p, sb::BALLOT_START),
+            lock_start: u64le(p, sb::LOCK_START),
+            journal_start: u64le(p, sb::JOURNAL_START),
+            data_start: u64le(p, sb::DATA_START),
+            desc_start: u64le(p, sb::DESC_START),
+            desc_count: u32le(p, sb::DESC_COUNT),
+            blocks_per_cluster: u32le(p, sb::BLOCKS_PER_CLUSTER),
+            cluster_start: u64le(p, sb::CLUSTER_START),
+            cluster_count: u32le(p, sb::CLUSTER_COUNT),
+            block_count: u64le(p, sb::BLOCK_COUNT),
         };
         // Bound everything read from disk before anyone uses it.
         let sane = (1..=MAX_HOSTS).contains(&sb.max_hosts)
@@ -508,15 +514,15 @@ impl HostSlot {
     pub fn encode(&self, ds: &Uuid) -> Box<Block> {
         let mut b = Block::zeroed();
         let p = &mut b.0;
-        put32(p, 32, self.host_id);
-        p[36] = match self.state {
+        put32(p, slot::HOST_ID, self.host_id);
+        p[slot::STATE] = match self.state {
             SlotState::Free => 0,
             SlotState::Joined => 1,
         };
-        p[40..56].copy_from_slice(self.incarnation.as_bytes());
-        put64(p, 56, self.renewal);
-        put_str(p, 64, &self.name, MAX_NAME);
-        put_str(p, 160, &self.address, MAX_ADDR);
+        p[slot::INCARNATION..slot::INCARNATION + 16].copy_from_slice(self.incarnation.as_bytes());
+        put64(p, slot::RENEWAL, self.renewal);
+        put_str(p, slot::NAME, &self.name, MAX_NAME);
+        put_str(p, slot::ADDRESS, &self.address, MAX_ADDR);
         seal(&mut b, MAGIC_HOST, self.host_generation, ds);
         b
     }
@@ -527,21 +533,27 @@ impl HostSlot {
             Err(e) => return fail(e),
         };
         let p = &b.0;
-        let state = match p[36] {
+        let state = match p[slot::STATE] {
             0 => SlotState::Free,
             1 => SlotState::Joined,
             _ => return Decoded::Unknown("bad slot state"),
         };
-        let (Some(name), Some(address)) = (get_str(p, 64, MAX_NAME), get_str(p, 160, MAX_ADDR))
-        else {
+        let (Some(name), Some(address)) = (
+            get_str(p, slot::NAME, MAX_NAME),
+            get_str(p, slot::ADDRESS, MAX_ADDR),
+        ) else {
             return Decoded::Unknown("bad name");
         };
         Decoded::Valid(HostSlot {
-            host_id: u32le(p, 32),
+            host_id: u32le(p, slot::HOST_ID),
             state,
             host_generation: generation,
-            incarnation: Uuid::from_bytes(p[40..56].try_into().expect("16 bytes")),
-            renewal: u64le(p, 56),
+            incarnation: Uuid::from_bytes(
+                p[slot::INCARNATION..slot::INCARNATION + 16]
+                    .try_into()
+                    .expect("16 bytes"),
+            ),
+            renewal: u64le(p, slot::RENEWAL),
             name,
             address,
         })
@@ -577,9 +589,9 @@ pub struct Leader {
 impl Leader {
     pub fn encode(&self, ds: &Uuid) -> Box<Block> {
         let mut b = Block::zeroed();
-        put64(&mut b.0, 32, self.lver);
-        put32(&mut b.0, 40, self.owner.host_id);
-        put64(&mut b.0, 48, self.owner.generation);
+        put64(&mut b.0, leader::LVER, self.lver);
+        put32(&mut b.0, leader::OWNER_HOST, self.owner.host_id);
+        put64(&mut b.0, leader::OWNER_GENERATION, self.owner.generation);
         seal(&mut b, MAGIC_LEADER, self.lver, ds);
         b
     }
@@ -589,10 +601,10 @@ impl Leader {
             return fail(e);
         }
         Decoded::Valid(Leader {
-            lver: u64le(&b.0, 32),
+            lver: u64le(&b.0, leader::LVER),
             owner: Owner {
-                host_id: u32le(&b.0, 40),
-                generation: u64le(&b.0, 48),
+                host_id: u32le(&b.0, leader::OWNER_HOST),
+                generation: u64le(&b.0, leader::OWNER_GENERATION),
             },
         })
     }
@@ -619,13 +631,13 @@ impl Ballot {
     pub fn encode(&self, ds: &Uuid) -> Box<Block> {
         let mut b = Block::zeroed();
         let p = &mut b.0;
-        put64(p, 32, self.lver);
-        put64(p, 40, self.mbal);
-        put64(p, 48, self.bal);
+        put64(p, ballot::LVER, self.lver);
+        put64(p, ballot::MBAL, self.mbal);
+        put64(p, ballot::BAL, self.bal);
         let inp = self.inp.unwrap_or(Owner::NONE);
-        put32(p, 56, inp.host_id);
-        put64(p, 64, inp.generation);
-        put64(p, 72, self.released);
+        put32(p, ballot::INP_HOST, inp.host_id);
+        put64(p, ballot::INP_GENERATION, inp.generation);
+        put64(p, ballot::RELEASED, self.released);
         seal(&mut b, MAGIC_BALLOT, self.mbal, ds);
         b
     }
@@ -636,15 +648,15 @@ impl Ballot {
         }
         let p = &b.0;
         let inp = Owner {
-            host_id: u32le(p, 56),
-            generation: u64le(p, 64),
+            host_id: u32le(p, ballot::INP_HOST),
+            generation: u64le(p, ballot::INP_GENERATION),
         };
         Decoded::Valid(Ballot {
-            lver: u64le(p, 32),
-            mbal: u64le(p, 40),
-            bal: u64le(p, 48),
+            lver: u64le(p, ballot::LVER),
+            mbal: u64le(p, ballot::MBAL),
+            bal: u64le(p, ballot::BAL),
             inp: (!inp.is_none()).then_some(inp),
-            released: u64le(p, 72),
+            released: u64le(p, ballot::RELEASED),
         })
     }
 }
@@ -713,21 +725,19 @@ pub struct LockRecord {
     pub holders: Vec<Owner>,
 }
 
-const LOCK_HOLDERS_OFF: usize = 304;
-
 impl LockRecord {
     pub fn encode(&self, ds: &Uuid) -> Box<Block> {
         let mut b = Block::zeroed();
         let p = &mut b.0;
-        put_str(p, 32, &self.object, MAX_OBJECT);
-        p[288] = self.mode.code();
-        put64(p, 292, self.version);
+        put_str(p, lock::OBJECT, &self.object, MAX_OBJECT);
+        p[lock::MODE] = self.mode.code();
+        put64(p, lock::VERSION, self.version);
         let n = self.holders.len().min(MAX_HOSTS as usize);
-        put32(p, 300, n as u32);
+        put32(p, lock::HOLDER_COUNT, n as u32);
         for (i, h) in self.holders.iter().take(n).enumerate() {
-            let o = LOCK_HOLDERS_OFF + i * 16;
-            put32(p, o, h.host_id);
-            put64(p, o + 8, h.generation);
+            let o = lock::HOLDERS + i * lock::HOLDER_SIZE;
+            put32(p, o + lock::HOLDER_HOST, h.host_id);
+            put64(p, o + lock::HOLDER_GENERATION, h.generation);
         }
         seal(&mut b, MAGIC_LOCK, self.version, ds);
         b
@@ -738,22 +748,22 @@ impl LockRecord {
             return fail(e);
         }
         let p = &b.0;
-        let Some(object) = get_str(p, 32, MAX_OBJECT) else {
+        let Some(object) = get_str(p, lock::OBJECT, MAX_OBJECT) else {
             return Decoded::Unknown("bad object name");
         };
-        let Some(mode) = LockMode::from_code(p[288]) else {
+        let Some(mode) = LockMode::from_code(p[lock::MODE]) else {
             return Decoded::Unknown("bad lock mode");
         };
-        let n = u32le(p, 300) as usize;
+        let n = u32le(p, lock::HOLDER_COUNT) as usize;
         if n > MAX_HOSTS as usize {
             return Decoded::Unknown("too many holders");
         }
         let holders = (0..n)
             .map(|i| {
-                let o = LOCK_HOLDERS_OFF + i * 16;
+                let o = lock::HOLDERS + i * lock::HOLDER_SIZE;
                 Owner {
-                    host_id: u32le(p, o),
-                    generation: u64le(p, o + 8),
+                    host_id: u32le(p, o + lock::HOLDER_HOST),
+                    generation: u64le(p, o + lock::HOLDER_GENERATION),
                 }
             })
             .collect();
@@ -767,121 +777,4 @@ impl LockRecord {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn ds() -> Uuid {
-        Uuid::from_u128(0x1234)
-    }
-
-    #[test]
-    fn records_round_trip() {
-        let sb = Superblock::layout(ds(), "lab", 1 << 30, 8, Profile::Test);
-        assert_eq!(
-            Superblock::decode(&sb.encode(3)),
-            Decoded::Valid(sb.clone())
-        );
-        let slot = HostSlot {
-            host_id: 3,
-            state: SlotState::Joined,
-            host_generation: 7,
-            incarnation: Uuid::from_u128(9),
-            renewal: 42,
-            name: "h3".into(),
-            address: "10.0.0.3:7000".into(),
-        };
-        assert_eq!(
-            HostSlot::decode(&slot.encode(&ds()), &ds()),
-            Decoded::Valid(slot)
-        );
-        let lk = LockRecord {
-            object: "vm/disk0".into(),
-            mode: LockMode::Shared,
-            version: 5,
-            holders: vec![
-                Owner {
-                    host_id: 1,
-                    generation: 2,
-                },
-                Owner {
-                    host_id: 4,
-                    generation: 1,
-                },
-            ],
-        };
-        assert_eq!(
-            LockRecord::decode(&lk.encode(&ds()), &ds()),
-            Decoded::Valid(lk)
-        );
-        let bal = Ballot {
-            lver: 3,
-            mbal: 17,
-            bal: 17,
-            inp: Some(Owner {
-                host_id: 1,
-                generation: 1,
-            }),
-            released: 2,
-        };
-        assert_eq!(
-            Ballot::decode(&bal.encode(&ds()), &ds()),
-            Decoded::Valid(bal)
-        );
-    }
-
-    #[test]
-    fn damaged_records_are_unknown_never_blank() {
-        let lk = LockRecord {
-            object: "x".into(),
-            mode: LockMode::Exclusive,
-            version: 1,
-            holders: vec![],
-        };
-        let good = lk.encode(&ds());
-        for off in [0usize, 8, 16, 40, 300, 4000, RECORD - 1] {
-            let mut b = good.clone();
-            b.0[off] ^= 0x40;
-            assert!(
-                matches!(LockRecord::decode(&b, &ds()), Decoded::Unknown(_)),
-                "byte {off}"
-            );
-        }
-        assert_eq!(LockRecord::decode(&Block::zeroed(), &ds()), Decoded::Blank);
-        // A record of another datastore is not ours.
-        assert!(matches!(
-            LockRecord::decode(&good, &Uuid::from_u128(1)),
-            Decoded::Unknown(_)
-        ));
-    }
-
-    proptest::proptest! {
-        #[test]
-        fn arbitrary_blocks_never_panic(bytes in proptest::collection::vec(proptest::num::u8::ANY, RECORD)) {
-            let mut b = Block::zeroed();
-            b.0.copy_from_slice(&bytes);
-            let _ = Superblock::decode(&b);
-            let _ = HostSlot::decode(&b, &ds());
-            let _ = Leader::decode(&b, &ds());
-            let _ = Ballot::decode(&b, &ds());
-            let _ = LockRecord::decode(&b, &ds());
-        }
-    }
-}
-
-#[cfg(test)]
-mod timing_tests {
-    use super::*;
-
-    #[test]
-    fn both_profiles_keep_the_timing_rules_and_a_broken_margin_is_refused() {
-        for p in [Profile::Production, Profile::Test] {
-            let sb = Superblock::layout(Uuid::new_v4(), "t", 1 << 30, 8, p);
-            sb.check_timing().unwrap();
-            assert!(sb.kill_grace() >= sb.io_timeout() / 2);
-            let mut bad = sb.clone();
-            bad.fence_margin_ms = bad.io_timeout_ms / 2;
-            let e = bad.check_timing().unwrap_err();
-            assert!(e.contains("fence margin"), "{e}");
-        }
-    }
-}
+mod tests;

@@ -468,7 +468,8 @@ fn a_damaged_pointer_record_is_damage_not_holes() {
     let (d, _) = files::Table::read(&ds).unwrap().get(1).unwrap().clone();
     let rec = ds.superblock().block_record(d.maps[0].block);
     let mut b = ds.read(rec).unwrap();
-    b.0[100] ^= 0xff; // bit rot: the record's checksum no longer matches
+    // Bit rot in the first entry's written bits: the record's checksum no longer matches.
+    b.0[datastore::filerec::ptr::ENTRIES + 8] ^= 0xff;
     ds.write(rec, &b).unwrap();
     let r = check::check(&ds).unwrap();
     assert!(r.leaked_blocks.is_empty(), "{r:#?}");

@@ -2,7 +2,9 @@
 //! a block that decodes must encode back to a block that decodes the same.
 #![no_main]
 
-use datastore::format::{Ballot, Block, Decoded, HostSlot, Leader, LockRecord, Superblock, RECORD};
+use datastore::format::{
+    Ballot, Block, Decoded, HostSlot, Leader, LockRecord, Superblock, OFF_UUID, RECORD,
+};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
@@ -12,7 +14,7 @@ fuzz_target!(|data: &[u8]| {
     if let Decoded::Valid(sb) = Superblock::decode(&b) {
         assert_eq!(Superblock::decode(&sb.encode(1)), Decoded::Valid(sb));
     }
-    let ds = uuid::Uuid::from_bytes(b.0[16..32].try_into().unwrap());
+    let ds = uuid::Uuid::from_bytes(b.0[OFF_UUID..OFF_UUID + 16].try_into().unwrap());
     if let Decoded::Valid(s) = HostSlot::decode(&b, &ds) {
         assert_eq!(HostSlot::decode(&s.encode(&ds), &ds), Decoded::Valid(s));
     }
