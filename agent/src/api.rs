@@ -10,14 +10,15 @@ use diskfmt::Provisioning;
 use serde::Deserialize;
 use serde_json::{json, Value};
 
+use crate::error::{Error, Kind};
 use crate::host::exports::{self, ExportSpec, Gate};
 use crate::host::membership::Member;
 use crate::host::{Agent, ExportEntry};
 use crate::http::{self, Request, Response};
 
-/// An API error: status and message.
+/// An API error: status, kind and message.
 #[derive(Debug)]
-struct ApiError(u16, String);
+struct ApiError(u16, Kind, String);
 
 type ApiResult = Result<Response, ApiError>;
 
@@ -25,48 +26,35 @@ fn ok(body: Value) -> ApiResult {
     Ok(Response { status: 200, body })
 }
 
+/// An error the router itself finds (bad request, unknown route): its kind and status.
 fn err(status: u16, msg: impl Into<String>) -> ApiError {
-    ApiError(status, msg.into())
-}
-
-/// Maps a datastore error to a status: 404 missing, 409 conflicts, 400 bad input.
-fn ds_err(e: datastore::Error) -> ApiError {
-    use datastore::Error as E;
-    let status = match &e {
-        E::NotFound { .. } => 404,
-        E::LockHeld { .. } | E::Exists { .. } => 409,
-        E::Invalid { .. } => 400,
-        E::NoSpace { .. } => 507,
-        _ => 500,
+    let kind = match status {
+        404 => Kind::NotFound,
+        400 | 405 | 413 => Kind::Invalid,
+        409 => Kind::Conflict,
+        _ => Kind::Failed,
     };
-    ApiError(status, e.to_string())
+    ApiError(status, kind, msg.into())
 }
 
-fn any_err(e: anyhow::Error) -> ApiError {
-    match e.downcast::<datastore::Error>() {
-        Ok(d) => ds_err(d),
-        Err(e) => ApiError(500, format!("{e:#}")),
-    }
+/// A datastore error, by its kind.
+fn ds_err(e: datastore::Error) -> ApiError {
+    any_err(Error::from(e))
 }
 
-/// VM errors: datastore conflicts keep their status; "no such VM" is 404, the rest 409.
-fn vm_err(e: anyhow::Error) -> ApiError {
-    let msg = format!("{e:#}");
-    if let Some(d) = e.downcast_ref::<datastore::Error>() {
-        let status = match d {
-            datastore::Error::NotFound { .. } => 404,
-            datastore::Error::NoSpace { .. } => 507,
-            _ => 409,
-        };
-        return ApiError(status, msg);
+/// An agent error, by its kind ([`Kind::status`]).
+fn any_err(e: Error) -> ApiError {
+    let kind = e.kind();
+    ApiError(kind.status(), kind, e.to_string())
+}
+
+/// The error of an operation the object's state may not allow (a VM's routes, leaving,
+/// settling a task): as [`any_err`], but a failure of no more specific kind answers 409.
+fn state_err(e: Error) -> ApiError {
+    match e.kind() {
+        Kind::Failed => ApiError(409, Kind::Failed, e.to_string()),
+        _ => any_err(e),
     }
-    if msg.starts_with("no VM named") {
-        return ApiError(404, msg);
-    }
-    if msg.starts_with("vm.toml") {
-        return ApiError(400, msg);
-    }
-    ApiError(409, msg)
 }
 
 fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
@@ -109,9 +97,9 @@ where
     };
     let resp = match route(&agent, &req, tcp).await {
         Ok(r) => r,
-        Err(ApiError(status, msg)) => Response {
+        Err(ApiError(status, kind, msg)) => Response {
             status,
-            body: json!({ "error": msg }),
+            body: json!({ "error": msg, "kind": kind }),
         },
     };
     if resp.status >= 400 {
@@ -208,9 +196,7 @@ async fn route(agent: &Arc<Agent>, req: &Request, tcp: bool) -> ApiResult {
         ("GET", ["v1", "host"]) => host(agent),
         ("GET", ["v1", "hosts"]) => ok(json!(crate::host::hosts::hosts(agent))),
         ("POST", ["v1", "host", "leave"]) => {
-            crate::host::leave::leave(agent)
-                .await
-                .map_err(|e| err(409, format!("{e:#}")))?;
+            crate::host::leave::leave(agent).await.map_err(state_err)?;
             ok(
                 json!({"left": agent.members.iter().map(|m| m.label().to_string()).collect::<Vec<_>>()}),
             )
@@ -248,7 +234,7 @@ async fn route(agent: &Arc<Agent>, req: &Request, tcp: bool) -> ApiResult {
         )),
         ("POST", ["v1", "vms"]) => {
             let r: crate::vms::CreateReq = body(req)?;
-            let spec = crate::vms::create(agent, r).await.map_err(vm_err)?;
+            let spec = crate::vms::create(agent, r).await.map_err(state_err)?;
             Ok(Response {
                 status: 201,
                 body: serde_json::to_value(spec).expect("json"),
@@ -265,7 +251,7 @@ async fn route(agent: &Arc<Agent>, req: &Request, tcp: bool) -> ApiResult {
                 .ok_or_else(|| err(404, format!("no VM named {name:?}")))
         }
         ("POST", ["v1", "vms", name, "start"]) => {
-            ok(crate::vms::start(agent, name).await.map_err(vm_err)?)
+            ok(crate::vms::start(agent, name).await.map_err(state_err)?)
         }
         ("POST", ["v1", "vms", name, "stop"]) => {
             #[derive(Deserialize, Default)]
@@ -286,7 +272,7 @@ async fn route(agent: &Arc<Agent>, req: &Request, tcp: bool) -> ApiResult {
             let t = std::time::Duration::from_secs(t);
             crate::vms::stop(agent, name, r.force, t)
                 .await
-                .map_err(vm_err)?;
+                .map_err(state_err)?;
             ok(json!({"stopped": name}))
         }
         ("POST", ["v1", "vms", name, "relocate"]) => {
@@ -296,7 +282,7 @@ async fn route(agent: &Arc<Agent>, req: &Request, tcp: bool) -> ApiResult {
                 .map_err(|e| err(400, format!("relocation of VM {name}: {e:#}")))?;
             let task = crate::relocation::start(agent, name, r)
                 .await
-                .map_err(vm_err)?;
+                .map_err(state_err)?;
             Ok(Response {
                 status: 202,
                 body: task.to_json(),
@@ -306,13 +292,13 @@ async fn route(agent: &Arc<Agent>, req: &Request, tcp: bool) -> ApiResult {
             let r: crate::wire::IncomingReq = body(req)?;
             let inc = crate::relocation::incoming::incoming(agent, name, r)
                 .await
-                .map_err(vm_err)?;
+                .map_err(state_err)?;
             ok(serde_json::to_value(inc).expect("json"))
         }
         ("POST", ["v1", "vms", name, "incoming", "finish"]) => {
             let v = crate::relocation::incoming::finish(agent, name)
                 .await
-                .map_err(vm_err)?;
+                .map_err(state_err)?;
             // Test hook: the guest resumed here, but the source never hears of it.
             if datastore::failpoint::fires("finish-reply-lost") {
                 return Err(err(503, "failpoint finish-reply-lost: the reply is lost"));
@@ -331,12 +317,12 @@ async fn route(agent: &Arc<Agent>, req: &Request, tcp: bool) -> ApiResult {
             let r: AbortReq = body(req)?;
             crate::relocation::incoming::abort(agent, name, r.handback, r.attempt.as_deref())
                 .await
-                .map_err(vm_err)?;
+                .map_err(state_err)?;
             ok(json!({"aborted": name}))
         }
         ("POST", ["v1", "vms", _name, "check"]) => {
             let r: crate::wire::IncomingReq = body(req)?;
-            crate::relocation::incoming::check(agent, &r).map_err(vm_err)?;
+            crate::relocation::incoming::check(agent, &r).map_err(state_err)?;
             ok(json!({"ok": true}))
         }
         ("GET", ["v1", "vms", name, "console"]) => {
@@ -349,7 +335,7 @@ async fn route(agent: &Arc<Agent>, req: &Request, tcp: bool) -> ApiResult {
             ok(json!({ "text": text }))
         }
         ("DELETE", ["v1", "vms", name]) => {
-            crate::vms::remove(agent, name).await.map_err(vm_err)?;
+            crate::vms::remove(agent, name).await.map_err(state_err)?;
             ok(json!({ "removed": name }))
         }
         ("GET", ["v1", "tasks"]) => ok(Value::Array(
@@ -360,7 +346,7 @@ async fn route(agent: &Arc<Agent>, req: &Request, tcp: bool) -> ApiResult {
             let t = task(agent, id)?;
             crate::relocation::switchover::resolve(agent, &t)
                 .await
-                .map_err(|e| err(409, format!("{e:#}")))?;
+                .map_err(state_err)?;
             ok(t.to_json())
         }
         ("POST", ["v1", "tasks", id, "cancel"]) => {
@@ -559,7 +545,7 @@ async fn create_file(agent: &Agent, ds: &str, req: &Request) -> ApiResult {
                 t2.progress(size, size);
                 t2.finish(Ok(v.clone()));
             }
-            Err(ApiError(_, e)) => t2.finish(Err(e.clone())),
+            Err(ApiError(_, _, e)) => t2.finish(Err(e.clone())),
         }
         out
     });

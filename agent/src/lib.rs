@@ -6,6 +6,7 @@
 //! recovers and stops it all ([`daemon`]). Each layer uses only the ones below it.
 #![forbid(unsafe_code)]
 
+pub mod error;
 pub mod http;
 pub mod wire;
 

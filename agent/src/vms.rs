@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::{anyhow, bail, Context, Result};
+use crate::error::{bail, fail, Context, Error, Result};
 use datastore::files::DsFile;
 use datastore::LockMode;
 use serde_json::{json, Value};
@@ -43,7 +43,7 @@ pub async fn read_stored(m: &Member, name: &str) -> Result<Stored> {
     let f = tokio::task::spawn_blocking(move || DsFile::open_readonly(&dev, &path))
         .await
         .expect("open task")?;
-    definition::read(&f, &format!("{}:{}", m.label(), config_path(name))).await
+    Ok(definition::read(&f, &format!("{}:{}", m.label(), config_path(name))).await?)
 }
 
 /// Reads a definition's VM spec without a lock.
@@ -131,7 +131,7 @@ fn random_mac() -> String {
 pub async fn create(agent: &Agent, r: CreateReq) -> Result<VmSpec> {
     let home = agent
         .member(&r.datastore)
-        .ok_or_else(|| anyhow!("this host has no datastore {:?}", r.datastore))?;
+        .ok_or_else(|| fail!("this host has no datastore {:?}", r.datastore))?;
     if let Some(m) = find(agent, &r.name) {
         bail!(
             "a VM named {:?} already exists in datastore {}",
@@ -173,7 +173,7 @@ pub async fn create(agent: &Agent, r: CreateReq) -> Result<VmSpec> {
             .collect(),
         moved_to: None,
     };
-    spec.validate().map_err(|e| anyhow!(e))?;
+    spec.validate().map_err(Error::invalid)?;
     for d in &spec.disks {
         if agent.member(&d.datastore).is_none() {
             bail!(
@@ -203,7 +203,7 @@ pub async fn create(agent: &Agent, r: CreateReq) -> Result<VmSpec> {
         }
         for d in &spec.disks {
             let m = agent.member(&d.datastore).expect("checked");
-            let prov = d.provisioning.parse().map_err(|e: String| anyhow!(e))?;
+            let prov = d.provisioning.parse().map_err(|e: String| fail!(e))?;
             let f = m.session.create(&d.path, d.size, prov).await?;
             made.push((Arc::clone(&m), d.path.clone()));
             f.close().await?;
@@ -219,7 +219,8 @@ pub async fn create(agent: &Agent, r: CreateReq) -> Result<VmSpec> {
         made.push((Arc::clone(&home), config_path(&spec.name)));
         let w = definition::write_next(&f, &spec, None).await;
         f.close().await?;
-        w.map(|_| ())
+        w.map(|_| ())?;
+        Ok::<(), Error>(())
     }
     .await;
     if let Err(e) = out {
@@ -238,9 +239,9 @@ pub(crate) fn export_name(vm: &str, disk: &str) -> String {
 /// Starts VM `name` on this host.
 pub async fn start(agent: &Arc<Agent>, name: &str) -> Result<Value> {
     let _slot = agent.reserve_vm(name).await?;
-    let (home, stored) = locate(agent, name)
-        .await
-        .ok_or_else(|| anyhow!("no VM named {name:?} on this host's datastores"))?;
+    let (home, stored) = locate(agent, name).await.ok_or_else(|| {
+        Error::not_found(format!("no VM named {name:?} on this host's datastores"))
+    })?;
     let spec = stored.spec;
     if let Some(to) = &spec.moved_to {
         bail!(
@@ -254,12 +255,12 @@ pub async fn start(agent: &Arc<Agent>, name: &str) -> Result<Value> {
         .session
         .open(&config_path(name), LockMode::Exclusive)
         .await
-        .map_err(|e| anyhow!("VM {name} cannot start here: {e}"))?;
+        .map_err(|e| fail!("VM {name} cannot start here: {e}"))?;
     let mut exports = Vec::new();
     let started = async {
         for d in &spec.disks {
             let m = agent.member(&d.datastore).ok_or_else(|| {
-                anyhow!(
+                fail!(
                     "disk {}: this host has no datastore {:?}",
                     d.name,
                     d.datastore
@@ -338,7 +339,7 @@ fn check_boot_files(agent: &Agent, spec: &VmSpec) -> Result<()> {
             agent
                 .cfg
                 .check_boot_file(field, p)
-                .map_err(|e| anyhow!("VM {}: {e:#}", spec.name))?;
+                .map_err(|e| fail!("VM {}: {e:#}", spec.name))?;
         }
     }
     Ok(())
@@ -359,7 +360,7 @@ pub(crate) async fn launch(
     let console = dir.join("console.log");
     end_console_line(&console)
         .with_context(|| format!("{}: cannot append to it", console.display()))?;
-    let (accel, why) = qemu::choose_accel(&agent.cfg.accel).map_err(|e| anyhow!(e))?;
+    let (accel, why) = qemu::choose_accel(&agent.cfg.accel).map_err(|e| fail!(e))?;
     tracing::info!("VM {}: {why}", spec.name);
     let args = qemu::args(
         spec,
@@ -591,7 +592,7 @@ pub async fn stop(agent: &Arc<Agent>, name: &str, force: bool, timeout: Duration
         let vms = agent.vms.lock().await;
         let vm = vms
             .get(name)
-            .ok_or_else(|| anyhow!("VM {name} does not run on this host"))?;
+            .ok_or_else(|| fail!("VM {name} does not run on this host"))?;
         (vm.pid, vm.qmp.clone())
     };
     let gone = |t: Duration| async move {
@@ -758,14 +759,14 @@ pub async fn remove(agent: &Agent, name: &str) -> Result<()> {
     }
     let (home, stored) = locate(agent, name)
         .await
-        .ok_or_else(|| anyhow!("no VM named {name:?}"))?;
+        .ok_or_else(|| Error::not_found(format!("no VM named {name:?}")))?;
     let spec = stored.spec;
     // Taking the definition's lock proves the VM runs nowhere.
     let cfg = home
         .session
         .open(&config_path(name), LockMode::Exclusive)
         .await
-        .map_err(|e| anyhow!("VM {name} cannot be removed: {e}"))?;
+        .map_err(|e| fail!("VM {name} cannot be removed: {e}"))?;
     cfg.close().await?;
     for d in &spec.disks {
         if let Some(m) = agent.member(&d.datastore) {
@@ -781,48 +782,4 @@ pub async fn remove(agent: &Agent, name: &str) -> Result<()> {
 }
 
 #[cfg(test)]
-mod tests {
-    #[test]
-    fn a_console_log_past_its_limit_is_rotated_and_appends_go_on() {
-        use std::io::Write;
-        let dir = tempfile::tempdir().unwrap();
-        let p = dir.path().join("console.log");
-        let mut f = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&p)
-            .unwrap();
-        f.write_all(&[b'a'; 1000]).unwrap();
-        super::rotate_console(&p, 2000);
-        assert_eq!(
-            std::fs::metadata(&p).unwrap().len(),
-            1000,
-            "rotated too early"
-        );
-        f.write_all(&[b'b'; 1500]).unwrap();
-        super::rotate_console(&p, 2000);
-        assert_eq!(std::fs::metadata(&p).unwrap().len(), 0);
-        assert_eq!(
-            std::fs::metadata(p.with_extension("log.1")).unwrap().len(),
-            2500
-        );
-        f.write_all(b"next").unwrap();
-        assert_eq!(std::fs::read(&p).unwrap(), b"next");
-    }
-
-    #[test]
-    fn each_run_of_qemu_starts_its_console_on_a_new_line() {
-        let dir = tempfile::tempdir().unwrap();
-        let p = dir.path().join("console.log");
-        super::end_console_line(&p).unwrap();
-        assert!(!p.exists());
-        std::fs::write(&p, b"").unwrap();
-        super::end_console_line(&p).unwrap();
-        assert_eq!(std::fs::read(&p).unwrap(), b"");
-        std::fs::write(&p, b"whole\nFW 12 3").unwrap();
-        super::end_console_line(&p).unwrap();
-        assert_eq!(std::fs::read(&p).unwrap(), b"whole\nFW 12 3\n");
-        super::end_console_line(&p).unwrap();
-        assert_eq!(std::fs::read(&p).unwrap(), b"whole\nFW 12 3\n");
-    }
-}
+mod tests;

@@ -4,7 +4,7 @@
 
 use std::collections::BTreeMap;
 
-use anyhow::{bail, Result};
+use crate::error::{bail, Result};
 use datastore::Owner;
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;

@@ -6,11 +6,12 @@ use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use diskfmt::{BlockDev, Error, Extent, IoFuture, Provisioning, Result, WriteFlags};
+use diskfmt::{BlockDev, Extent, IoFuture, Provisioning, Result, WriteFlags};
 use tokio::sync::{watch, Notify};
 use tokio::task::JoinHandle;
 
 use crate::bitmap::Bitmap;
+use crate::error::Error as JobError;
 use crate::ranges::{Kind, Queue, Ticket};
 use crate::state::{timed_out, Options, Phase, Progress, Shared, State};
 
@@ -214,10 +215,10 @@ impl Mirror {
         source: Arc<dyn BlockDev>,
         target: Arc<dyn BlockDev>,
         opts: Options,
-    ) -> Result<Arc<Mirror>> {
+    ) -> crate::error::Result<Arc<Mirror>> {
         let name = source.name().to_path_buf();
         if source.size() != target.size() {
-            return Err(Error::Invalid {
+            return Err(JobError::Invalid {
                 object: target.name().to_path_buf(),
                 detail: format!(
                     "the mirror target has {} bytes, the source {} has {}",
@@ -228,13 +229,13 @@ impl Mirror {
             });
         }
         if !target.writable() {
-            return Err(Error::Invalid {
+            return Err(JobError::Invalid {
                 object: target.name().to_path_buf(),
                 detail: "the mirror target is read-only".into(),
             });
         }
         if !opts.grain.is_power_of_two() || opts.grain < 4096 || opts.chunk < opts.grain {
-            return Err(Error::Invalid {
+            return Err(JobError::Invalid {
                 object: name,
                 detail: format!(
                     "mirror grain {} must be a power of two ≥ 4096 and ≤ the chunk {}",
@@ -332,7 +333,7 @@ impl Mirror {
     }
 
     /// Waits until the job is ready (or ended); fails if it ended without becoming ready.
-    pub async fn wait_ready(&self) -> Result<()> {
+    pub async fn wait_ready(&self) -> crate::error::Result<()> {
         let mut rx = self.sh.phase_tx.subscribe();
         let p = rx
             .wait_for(|p| !matches!(p, Phase::Copying))
@@ -341,13 +342,12 @@ impl Mirror {
             .unwrap_or(Phase::Cancelled);
         match p {
             Phase::Ready | Phase::Completing | Phase::Done => Ok(()),
-            Phase::Failed(e) => Err(Error::Invalid {
+            Phase::Failed(reason) => Err(JobError::Failed {
                 object: self.sh.name.clone(),
-                detail: format!("mirror failed: {e}"),
+                reason,
             }),
-            _ => Err(Error::Invalid {
+            _ => Err(JobError::Cancelled {
                 object: self.sh.name.clone(),
-                detail: "the mirror was cancelled".into(),
             }),
         }
     }
@@ -355,9 +355,9 @@ impl Mirror {
     /// Holds all guest I/O, checks that everything is on the target, and flushes the
     /// target. Guest I/O stays held until the returned [`Pivot`] is committed (I/O goes
     /// to the target from then on) or dropped (back to `Ready`). Waits at most `within`.
-    pub async fn prepare_pivot(self: &Arc<Self>, within: Duration) -> Result<Pivot> {
+    pub async fn prepare_pivot(self: &Arc<Self>, within: Duration) -> crate::error::Result<Pivot> {
         let deadline = tokio::time::Instant::now() + within;
-        let fail = |detail: String| Error::Invalid {
+        let fail = |detail: String| JobError::Pivot {
             object: self.sh.name.clone(),
             detail,
         };
@@ -467,13 +467,16 @@ impl Mirror {
 /// holding any I/O, then prepares them all at once, so a disk's guest I/O is held for
 /// the slowest disk's final catch-up and flush, not for the sum of every disk's. On any
 /// failure every pivot already prepared is dropped (those disks go back to `Ready`).
-pub async fn prepare_pivots(mirrors: &[Arc<Mirror>], within: Duration) -> Result<Vec<Pivot>> {
+pub async fn prepare_pivots(
+    mirrors: &[Arc<Mirror>],
+    within: Duration,
+) -> crate::error::Result<Vec<Pivot>> {
     let deadline = tokio::time::Instant::now() + within;
     let ready = futures::future::join_all(mirrors.iter().map(|m| m.wait_ready()));
     match tokio::time::timeout_at(deadline, ready).await {
-        Ok(all) => all.into_iter().collect::<Result<Vec<()>>>()?,
+        Ok(all) => all.into_iter().collect::<crate::error::Result<Vec<()>>>()?,
         Err(_) => {
-            return Err(Error::Invalid {
+            return Err(JobError::Pivot {
                 object: mirrors
                     .first()
                     .map_or_else(Default::default, |m| m.sh.name.clone()),
@@ -501,12 +504,12 @@ impl Pivot {
     /// From now on all I/O goes to the target. Call once whatever names the target as
     /// the device is durable. Refused (routing unchanged) unless the job is still
     /// completing: a cancelled job never switches to its target.
-    pub fn commit(mut self) -> Result<()> {
+    pub fn commit(mut self) -> crate::error::Result<()> {
         let sh = &self.mirror.sh;
         {
             let mut st = sh.st.lock().expect("mirror state");
             if st.phase != Phase::Completing {
-                return Err(Error::Invalid {
+                return Err(JobError::Pivot {
                     object: sh.name.clone(),
                     detail: format!(
                         "cannot switch to the target of a {} mirror",

@@ -20,9 +20,11 @@
 
 mod bitmap;
 pub mod copier;
+mod error;
 mod job;
 pub mod ranges;
 mod state;
 
+pub use error::{Error, Result};
 pub use job::{prepare_pivots, Mirror, Pivot};
 pub use state::{Options, Phase, Progress};

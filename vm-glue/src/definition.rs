@@ -9,7 +9,6 @@
 //! of two copies left by a crash the newer is the VM (the older is deleted when found).
 //! A slot 0 without a header (written before this format) is generation 0.
 
-use anyhow::{anyhow, bail, Context, Result};
 use datastore::files::DsFile;
 use diskfmt::{BlockDev, WriteFlags};
 
@@ -20,6 +19,29 @@ pub const CONFIG_SIZE: u64 = 1 << 20;
 /// Bytes per slot.
 const SLOT: u64 = 64 << 10;
 const MAGIC: &str = "# ferry vm.toml generation=";
+
+/// What can go wrong reading or writing `vm.toml`.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The definition does not fit in a slot.
+    #[error("the definition of {vm} is larger than 64 KiB")]
+    TooLarge { vm: String },
+    /// Neither slot holds a whole definition (never written, or both torn).
+    #[error("{label}: holds no valid VM definition")]
+    NoDefinition { label: String },
+    /// The newest slot holds a definition that does not parse or validate.
+    #[error("{label}: {detail}")]
+    Invalid { label: String, detail: String },
+    /// Reading or writing the file failed.
+    #[error("{what}: {err}")]
+    Disk {
+        what: &'static str,
+        err: diskfmt::Error,
+    },
+}
+
+/// The result of the definition's operations.
+pub type Result<T> = std::result::Result<T, Error>;
 
 /// A definition as read from its file.
 #[derive(Debug, Clone)]
@@ -51,7 +73,9 @@ fn encode(spec: &VmSpec, generation: u64) -> Result<Vec<u8>> {
     let mut buf = format!("{header}{text}").into_bytes();
     let len = (buf.len() as u64 + 1).div_ceil(4096) * 4096;
     if len > SLOT {
-        bail!("the definition of {} is larger than 64 KiB", spec.name);
+        return Err(Error::TooLarge {
+            vm: spec.name.clone(),
+        });
     }
     buf.resize(len as usize, 0);
     Ok(buf)
@@ -78,14 +102,19 @@ fn decode(buf: &[u8], slot: u64) -> Option<(u64, String)> {
 pub async fn read(f: &DsFile, label: &str) -> Result<Stored> {
     read_opt(f, label)
         .await?
-        .ok_or_else(|| anyhow!("{label}: holds no valid VM definition"))
+        .ok_or_else(|| Error::NoDefinition {
+            label: label.to_string(),
+        })
 }
 
 /// [`read`], with `Ok(None)` when the file was read but holds no valid definition (a
 /// new `vm.toml` never committed); errors are failures to read it.
 pub async fn read_opt(f: &DsFile, label: &str) -> Result<Option<Stored>> {
     let mut buf = vec![0u8; (2 * SLOT) as usize];
-    f.read(0, &mut buf).await?;
+    f.read(0, &mut buf).await.map_err(|err| Error::Disk {
+        what: "reading the VM definition",
+        err,
+    })?;
     let mut best: Option<(u64, u64, String)> = None;
     for slot in 0..2u64 {
         let b = &buf[(slot * SLOT) as usize..((slot + 1) * SLOT) as usize];
@@ -98,7 +127,10 @@ pub async fn read_opt(f: &DsFile, label: &str) -> Result<Option<Stored>> {
     let Some((generation, slot, text)) = best else {
         return Ok(None);
     };
-    let spec = VmSpec::parse(&text).map_err(|e| anyhow!("{label}: {e}"))?;
+    let spec = VmSpec::parse(&text).map_err(|detail| Error::Invalid {
+        label: label.to_string(),
+        detail,
+    })?;
     Ok(Some(Stored {
         spec,
         generation,
@@ -120,8 +152,14 @@ pub async fn write_at(f: &DsFile, spec: &VmSpec, generation: u64, slot: u64) -> 
     let buf = encode(spec, generation)?;
     f.write(slot * SLOT, &buf, WriteFlags::NONE)
         .await
-        .context("writing the VM definition")?;
-    f.flush().await.context("committing the VM definition")?;
+        .map_err(|err| Error::Disk {
+            what: "writing the VM definition",
+            err,
+        })?;
+    f.flush().await.map_err(|err| Error::Disk {
+        what: "committing the VM definition",
+        err,
+    })?;
     Ok(Stored {
         spec: spec.clone(),
         generation,
@@ -133,7 +171,10 @@ pub async fn write_at(f: &DsFile, spec: &VmSpec, generation: u64, slot: u64) -> 
 pub async fn invalidate(f: &DsFile, slot: u64) -> Result<()> {
     f.write(slot * SLOT, &[0u8; 4096], WriteFlags::FUA)
         .await
-        .context("clearing a VM definition slot")?;
+        .map_err(|err| Error::Disk {
+            what: "clearing a VM definition slot",
+            err,
+        })?;
     Ok(())
 }
 

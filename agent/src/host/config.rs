@@ -1,6 +1,7 @@
 //! The agent's TOML configuration (`ferry agent --config FILE`), validated with errors
 //! that name the field. The schema is documented in `docs/api.md`.
 
+use crate::error::{fail, Error, Result};
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -78,21 +79,20 @@ pub struct Config {
     pub boot_dirs: Vec<PathBuf>,
 }
 
-fn field_err(file: &Path, field: &str, detail: impl std::fmt::Display) -> anyhow::Error {
-    anyhow::anyhow!("{}: `{field}`: {detail}", file.display())
+fn field_err(file: &Path, field: &str, detail: impl std::fmt::Display) -> Error {
+    Error::invalid(format!("{}: `{field}`: {detail}", file.display()))
 }
 
 impl Config {
-    pub fn load(file: &Path) -> anyhow::Result<Config> {
-        let text = std::fs::read_to_string(file).map_err(|e| {
-            anyhow::anyhow!("{}: cannot read the agent config: {e}", file.display())
-        })?;
+    pub fn load(file: &Path) -> Result<Config> {
+        let text = std::fs::read_to_string(file)
+            .map_err(|e| fail!("{}: cannot read the agent config: {e}", file.display()))?;
         Self::parse(file, &text)
     }
 
-    pub fn parse(file: &Path, text: &str) -> anyhow::Result<Config> {
+    pub fn parse(file: &Path, text: &str) -> Result<Config> {
         let raw: Raw = toml::from_str(text)
-            .map_err(|e| anyhow::anyhow!("{}: {}", file.display(), e.to_string().trim()))?;
+            .map_err(|e| Error::invalid(format!("{}: {}", file.display(), e.to_string().trim())))?;
         if raw.host.is_empty()
             || raw.host.len() > 64
             || !raw
@@ -122,7 +122,7 @@ impl Config {
         if !state_dir.is_absolute() {
             return Err(field_err(file, "state_dir", "must be an absolute path"));
         }
-        let addr = |field: &str, v: &Option<String>| -> anyhow::Result<Option<SocketAddr>> {
+        let addr = |field: &str, v: &Option<String>| -> Result<Option<SocketAddr>> {
             v.as_ref()
                 .map(|s| {
                     s.parse::<SocketAddr>()
@@ -242,15 +242,15 @@ impl Config {
 
     /// Refuses a kernel, initrd or firmware path outside `boot_dirs` (after resolving
     /// symbolic links and `..`), so a VM definition cannot make QEMU read any host file.
-    pub fn check_boot_file(&self, field: &str, path: &str) -> anyhow::Result<()> {
+    pub fn check_boot_file(&self, field: &str, path: &str) -> Result<()> {
         let real = std::fs::canonicalize(path)
-            .map_err(|e| anyhow::anyhow!("vm.toml: `{field}`: {path}: {e}"))?;
+            .map_err(|e| Error::invalid(format!("vm.toml: `{field}`: {path}: {e}")))?;
         let allowed = self
             .boot_dirs
             .iter()
             .any(|d| std::fs::canonicalize(d).is_ok_and(|d| real.starts_with(d)));
         if !allowed || !real.is_file() {
-            anyhow::bail!(
+            return Err(Error::invalid(format!(
                 "vm.toml: `{field}`: {path} is not a file under this host's boot_dirs ({}); \
                  put it there or add its directory to boot_dirs in the agent config",
                 self.boot_dirs
@@ -258,7 +258,7 @@ impl Config {
                     .map(|d| d.display().to_string())
                     .collect::<Vec<_>>()
                     .join(", ")
-            );
+            )));
         }
         Ok(())
     }
@@ -273,7 +273,7 @@ impl Config {
 mod tests {
     use super::*;
 
-    fn parse(s: &str) -> anyhow::Result<Config> {
+    fn parse(s: &str) -> Result<Config> {
         Config::parse(Path::new("agent.toml"), s)
     }
 

@@ -22,7 +22,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::{bail, Context, Result};
+use crate::error::{bail, Context, Result};
 use datastore::files::{DsFile, Session};
 use datastore::{LockMode, Owner};
 use diskfmt::{BlockDev, Extent, IoFuture, Provisioning, WriteFlags};
@@ -116,8 +116,8 @@ fn gone(name: &Path) -> diskfmt::Error {
 
 /// Closes a file shared with a mirror once the mirror has let go of it.
 async fn close_shared(f: Arc<DsFile>, keep_lock: bool) -> Result<()> {
-    let f =
-        Arc::try_unwrap(f).map_err(|_| anyhow::anyhow!("the file is still in use by a mirror"))?;
+    let f = Arc::try_unwrap(f)
+        .map_err(|_| crate::error::fail!("the file is still in use by a mirror"))?;
     if keep_lock {
         f.detach().await?;
     } else {
@@ -331,7 +331,7 @@ impl Gate {
                     .await
                     .expect("handoff task")
                     .map(Some)
-                    .map_err(anyhow::Error::from)
+                    .map_err(crate::error::Error::from)
             }
         };
         if let Err(e) = &out {
@@ -378,9 +378,9 @@ impl Gate {
         let g = self.inner.write().await;
         let flushed = match (&g.file, g.active) {
             (Some(f), true) => {
-                let mut r = f.flush().await.map_err(anyhow::Error::from);
+                let mut r = f.flush().await.map_err(crate::error::Error::from);
                 if let Some((m, _)) = &g.mirror {
-                    r = r.and(m.target().flush().await.map_err(anyhow::Error::from));
+                    r = r.and(m.target().flush().await.map_err(crate::error::Error::from));
                 }
                 r
             }
@@ -530,8 +530,9 @@ impl Gate {
         let old = g.file.replace(target).ok_or_else(|| gone(&self.name))?;
         g.device = device;
         g.path = path.to_string();
-        Arc::try_unwrap(old)
-            .map_err(|_| anyhow::anyhow!("{}: the old file is still in use", self.name.display()))
+        Arc::try_unwrap(old).map_err(|_| {
+            crate::error::fail!("{}: the old file is still in use", self.name.display())
+        })
     }
 
     /// Stops a relocation that did not pivot: the export keeps its file; returns the

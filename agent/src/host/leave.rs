@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::{bail, Result};
+use crate::error::{bail, Result};
 use datastore::fence::HostCgroup;
 
 use super::{Agent, Stop};

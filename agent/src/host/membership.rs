@@ -19,7 +19,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use anyhow::{bail, Context, Result};
+use crate::error::{bail, Context, Result};
 use datastore::clock::boottime;
 use datastore::files::Session;
 use datastore::hostlease::HostLease;
@@ -249,7 +249,7 @@ impl Member {
                 if let Plan::Join { supervisor_pid, .. } = &plan {
                     stop_supervisor(*supervisor_pid, &fifo);
                 }
-                return Err(anyhow::anyhow!(
+                return Err(crate::error::fail!(
                     "{}: the fencing watchdog is not running: {e}",
                     fifo.display()
                 ));

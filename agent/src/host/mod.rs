@@ -16,7 +16,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Instant;
 
-use anyhow::{bail, Result};
+use crate::error::{bail, Result};
 use datastore::files::DsFile;
 use tokio::sync::watch;
 use vm_glue::qmp::Qmp;

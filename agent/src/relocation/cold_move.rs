@@ -13,7 +13,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use anyhow::{anyhow, Context, Result};
+use crate::error::{fail, Context, Error, Kind, Result};
 use datastore::LockMode;
 use diskfmt::BlockDev;
 use mirror::Mirror;
@@ -54,7 +54,7 @@ pub(super) async fn run(
         .session
         .open(&config_path(&name), LockMode::Exclusive)
         .await
-        .map_err(|e| anyhow!("VM {name} cannot be relocated from this host: {e}"))?;
+        .map_err(|e| fail!("VM {name} cannot be relocated from this host: {e}"))?;
     let mut sources = Vec::new();
     for d in stored
         .spec
@@ -63,7 +63,7 @@ pub(super) async fn run(
         .filter(|d| st.disks.contains_key(&d.name))
     {
         let m = agent.member(&d.datastore).ok_or_else(|| {
-            anyhow!(
+            fail!(
                 "disk {} is on datastore {:?}, not configured here",
                 d.name,
                 d.datastore
@@ -73,7 +73,7 @@ pub(super) async fn run(
             Ok(f) => sources.push((d.clone(), Arc::new(f))),
             Err(e) => {
                 close_all(sources, cfg).await;
-                return Err(anyhow!("disk {} of VM {name}: {e}", d.name));
+                return Err(fail!("disk {} of VM {name}: {e}", d.name));
             }
         }
     }
@@ -96,7 +96,7 @@ pub(super) async fn run(
             Duration::from_secs(120),
         )
         .await
-        .and_then(|v| serde_json::from_value::<Incoming>(v).map_err(anyhow::Error::from));
+        .and_then(|v| serde_json::from_value::<Incoming>(v).map_err(crate::error::Error::from));
     let inc = match inc {
         Ok(i) => i,
         Err(e) => {
@@ -108,7 +108,7 @@ pub(super) async fn run(
     let mut mirrors: Vec<(String, Arc<Mirror>)> = Vec::new();
     let copied = async {
         let addr = inc.nbd.clone().ok_or_else(|| {
-            anyhow!(
+            fail!(
                 "host {} serves no NBD over TCP (nbd_listen in its agent config)",
                 peer.name
             )
@@ -145,7 +145,7 @@ pub(super) async fn run(
         for (_, m) in &mirrors {
             pivots.push(m.prepare_pivot(Duration::from_secs(10)).await?);
         }
-        Ok::<_, anyhow::Error>(pivots)
+        Ok::<_, crate::error::Error>(pivots)
     }
     .await;
     for c in &clients {
@@ -184,7 +184,7 @@ pub(super) async fn run(
         drop(pivots);
         abort(&peer, &name, &attempt).await;
         close_all(sources, cfg).await;
-        return Err(e.context(format!("VM {name} stays where it was")));
+        return Err(Error::from(e).context(format!("VM {name} stays where it was")));
     }
     let finished = peer
         .call(
@@ -328,7 +328,7 @@ async fn committed_there(
                         .any(|d| old.iter().any(|(ds, p)| d.datastore == *ds && d.path == *p)),
             )
         }
-        Err(e) if format!("{e:#}").contains("no VM named") => Some(false),
+        Err(e) if e.kind() == Kind::NotFound => Some(false),
         Err(_) => None,
     }
 }

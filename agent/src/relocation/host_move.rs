@@ -34,7 +34,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use anyhow::{anyhow, bail, Context, Result};
+use crate::error::{bail, fail, Context, Error, Kind, Result};
 use datastore::Owner;
 use serde_json::{json, Value};
 use uuid::Uuid;
@@ -52,6 +52,9 @@ use nbd::NbdClient;
 use vm_glue::definition::Stored;
 use vm_glue::qmp::Qmp;
 use vm_glue::spec::VmSpec;
+
+mod disks;
+use disks::{mirror_disks, rollback};
 
 /// QEMU's own defaults (7.2), set again for every migration.
 const DEFAULT_DOWNTIME_MS: u64 = 300;
@@ -82,7 +85,7 @@ async fn plan_storage(
     let spec = &stored.spec;
     let format: Option<diskfmt::Provisioning> = match req.disk_format.as_deref() {
         None | Some("same") => None,
-        Some(f) => Some(f.parse().map_err(|e: String| anyhow!("disk format: {e}"))?),
+        Some(f) => Some(f.parse().map_err(|e: String| fail!("disk format: {e}"))?),
     };
     super::paths::check_disk_names(name, spec, req.disks.keys())?;
     let mut disks = BTreeMap::new();
@@ -93,13 +96,13 @@ async fn plan_storage(
             .or(req.datastore.as_ref())
             .cloned()
             .unwrap_or_else(|| d.datastore.clone());
-        let cur: diskfmt::Provisioning = d.provisioning.parse().map_err(|e: String| anyhow!(e))?;
+        let cur: diskfmt::Provisioning = d.provisioning.parse().map_err(|e: String| fail!(e))?;
         let prov = format.unwrap_or(cur);
         if to == d.datastore && prov == cur {
             continue;
         }
         let m = agent.member(&d.datastore).ok_or_else(|| {
-            anyhow!(
+            fail!(
                 "disk {} is on datastore {:?}, not configured here",
                 d.name,
                 d.datastore
@@ -149,9 +152,9 @@ pub async fn start(
     params: MigrateParams,
     storage: StorageReq,
 ) -> Result<Arc<Task>> {
-    let (home, stored) = locate(agent, name)
-        .await
-        .ok_or_else(|| anyhow!("no VM named {name:?} on this host's datastores"))?;
+    let (home, stored) = locate(agent, name).await.ok_or_else(|| {
+        Error::not_found(format!("no VM named {name:?} on this host's datastores"))
+    })?;
     let new_storage = plan_storage(agent, name, &stored, home.label(), &storage).await?;
     let running = match agent.vms.lock().await.get(name).map(|v| v.incoming) {
         Some(true) => bail!("VM {name} is itself migrating to this host"),
@@ -172,7 +175,7 @@ pub async fn start(
     match decide(true, running, new_storage.is_some(), sees) {
         Move::Host { .. } => {}
         Move::PoweredOffOverNbd => {
-            let st = new_storage.ok_or_else(|| anyhow!("VM {name}: no storage to copy"))?;
+            let st = new_storage.ok_or_else(|| fail!("VM {name}: no storage to copy"))?;
             let task = agent.tasks.start("relocate-vm", name, true);
             let (a, t, st) = (Arc::clone(agent), Arc::clone(&task), st);
             tokio::spawn(async move {
@@ -313,11 +316,11 @@ async fn run(
     let t0 = Instant::now();
     let (qmp, exports) = {
         let vms = agent.vms.lock().await;
-        let vm = vms.get(&name).ok_or_else(|| anyhow!("VM {name} stopped"))?;
+        let vm = vms.get(&name).ok_or_else(|| fail!("VM {name} stopped"))?;
         (
             vm.qmp
                 .clone()
-                .ok_or_else(|| anyhow!("VM {name}: no QMP connection"))?,
+                .ok_or_else(|| fail!("VM {name}: no QMP connection"))?,
             vm.exports.clone(),
         )
     };
@@ -403,7 +406,7 @@ async fn run(
         if !moving.is_empty() {
             v["mirror_s"] = json!(mirror_s);
         }
-        Ok::<Value, anyhow::Error>(v)
+        Ok::<Value, crate::error::Error>(v)
     }
     .await;
     // The copies ended (in sync, or cancelled): nothing may reach the new files from
@@ -565,11 +568,11 @@ async fn migrate(
     if hand_config {
         let m = agent
             .member(home)
-            .ok_or_else(|| anyhow!("datastore {home} is gone"))?;
+            .ok_or_else(|| fail!("datastore {home} is gone"))?;
         let to = *inc
             .owners
             .get(m.ds.uuid())
-            .ok_or_else(|| anyhow!("host {} does not see datastore {home}", peer.name))?;
+            .ok_or_else(|| fail!("host {} does not see datastore {home}", peer.name))?;
         let cfg = agent
             .vms
             .lock()
@@ -656,7 +659,7 @@ async fn migrate(
         let (gate, ds) = agent
             .export_gate(e)
             .await
-            .ok_or_else(|| anyhow!("export {e} is gone"))?;
+            .ok_or_else(|| fail!("export {e} is gone"))?;
         if moving.contains(e) {
             let p = gate
                 .release_synced(Duration::from_secs(10))
@@ -666,10 +669,11 @@ async fn migrate(
         } else {
             let m = agent
                 .member_by_uuid(&ds)
-                .ok_or_else(|| anyhow!("datastore {ds} is gone"))?;
-            let to = *inc.owners.get(&ds).ok_or_else(|| {
-                anyhow!("host {} does not see datastore {}", peer.name, m.label())
-            })?;
+                .ok_or_else(|| fail!("datastore {ds} is gone"))?;
+            let to = *inc
+                .owners
+                .get(&ds)
+                .ok_or_else(|| fail!("host {} does not see datastore {}", peer.name, m.label()))?;
             let version = gate.lock_version(&m.session).await;
             gate.deactivate(&m.session, Some(to), version)
                 .await
@@ -723,7 +727,7 @@ async fn migrate(
         loop {
             let st = qmp.execute("query-migrate", None).await?;
             match st["status"].as_str() {
-                Some("completed") => break Ok::<Value, anyhow::Error>(st),
+                Some("completed") => break Ok::<Value, crate::error::Error>(st),
                 Some("failed") | Some("cancelled") => bail!(
                     "the migration {} after the switchover began: {}",
                     st["status"].as_str().unwrap_or("failed"),
@@ -787,100 +791,4 @@ fn switchover_record(
         exports: handed.exports.clone(),
         config: handed.config,
     }
-}
-
-/// Mirrors each moving disk into the destination's export of its new file (NBD over
-/// TCP) until every one is in sync; the mirrors stay in their exports and keep the
-/// new files in sync until the pre-switchover window ends them.
-#[allow(clippy::too_many_arguments)]
-async fn mirror_disks(
-    agent: &Arc<Agent>,
-    task: &Arc<Task>,
-    name: &str,
-    inc: &Incoming,
-    peer: &Peer,
-    moving: &[String],
-    speed: Option<u64>,
-    params: &MigrateParams,
-    clients: &mut Vec<Arc<NbdClient>>,
-) -> Result<()> {
-    let addr = inc.nbd.clone().ok_or_else(|| {
-        anyhow!(
-            "host {} serves no NBD over TCP (nbd_listen in its agent config): the disks cannot be copied there",
-            peer.name
-        )
-    })?;
-    let secret = agent.cfg.secret.clone().unwrap_or_default();
-    let mut out = Vec::new();
-    for e in moving {
-        let (gate, _) = agent
-            .export_gate(e)
-            .await
-            .ok_or_else(|| anyhow!("export {e} is gone"))?;
-        let target = NbdClient::connect_tcp(&addr, &crate::host::exports::tcp_name(&secret, e))
-            .await
-            .with_context(|| {
-                format!(
-                    "host {}: the new file of export {e} over NBD at {addr}",
-                    peer.name
-                )
-            })?
-            .reconnect_for(Duration::from_secs(2));
-        let target = Arc::new(target);
-        clients.push(Arc::clone(&target));
-        // Over the network a target that stops answering must not hold guest writes
-        // long: they are answered from the source after 3 s (the range is sent again).
-        let opts = mirror::Options {
-            speed,
-            target_timeout: Duration::from_secs(3),
-            ..mirror::Options::default()
-        };
-        let m = gate.start_mirror_remote(target, opts).await?;
-        tracing::info!(
-            "VM {name}: mirroring export {e} to host {} ({addr})",
-            peer.name
-        );
-        out.push((format!("export {e}"), m));
-    }
-    let limit = params.timeout_s.unwrap_or(300);
-    wait_in_sync(task, &out, &peer.name, Some(limit)).await
-}
-
-/// Puts the VM back as it was on this host: the migration cancelled (QEMU resumes the
-/// source), locks handed back by the destination, exports active again, the destination
-/// cleaned. Returns true if the destination already runs the VM (nothing to roll back).
-#[allow(clippy::too_many_arguments)]
-async fn rollback(
-    agent: &Arc<Agent>,
-    qmp: &Arc<Qmp>,
-    name: &str,
-    home: &str,
-    peer: &Peer,
-    handed: &Handed,
-    my_owners: &BTreeMap<Uuid, Owner>,
-    attempt: &str,
-) -> bool {
-    // (A disk that moved to a new file was only released: taking it back is immediate.)
-    let _ = qmp.execute("migrate_cancel", None).await;
-    // Ask the destination to remove its QEMU and exports and hand our locks back. With
-    // nothing handed yet the source does not need its answer: the request is retried in
-    // the background (say, until a cut link is back) while the VM goes on here.
-    let body = json!({"handback": my_owners, "attempt": attempt});
-    let path = format!("/v1/vms/{name}/incoming/abort");
-    match peer
-        .call("POST", &path, Some(body.clone()), Duration::from_secs(10))
-        .await
-    {
-        Ok(_) => {}
-        Err(e) if format!("{e:#}").contains("already runs here") => return true,
-        Err(e) => {
-            tracing::warn!("VM {name}: the destination did not clean up yet: {e:#}; retrying in the background");
-            retry_abort(peer, name, body);
-        }
-    }
-    // Our locks come back (handed back, or broken once the destination is dead if it
-    // vanished with them), and the guest runs on here.
-    super::switchover::take_back(agent, Some(qmp), name, home, &handed.exports, handed.config)
-        .await;
-    false
 }

@@ -9,7 +9,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use anyhow::{anyhow, bail, Context, Result};
+use crate::error::{bail, fail, Context, Error, Kind, Result};
 use datastore::{LockMode, Owner};
 use serde_json::{json, Value};
 use uuid::Uuid;
@@ -99,7 +99,7 @@ pub async fn incoming(agent: &Arc<Agent>, name: &str, r: IncomingReq) -> Result<
     if r.spec.name != name {
         bail!("the definition is of VM {:?}, not {name:?}", r.spec.name);
     }
-    r.spec.validate().map_err(|e| anyhow!(e))?;
+    r.spec.validate().map_err(Error::invalid)?;
     // Reserved, not locked: making the files (eager-thick zeroing included) and starting
     // QEMU take long, and the VM table serves every other call meanwhile.
     let _slot = agent.reserve_vm(name).await?;
@@ -195,14 +195,14 @@ pub async fn incoming(agent: &Arc<Agent>, name: &str, r: IncomingReq) -> Result<
                 .lock()
                 .expect("addr")
                 .map(|a| a.ip().to_string())
-                .ok_or_else(|| anyhow!("host {} has no management address", agent.cfg.host))?;
+                .ok_or_else(|| fail!("host {} has no management address", agent.cfg.host))?;
             let port = std::net::TcpListener::bind((ip.as_str(), 0))?
                 .local_addr()?
                 .port();
             let uri = format!("tcp:{ip}:{port}");
             qmp.execute("migrate-incoming", Some(json!({"uri": uri})))
                 .await?;
-            Ok::<String, anyhow::Error>(uri)
+            Ok::<String, crate::error::Error>(uri)
         }
         .await;
         match started {
@@ -300,7 +300,7 @@ pub async fn finish(agent: &Arc<Agent>, name: &str) -> Result<Value> {
         let vm = vms
             .get(name)
             .filter(|v| v.incoming)
-            .ok_or_else(|| anyhow!("VM {name} is not migrating to this host"))?;
+            .ok_or_else(|| fail!("VM {name} is not migrating to this host"))?;
         (
             vm.qmp.clone(),
             vm.exports.clone(),
@@ -317,10 +317,10 @@ pub async fn finish(agent: &Arc<Agent>, name: &str) -> Result<Value> {
         let (gate, ds) = agent
             .export_gate(e)
             .await
-            .ok_or_else(|| anyhow!("export {e} is gone"))?;
+            .ok_or_else(|| fail!("export {e} is gone"))?;
         let m = agent
             .member_by_uuid(&ds)
-            .ok_or_else(|| anyhow!("datastore {ds} is gone"))?;
+            .ok_or_else(|| fail!("datastore {ds} is gone"))?;
         gate.activate(&m.session)
             .await
             .with_context(|| format!("activating export {e}"))?;
@@ -371,7 +371,7 @@ pub async fn finish(agent: &Arc<Agent>, name: &str) -> Result<Value> {
                 // The definition stays on its datastore: its lock was handed to us.
                 let m = agent
                     .member(&home)
-                    .ok_or_else(|| anyhow!("datastore {home} is gone"))?;
+                    .ok_or_else(|| fail!("datastore {home} is gone"))?;
                 m.session
                     .open(&config_path(name), LockMode::Exclusive)
                     .await
@@ -471,7 +471,7 @@ async fn claim_resume(agent: &Agent, name: &str, pid: u32) -> Result<()> {
     let vm = vms
         .get_mut(name)
         .filter(|v| v.incoming && v.pid == pid)
-        .ok_or_else(|| anyhow!("VM {name}: its incoming move was aborted"))?;
+        .ok_or_else(|| fail!("VM {name}: its incoming move was aborted"))?;
     if let Some(a) = &vm.attempt {
         crate::host::state::write_durably_async(resumed_path(agent, a), json!({"vm": name}))
             .await?;
@@ -518,7 +518,7 @@ async fn claim_cold_finish(
     let vm = vms
         .get_mut(name)
         .filter(|v| v.incoming)
-        .ok_or_else(|| anyhow!("VM {name}: its incoming move was aborted"))?;
+        .ok_or_else(|| fail!("VM {name}: its incoming move was aborted"))?;
     if let Some(a) = &vm.attempt {
         crate::host::state::write_durably_async(
             resumed_path(agent, a),
@@ -539,7 +539,7 @@ async fn finish_cold(
     storage: Option<NewStorage>,
     exports: &[String],
 ) -> Result<Value> {
-    let st = storage.ok_or_else(|| anyhow!("VM {name}: no QMP connection"))?;
+    let st = storage.ok_or_else(|| fail!("VM {name}: no QMP connection"))?;
     let (own, attempt) = claim_cold_finish(agent, name).await?;
     if datastore::failpoint::fires("cold-finish-hold") {
         let go = agent.cfg.run_dir.join("cold-finish.go");
@@ -555,7 +555,7 @@ async fn finish_cold(
         Some(f) => {
             let f = match commit_into(agent, name, f, spec, &st).await {
                 Ok(f) => f,
-                Err(e) if e.downcast_ref::<targets::InDoubt>().is_some() => {
+                Err(e) if e.kind() == Kind::InDoubt => {
                     // Claimed for good: no abort may delete files a committed
                     // definition may name. The source keeps its tombstone.
                     return Err(e);
@@ -598,9 +598,10 @@ pub async fn abort(
             bail!("VM {name} is still being set up on this host; abort it again in a moment");
         }
         if resumed_here(agent, attempt) {
-            bail!(
-                "VM {name} already runs here (this host resumed that move); it cannot be aborted"
-            );
+            return Err(Error::of(
+                Kind::RunsThere,
+                format!("VM {name} already runs here (this host resumed that move); it cannot be aborted"),
+            ));
         }
         match vms.get(name) {
             // A late abort of an earlier attempt: this one is not its business.
@@ -609,7 +610,12 @@ pub async fn abort(
                 return Ok(());
             }
             Some(v) if v.incoming => vms.remove(name),
-            Some(_) => bail!("VM {name} already runs here; it cannot be aborted"),
+            Some(_) => {
+                return Err(Error::of(
+                    Kind::RunsThere,
+                    format!("VM {name} already runs here; it cannot be aborted"),
+                ))
+            }
             None => None,
         }
     };

@@ -26,7 +26,7 @@ use std::collections::BTreeSet;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use anyhow::{anyhow, bail, Result};
+use crate::error::{fail, Error, Result};
 
 use crate::host::tasks::Task;
 use crate::host::Agent;
@@ -48,11 +48,13 @@ pub async fn start(agent: &Arc<Agent>, name: &str, r: RelocateReq) -> Result<Arc
     let params = r.params();
     params
         .check()
-        .map_err(|e| anyhow!("relocation of VM {name}: {e:#}"))?;
+        .map_err(|e| fail!("relocation of VM {name}: {e:#}"))?;
     {
         let mut busy = BUSY.lock().expect("busy");
         if !busy.insert(name.to_string()) {
-            bail!("VM {name} is already being relocated; wait for that task or cancel it");
+            return Err(Error::busy(format!(
+                "VM {name} is already being relocated; wait for that task or cancel it"
+            )));
         }
     }
     let guard = BusyGuard(name.to_string());

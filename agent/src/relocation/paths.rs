@@ -2,7 +2,7 @@
 //! file, the check that a request names only disks the VM has, and the removal of the
 //! VM's folders once they are empty.
 
-use anyhow::{bail, Result};
+use crate::error::{bail, Result};
 use uuid::Uuid;
 use vm_glue::spec::VmSpec;
 

@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use anyhow::{anyhow, bail, Context, Result};
+use crate::error::{bail, fail, Error, Kind, Result};
 use serde_json::Value;
 
 use crate::host::Agent;
@@ -25,10 +25,13 @@ impl Peer {
         body: Option<Value>,
         within: Duration,
     ) -> Result<Value> {
+        let unreachable = |e: &dyn std::fmt::Display| {
+            Error::peer_unreachable(format!("host {} at {}: {e}", self.name, self.addr))
+        };
         let go = async {
             let s = tokio::net::TcpStream::connect(&self.addr)
                 .await
-                .with_context(|| format!("host {} at {}", self.name, self.addr))?;
+                .map_err(|e| unreachable(&e))?;
             let auth = format!("Bearer {}", self.secret);
             let r = crate::http::call(
                 s,
@@ -38,40 +41,55 @@ impl Peer {
                 body.as_ref(),
             )
             .await
-            .with_context(|| format!("host {} at {}", self.name, self.addr))?;
+            .map_err(|e| unreachable(&e))?;
             if r.status >= 300 {
-                bail!(
-                    "host {}: {}",
-                    self.name,
-                    r.body["error"].as_str().unwrap_or(&r.body.to_string())
-                );
+                // The peer's kind, or (from an agent that sends none) one by its status.
+                let kind =
+                    serde_json::from_value(r.body["kind"].clone()).unwrap_or(match r.status {
+                        404 => Kind::NotFound,
+                        400 => Kind::Invalid,
+                        409 => Kind::Conflict,
+                        507 => Kind::NoSpace,
+                        _ => Kind::Failed,
+                    });
+                return Err(Error::Peer {
+                    host: self.name.clone(),
+                    kind,
+                    message: r.body["error"]
+                        .as_str()
+                        .map_or_else(|| r.body.to_string(), str::to_string),
+                });
             }
             Ok(r.body)
         };
         tokio::time::timeout(within, go).await.map_err(|_| {
-            anyhow!(
+            Error::peer_unreachable(format!(
                 "host {} at {} did not answer within {} s",
                 self.name,
                 self.addr,
                 within.as_secs()
-            )
+            ))
         })?
     }
 }
 
 /// Finds host `name`'s agent from the heartbeat regions.
 pub(super) fn peer(agent: &Agent, name: &str) -> Result<Peer> {
-    let secret =
-        agent.cfg.secret.clone().ok_or_else(|| {
-            anyhow!("host relocation needs the cluster secret in the agent config")
-        })?;
+    let secret = agent
+        .cfg
+        .secret
+        .clone()
+        .ok_or_else(|| fail!("host relocation needs the cluster secret in the agent config"))?;
     let hosts = crate::host::hosts::hosts(agent);
     let h = hosts
         .iter()
         .find(|h| h.name == name)
-        .ok_or_else(|| anyhow!("no host {name:?} in this host's datastores"))?;
+        .ok_or_else(|| Error::not_found(format!("no host {name:?} in this host's datastores")))?;
     if h.state != "live" {
-        bail!("host {name} is {}, not live", h.state);
+        return Err(Error::peer_unreachable(format!(
+            "host {name} is {}, not live",
+            h.state
+        )));
     }
     let addr = h.address.as_str();
     if addr.is_empty() {

@@ -22,7 +22,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use anyhow::{anyhow, bail, Context, Result};
+use crate::error::{bail, fail, Context, Error, Result};
 use datastore::files::DsFile;
 use datastore::LockMode;
 use diskfmt::{BlockDev, Provisioning};
@@ -126,10 +126,14 @@ async fn save_journal(agent: &Agent, j: &Journal) -> Result<()> {
 
 use crate::host::state::write_durably_async;
 
+mod recovery;
+pub use recovery::recover;
+use recovery::undo;
+
 fn member(agent: &Agent, u: &Uuid) -> Result<Arc<Member>> {
     agent
         .member_by_uuid(u)
-        .ok_or_else(|| anyhow!("datastore {u} is not configured on this host"))
+        .ok_or_else(|| fail!("datastore {u} is not configured on this host"))
 }
 
 /// Validates a request and works out what moves where.
@@ -138,13 +142,13 @@ async fn plan(
     name: &str,
     r: &RelocateReq,
 ) -> Result<(Arc<Member>, Stored, Journal)> {
-    let (home, stored) = locate(agent, name)
-        .await
-        .ok_or_else(|| anyhow!("no VM named {name:?} on this host's datastores"))?;
+    let (home, stored) = locate(agent, name).await.ok_or_else(|| {
+        Error::not_found(format!("no VM named {name:?} on this host's datastores"))
+    })?;
     let spec = &stored.spec;
     let ds_of = |label: &str| {
         agent.member(label).ok_or_else(|| {
-            anyhow!(
+            fail!(
                 "this host has no datastore {label:?} (datastores here: {})",
                 agent
                     .members
@@ -158,7 +162,7 @@ async fn plan(
     check_disk_names(name, spec, r.disks.keys())?;
     let format: Option<Provisioning> = match r.disk_format.as_deref() {
         None | Some("same") => None,
-        Some(f) => Some(f.parse().map_err(|e: String| anyhow!("disk format: {e}"))?),
+        Some(f) => Some(f.parse().map_err(|e: String| fail!("disk format: {e}"))?),
     };
     let config_to = match &r.datastore {
         Some(l) => ds_of(l)?,
@@ -173,7 +177,7 @@ async fn plan(
             Some(l) => ds_of(l)?,
             None => Arc::clone(&from),
         };
-        let cur: Provisioning = d.provisioning.parse().map_err(|e: String| anyhow!(e))?;
+        let cur: Provisioning = d.provisioning.parse().map_err(|e: String| fail!(e))?;
         let prov = format.unwrap_or(cur);
         if to.ds.uuid() == from.ds.uuid() && prov == cur {
             continue;
@@ -332,7 +336,7 @@ async fn run(
             home.session
                 .open(&config_path(&name), LockMode::Exclusive)
                 .await
-                .map_err(|e| anyhow!("VM {name} cannot be relocated from this host: {e}"))?,
+                .map_err(|e| fail!("VM {name} cannot be relocated from this host: {e}"))?,
         )
     };
     save_journal(agent, &j).await?;
@@ -364,7 +368,7 @@ async fn run(
                 let gate = {
                     let t = agent.exports.lock().await;
                     let e = t.get(&export_name(&name, &mv.disk)).ok_or_else(|| {
-                        anyhow!("disk {} of VM {name} is not exported here", mv.disk)
+                        fail!("disk {} of VM {name} is not exported here", mv.disk)
                     })?;
                     Arc::clone(&e.gate)
                 };
@@ -495,7 +499,7 @@ async fn run(
             if let Some(c) = cold_cfg {
                 let _ = c.close().await;
             }
-            return Err(anyhow!("{e}; the VM stays on its current disks"));
+            return Err(fail!("{e}; the VM stays on its current disks"));
         }
     };
     crash_at("pivot-before-config");
@@ -721,152 +725,8 @@ async fn uncommit_config(
     new_cfg: Option<&DsFile>,
 ) -> Result<()> {
     if let Some(f) = new_cfg {
-        return definition::invalidate(f, 0).await;
+        return Ok(definition::invalidate(f, 0).await?);
     }
     let vms = agent.vms.lock().await;
-    definition::invalidate(open_config(&vms, name, cold_cfg)?, 1 - stored.slot).await
-}
-
-/// Undoes a relocation that did not commit: mirrors stopped, new files deleted.
-async fn undo(agent: &Agent, name: &str, moving: Vec<Moving>, j: &Journal) {
-    for mv in moving {
-        match mv.cold {
-            None => {
-                drop(mv.mirror);
-                let gate = {
-                    let t = agent.exports.lock().await;
-                    t.get(&export_name(name, &mv.mv.disk))
-                        .map(|e| Arc::clone(&e.gate))
-                };
-                if let Some(g) = gate {
-                    if let Some(t) = g.abort_mirror().await {
-                        let _ = t.close().await;
-                    }
-                }
-            }
-            Some((src, target)) => {
-                mv.mirror.cancel().await;
-                drop(mv.mirror);
-                if let Ok(t) = Arc::try_unwrap(target) {
-                    let _ = t.close().await;
-                }
-                if let Ok(s) = Arc::try_unwrap(src) {
-                    let _ = s.close().await;
-                }
-            }
-        }
-    }
-    for mv in &j.moves {
-        if let Ok(m) = member(agent, &mv.to_ds) {
-            if let Err(e) = m.session.remove(&mv.to_path).await {
-                if !matches!(e, datastore::Error::NotFound { .. }) {
-                    tracing::error!("VM {name}: removing {}:{}: {e}", m.label(), mv.to_path);
-                }
-            }
-        }
-    }
-    if j.config_to != j.config_from {
-        // The new definition's file, made empty before the pivot: never committed.
-        if let Ok(m) = member(agent, &j.config_to) {
-            match m.session.remove(&config_path(name)).await {
-                Ok(()) | Err(datastore::Error::NotFound { .. }) => {}
-                Err(e) => tracing::error!(
-                    "VM {name}: removing {}:{}: {e}",
-                    m.label(),
-                    config_path(name)
-                ),
-            }
-        }
-    }
-    remove_empty_folders(agent, name).await;
-    let _ = std::fs::remove_file(journal_path(agent, name));
-}
-
-/// Settles relocations an earlier agent process left unfinished (see the module docs).
-/// Runs before the exports are restored, and fixes their table.
-pub async fn recover(agent: &Agent) -> Result<()> {
-    let dir = agent.cfg.state_dir.join("relocations");
-    let Ok(rd) = std::fs::read_dir(&dir) else {
-        return Ok(());
-    };
-    let exports_path = agent.exports_path();
-    for e in rd.flatten() {
-        let p = e.path();
-        if p.extension().is_none_or(|x| x != "json") {
-            let _ = std::fs::remove_file(&p);
-            continue;
-        }
-        let j: Journal = match std::fs::read(&p)
-            .map_err(anyhow::Error::from)
-            .and_then(|b| serde_json::from_slice(&b).map_err(anyhow::Error::from))
-        {
-            Ok(j) => j,
-            Err(err) => {
-                tracing::error!("{}: unreadable relocation journal: {err:#}", p.display());
-                continue;
-            }
-        };
-        let name = j.vm.clone();
-        let best = locate(agent, &name).await;
-        let forward = best.as_ref().is_some_and(|(m, st)| {
-            m.ds.uuid() == &j.config_to
-                && st.generation >= j.generation
-                && j.moves.iter().all(|mv| {
-                    st.spec
-                        .disks
-                        .iter()
-                        .any(|d| d.name == mv.disk && d.path == mv.to_path)
-                })
-        });
-        tracing::warn!(
-            "VM {name}: an interrupted relocation is {}",
-            if forward {
-                "finished (its new definition was committed)"
-            } else {
-                "undone (its new definition was not committed)"
-            }
-        );
-        // Point the disk exports at the files the definition names.
-        let mut specs = crate::host::exports::load(&exports_path)?;
-        for mv in &j.moves {
-            let ename = export_name(&name, &mv.disk);
-            for s in specs.iter_mut().filter(|s| s.name == ename) {
-                (s.datastore, s.path) = if forward {
-                    (mv.to_ds, mv.to_path.clone())
-                } else {
-                    (mv.from_ds, mv.from_path.clone())
-                };
-            }
-        }
-        crate::host::exports::save(&exports_path, &specs)?;
-        // Delete the side that lost.
-        for mv in &j.moves {
-            let (ds, path) = if forward {
-                (mv.from_ds, &mv.from_path)
-            } else {
-                (mv.to_ds, &mv.to_path)
-            };
-            if let Ok(m) = member(agent, &ds) {
-                match m.session.remove(path).await {
-                    Ok(()) | Err(datastore::Error::NotFound { .. }) => {}
-                    Err(err) => tracing::error!("VM {name}: removing {}:{path}: {err}", m.label()),
-                }
-            }
-        }
-        if j.config_to != j.config_from {
-            let loser = if forward { j.config_from } else { j.config_to };
-            if let Ok(m) = member(agent, &loser) {
-                match m.session.remove(&config_path(&name)).await {
-                    Ok(()) | Err(datastore::Error::NotFound { .. }) => {}
-                    Err(err) => tracing::error!(
-                        "VM {name}: removing a stale definition on {}: {err}",
-                        m.label()
-                    ),
-                }
-            }
-        }
-        remove_empty_folders(agent, &name).await;
-        let _ = std::fs::remove_file(&p);
-    }
-    Ok(())
+    Ok(definition::invalidate(open_config(&vms, name, cold_cfg)?, 1 - stored.slot).await?)
 }

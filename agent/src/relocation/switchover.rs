@@ -19,7 +19,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use anyhow::{anyhow, Result};
+use crate::error::{fail, Error, Kind, Result};
 use datastore::{LockMode, Owner};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
@@ -101,7 +101,7 @@ pub(super) async fn ask(agent: &Agent, s: &Switchover) -> Outcome {
         .await
     {
         Ok(_) => Outcome::StaysHere,
-        Err(e) if format!("{e:#}").contains("already runs here") => Outcome::MovedThere,
+        Err(e) if e.kind() == Kind::RunsThere => Outcome::MovedThere,
         Err(e) => Outcome::Unknown(format!("{e:#}")),
     }
 }
@@ -157,7 +157,7 @@ pub(super) async fn apply(agent: &Arc<Agent>, s: &Switchover, outcome: &Outcome)
             super::leaving::settle_leaving(agent, &s.vm).await;
             format!("VM {} runs on host {}; its QEMU here quit", s.vm, s.host)
         }
-        Outcome::Unknown(e) => return Err(anyhow!("{e}")),
+        Outcome::Unknown(e) => return Err(Error::in_doubt(e)),
     };
     forget(agent, &s.vm).await;
     Ok(said)
@@ -251,7 +251,7 @@ async fn settle_once(agent: &Arc<Agent>, vm: &str) -> Result<Option<(Outcome, St
     };
     let o = ask(agent, &s).await;
     if let Outcome::Unknown(e) = &o {
-        return Err(anyhow!(
+        return Err(fail!(
             "host {} still cannot say whether it runs VM {vm} ({e}); the guest stays paused \
              here; try again when it answers",
             s.host
@@ -265,7 +265,7 @@ async fn settle_once(agent: &Arc<Agent>, vm: &str) -> Result<Option<(Outcome, St
 /// unknown once more, and acts on the answer.
 pub async fn resolve(agent: &Arc<Agent>, task: &Arc<Task>) -> Result<Value> {
     if !task.is_unknown() {
-        return Err(anyhow!(
+        return Err(fail!(
             "task {}: its outcome is not in doubt (only a relocation that ended `unknown` \
              is resolved)",
             task.id
@@ -273,7 +273,7 @@ pub async fn resolve(agent: &Arc<Agent>, task: &Arc<Task>) -> Result<Value> {
     }
     let v = match settle_once(agent, &task.object)
         .await
-        .map_err(|e| anyhow!("task {}: {e:#}", task.id))?
+        .map_err(|e| fail!("task {}: {e:#}", task.id))?
     {
         Some((o, said)) => json!({"vm": task.object, "moved": matches!(o, Outcome::MovedThere),
             "note": said}),

@@ -3,7 +3,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Result};
+use crate::error::{bail, Result};
 
 use crate::host::tasks::Task;
 

@@ -16,7 +16,7 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use anyhow::{anyhow, bail, Context, Result};
+use crate::error::{bail, fail, Context, Error, Result};
 use datastore::files::DsFile;
 use diskfmt::Provisioning;
 use serde::{Deserialize, Serialize};
@@ -82,7 +82,7 @@ pub async fn prepare(agent: &Arc<Agent>, spec: &VmSpec, st: &NewStorage) -> Resu
     let name = spec.name.clone();
     let ds = |label: &str| {
         agent.member(label).ok_or_else(|| {
-            anyhow!(
+            fail!(
                 "host {} has no datastore {label:?} (it has: {})",
                 agent.cfg.host,
                 agent
@@ -103,12 +103,12 @@ pub async fn prepare(agent: &Arc<Agent>, spec: &VmSpec, st: &NewStorage) -> Resu
             .disks
             .iter_mut()
             .find(|d| &d.name == disk)
-            .ok_or_else(|| anyhow!("VM {name} has no disk {disk:?}"))?;
+            .ok_or_else(|| fail!("VM {name} has no disk {disk:?}"))?;
         let to = ds(&nd.datastore)?;
         let prov: Provisioning = nd
             .provisioning
             .parse()
-            .map_err(|e: String| anyhow!("disk {disk}: {e}"))?;
+            .map_err(|e: String| fail!("disk {disk}: {e}"))?;
         *need.entry(*to.ds.uuid()).or_default() += match prov {
             Provisioning::Thin => nd.allocated,
             _ => d.size,
@@ -181,7 +181,7 @@ pub async fn prepare(agent: &Arc<Agent>, spec: &VmSpec, st: &NewStorage) -> Resu
                 .create(&config_path(&name), CONFIG_SIZE, Provisioning::Thin)
                 .await
                 .with_context(|| format!("creating {}:{}", home.label(), config_path(&name)))?;
-            return Ok::<_, anyhow::Error>(Some(f));
+            return Ok::<_, crate::error::Error>(Some(f));
         }
         Ok(None)
     }
@@ -203,30 +203,23 @@ pub async fn prepare(agent: &Arc<Agent>, spec: &VmSpec, st: &NewStorage) -> Resu
 /// The commit point: writes the definition naming the new files into `f` — the new
 /// `vm.toml` (first slot), or the VM's own one, handed over by the source (the slot
 /// the source does not run from) — and flushes it.
+/// An error of kind [`Kind::InDoubt`](crate::error::Kind::InDoubt) says the new definition
+/// may have landed.
 pub async fn commit(agent: &Agent, f: &DsFile, spec: &VmSpec, st: &NewStorage) -> Result<()> {
     let j: Journal = read_journal(agent, &spec.name)?;
     let slot = if j.config.is_some() { 0 } else { 1 - st.slot };
     if let Err(e) = definition::write_at(f, spec, j.generation, slot).await {
         // Never leave a half-committed definition behind: that slot is invalid again.
         if let Err(e2) = definition::invalidate(f, slot).await {
-            return Err(e
-                .context(format!("clearing the slot again failed too ({e2:#})"))
-                .context(InDoubt));
+            return Err(Error::in_doubt(format!(
+                "whether the new definition is committed is unknown: writing it failed \
+                 ({e}) and clearing the slot again failed too ({e2})"
+            )));
         }
-        return Err(e);
+        return Err(e.into());
     }
     let _ = std::fs::remove_file(journal_path(agent, &spec.name));
     Ok(())
-}
-
-/// Attached to a [`commit`] error when the new definition may have landed.
-#[derive(Debug)]
-pub struct InDoubt;
-
-impl std::fmt::Display for InDoubt {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("whether the new definition is committed is unknown")
-    }
 }
 
 fn read_journal(agent: &Agent, vm: &str) -> Result<Journal> {
@@ -276,8 +269,9 @@ async fn committed(agent: &Agent, j: &Journal) -> Option<bool> {
         {
             Ok(f) => vm_glue::definition::read_opt(&f, &format!("{}:{path}", m.label()))
                 .await
-                .map(|_| ()),
-            Err(e) => Err(e.into()),
+                .map(|_| ())
+                .map_err(Error::from),
+            Err(e) => Err(Error::from(e)),
         };
         if let Err(e) = read {
             tracing::warn!("VM {}: {e:#}", j.vm);
