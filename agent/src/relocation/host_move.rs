@@ -420,9 +420,7 @@ async fn run(
             v["host"] = json!(peer.name);
             v["vm"] = json!(name);
             // The source QEMU's work is done.
-            let _ = qmp
-                .execute_within("quit", None, Duration::from_secs(5))
-                .await;
+            quit_source(agent, &qmp, &name).await;
             super::switchover::forget(agent, &name).await;
             if let Some(st) = &storage {
                 let mut copied = 0;
@@ -790,5 +788,32 @@ fn switchover_record(
         handback: my_owners.clone(),
         exports: handed.exports.clone(),
         config: handed.config,
+    }
+}
+
+/// Ends the source's QEMU once the destination runs the guest, and waits until this
+/// host no longer lists the VM as its own (its exports and locks released), so that
+/// when the move is reported done only the destination shows the VM running. A QEMU
+/// that does not quit is killed.
+async fn quit_source(agent: &Arc<Agent>, qmp: &Qmp, name: &str) {
+    let _ = qmp
+        .execute_within("quit", None, Duration::from_secs(5))
+        .await;
+    let gone = || async { !agent.vms.lock().await.contains_key(name) };
+    let until = Instant::now() + Duration::from_secs(10);
+    while !gone().await && Instant::now() < until {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    if gone().await {
+        return;
+    }
+    let cgroup = agent.vms.lock().await.get(name).map(|v| v.cgroup.clone());
+    if let Some(cg) = cgroup {
+        tracing::warn!("VM {name}: the source QEMU did not quit after the move; killing it");
+        let _ = tokio::task::spawn_blocking(move || crate::vms::kill_cgroup(&cg)).await;
+    }
+    let until = Instant::now() + Duration::from_secs(5);
+    while !gone().await && Instant::now() < until {
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
